@@ -1,0 +1,386 @@
+"""The one data-access layer: every statement celery-pgqueue runs goes through here.
+
+A :class:`Store` is one per process and database: one engine, one bounded pool, shared
+by the transport, the result backend and the CLI. Each public method is one short
+transaction (or runs on a connection the caller passes, so a caller can enqueue inside
+its own transaction). Driver errors become :mod:`celery_pgqueue.errors` here, once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from collections.abc import Iterator, Sequence
+from typing import Any
+from uuid import UUID
+
+import sqlalchemy as sa
+
+from celery_pgqueue.errors import (
+    MIGRATE_HINT,
+    DatabaseUnavailable,
+    InvalidQueueName,
+    PgQueueError,
+    SchemaMissing,
+    UnknownQueue,
+)
+from celery_pgqueue.options import DatabaseURL, PgQueueOptions
+from celery_pgqueue.states import JobStatus, LogStatus
+from celery_pgqueue.store import jobs as job_sql
+from celery_pgqueue.store import logs as log_sql
+from celery_pgqueue.store import queues as queue_sql
+from celery_pgqueue.store import schema as schema_sql
+from celery_pgqueue.store.records import (
+    AttemptRecord,
+    ClaimedJob,
+    JobRecord,
+    NewJob,
+    PruneCounts,
+)
+
+__all__ = ["AttemptRecord", "ClaimedJob", "JobRecord", "NewJob", "PruneCounts", "Store"]
+
+MAX_QUEUE_NAME = 100
+
+
+def check_queue_name(name: str) -> str:
+    """Queue names are values in ``job_queues.name``: 1-100 characters, no NUL."""
+    if not isinstance(name, str) or not name or len(name) > MAX_QUEUE_NAME or "\x00" in name:
+        shown = name if not isinstance(name, str) else name[:40] + ("…" if len(name) > 40 else "")
+        raise InvalidQueueName(
+            f"queue name {shown!r} is not allowed: use 1 to {MAX_QUEUE_NAME} characters "
+            f"without NUL (got {len(name) if isinstance(name, str) else type(name).__name__})"
+        )
+    return name
+
+
+class Store:
+    """Every read and write of the tier, for one database URL and schema."""
+
+    _registry: dict[tuple[str, str], Store] = {}
+    _registry_lock = threading.Lock()
+
+    def __init__(self, url: str | DatabaseURL, options: PgQueueOptions | None = None) -> None:
+        self.url = url if isinstance(url, DatabaseURL) else DatabaseURL.parse(url)
+        self.options = options or PgQueueOptions()
+        self.channel = f"celery_pgqueue_{self.options.schema}"
+        self.result_channel = f"celery_pgqueue_{self.options.schema}_results"
+        self._known_queues: set[str] = set()
+        self._schema_checked = False
+        execution_options: dict[str, Any] = {}
+        if self.options.schema != "public":
+            execution_options["schema_translate_map"] = {None: self.options.schema}
+        self.engine = sa.create_engine(
+            self.url.sqlalchemy_url(),
+            pool_size=self.options.pool_size,
+            max_overflow=self.options.max_overflow,
+            pool_timeout=self.options.pool_timeout,
+            pool_pre_ping=True,
+            pool_reset_on_return="rollback",
+            connect_args={
+                "connect_timeout": max(1, round(self.options.connect_timeout)),
+                "application_name": "celery-pgqueue",
+            },
+            execution_options=execution_options,
+        )
+
+    # -- lifecycle ------------------------------------------------------------------
+
+    @classmethod
+    def for_url(cls, url: str | DatabaseURL, options: PgQueueOptions | None = None) -> Store:
+        """The process's shared store for this database and schema (created once)."""
+        parsed = url if isinstance(url, DatabaseURL) else DatabaseURL.parse(url)
+        options = options or PgQueueOptions()
+        key = (parsed.key(), options.schema)
+        with cls._registry_lock:
+            store = cls._registry.get(key)
+            if store is None:
+                store = cls._registry[key] = cls(parsed, options)
+            return store
+
+    @classmethod
+    def _after_fork_in_child(cls) -> None:
+        # A forked child must never use the parent's sockets: drop them without
+        # closing (closing would end the parent's sessions too).
+        for store in list(cls._registry.values()):
+            store.engine.dispose(close=False)
+
+    def dispose(self) -> None:
+        """Close every pooled connection (the store stays usable and reconnects)."""
+        self.engine.dispose()
+
+    @contextlib.contextmanager
+    def begin(self, conn: sa.Connection | None = None) -> Iterator[sa.Connection]:
+        """A transaction: the caller's ``conn`` if given, else a short one of ours."""
+        if conn is not None:
+            with self.translating():
+                yield conn
+            return
+        with self.translating(), self.engine.begin() as own:
+            yield own
+
+    @contextlib.contextmanager
+    def translating(self) -> Iterator[None]:
+        """Turn driver errors into celery-pgqueue errors, naming the fix."""
+        try:
+            yield
+        except PgQueueError:
+            raise
+        except sa.exc.ProgrammingError as exc:
+            sqlstate = getattr(exc.orig, "sqlstate", None)
+            if sqlstate in ("42P01", "3F000", "42703"):  # undefined table/schema/column
+                raise SchemaMissing(
+                    f"the celery-pgqueue tables are missing or outdated in "
+                    f"{self.url.masked()} (schema {self.options.schema!r}): {MIGRATE_HINT}"
+                ) from exc
+            raise
+        except sa.exc.TimeoutError as exc:
+            raise DatabaseUnavailable(
+                f"no free connection to {self.url.masked()} within "
+                f"{self.options.pool_timeout}s (pool_size={self.options.pool_size}, "
+                f"max_overflow={self.options.max_overflow})"
+            ) from exc
+        except (sa.exc.OperationalError, sa.exc.InterfaceError) as exc:
+            if getattr(exc, "connection_invalidated", False) is False and isinstance(
+                exc, sa.exc.OperationalError
+            ):
+                sqlstate = getattr(exc.orig, "sqlstate", None)
+                if sqlstate and not sqlstate.startswith(("08", "57P", "53")):
+                    raise
+            raise DatabaseUnavailable(
+                f"PostgreSQL at {self.url.masked()} is unavailable: "
+                f"{_first_line(exc.orig) if exc.orig else exc}"
+            ) from exc
+
+    def check_schema(self) -> None:
+        """Fail fast, naming the migrate command, when the tables are missing or old."""
+        if self._schema_checked:
+            return
+        from celery_pgqueue.migrate import head_revision  # alembic is slow to import
+
+        with self.begin() as conn:
+            current = schema_sql.current_revision(conn, schema=self.options.schema)
+        head = head_revision()
+        if current is None:
+            raise SchemaMissing(
+                f"the celery-pgqueue tables are missing in {self.url.masked()} "
+                f"(schema {self.options.schema!r}): {MIGRATE_HINT}"
+            )
+        if current != head:
+            raise SchemaMissing(
+                f"the celery-pgqueue tables in {self.url.masked()} are at revision "
+                f"{current}, this version needs {head}: {MIGRATE_HINT}"
+            )
+        self._schema_checked = True
+
+    # -- queues ---------------------------------------------------------------------
+
+    def ensure_queues(self, names: Sequence[str], conn: sa.Connection | None = None) -> None:
+        """Create queues on first use (default priority from the options)."""
+        missing = [check_queue_name(n) for n in names if n not in self._known_queues]
+        if not missing:
+            return
+        with self.begin(conn) as c:
+            queue_sql.ensure(c, names=missing, default_priority=self.options.default_priority)
+        self._known_queues.update(missing)
+
+    def set_queue_active(self, name: str, active: bool) -> None:
+        """Pause or resume a queue; resuming wakes the workers."""
+        with self.begin() as conn:
+            if not queue_sql.set_active(conn, name=name, active=active):
+                raise UnknownQueue(f"no queue named {name!r}")
+            if active and self.options.use_notify:
+                schema_sql.notify(conn, channel=self.channel, payload=name)
+
+    def set_queue_priority(self, name: str, priority: int) -> None:
+        """Set the ``default_priority`` of a queue's jobs that name none."""
+        with self.begin() as conn:
+            if not queue_sql.set_default_priority(conn, name=name, priority=priority):
+                raise UnknownQueue(f"no queue named {name!r}")
+
+    def queue(self, name: str) -> dict[str, Any]:
+        """A queue's settings, or UnknownQueue."""
+        with self.begin() as conn:
+            row = queue_sql.get(conn, name=name)
+        if row is None:
+            raise UnknownQueue(f"no queue named {name!r}")
+        return dict(row._mapping)
+
+    def queues(self) -> list[dict[str, Any]]:
+        """Every queue's settings."""
+        with self.begin() as conn:
+            return [dict(r._mapping) for r in queue_sql.list_all(conn)]
+
+    # -- jobs: the broker's hot path ------------------------------------------------
+
+    def enqueue(self, new_jobs: Sequence[NewJob], conn: sa.Connection | None = None) -> int:
+        """Insert jobs in one statement; workers are woken when it commits."""
+        if not new_jobs:
+            return 0
+        self.ensure_queues(sorted({j.queue_name for j in new_jobs}), conn)
+        channel = self.channel if self.options.use_notify else None
+        with self.begin(conn) as c:
+            return job_sql.insert(c, new_jobs=new_jobs, channel=channel)
+
+    def claim(self, queue_name: str, limit: int, owner: str) -> list[ClaimedJob]:
+        """Take up to ``limit`` due jobs of an active queue under a lease for ``owner``."""
+        with self.begin() as conn:
+            return job_sql.claim(
+                conn,
+                queue_name=queue_name,
+                limit=limit,
+                owner=owner,
+                lease_seconds=self.options.lease_seconds,
+            )
+
+    def mark_acked(self, held: Sequence[tuple[UUID, int]]) -> int:
+        """Record that these deliveries were acked before their task finished."""
+        if not held:
+            return 0
+        with self.begin() as conn:
+            return job_sql.mark_acked(conn, held=held)
+
+    def requeue(self, held: Sequence[tuple[UUID, int]]) -> int:
+        """Put held deliveries back in line at once (reject/requeue, shutdown)."""
+        if not held:
+            return 0
+        channel = self.channel if self.options.use_notify else None
+        with self.begin() as conn:
+            return job_sql.requeue(conn, held=held, channel=channel)
+
+    def finish(
+        self,
+        job_id: UUID,
+        *,
+        attempt: int | None,
+        status: JobStatus,
+        log_status: LogStatus | None,
+        error_message: str | None = None,
+        log_message: str | None = None,
+        result: Any = None,
+        max_attempts: int | None = None,
+        run_at: Any = None,
+        conn: sa.Connection | None = None,
+    ) -> bool:
+        """Move one job to ``status``, closing its attempt; False if fenced out."""
+        with self.begin(conn) as c:
+            return job_sql.finish(
+                c,
+                job_id=job_id,
+                attempt=attempt,
+                status=status,
+                log_status=log_status,
+                error_message=error_message,
+                log_message=log_message,
+                result=result,
+                max_attempts=max_attempts,
+                run_at=run_at,
+            )
+
+    def heartbeat(self, owner: str) -> int:
+        """Extend the lease of every running job ``owner`` holds."""
+        with self.begin() as conn:
+            return job_sql.heartbeat(conn, owner=owner, lease_seconds=self.options.lease_seconds)
+
+    def rescue_expired(self, limit: int = 1000) -> tuple[int, int]:
+        """Requeue (or fail, if acked early) running jobs whose lease ran out."""
+        channel = self.channel if self.options.use_notify else None
+        with self.begin() as conn:
+            return job_sql.rescue_expired(conn, limit=limit, channel=channel)
+
+    def cancel(self, job_ids: Sequence[UUID]) -> int:
+        """Durably cancel jobs that have not started."""
+        with self.begin() as conn:
+            return job_sql.cancel(conn, job_ids=job_ids)
+
+    def retry(self, job_ids: Sequence[UUID]) -> int:
+        """Failed or cancelled jobs back to queued now."""
+        channel = self.channel if self.options.use_notify else None
+        with self.begin() as conn:
+            return job_sql.retry(conn, job_ids=job_ids, channel=channel)
+
+    def purge(self, queue_name: str) -> int:
+        """Delete a queue's waiting jobs."""
+        with self.begin() as conn:
+            return job_sql.purge(conn, queue_name=queue_name)
+
+    def count_waiting(self, queue_name: str) -> int:
+        """Queued jobs in a queue, due or scheduled."""
+        with self.begin() as conn:
+            return job_sql.count_waiting(conn, queue_name=queue_name)
+
+    def delete(self, job_ids: Sequence[UUID]) -> int:
+        """Remove jobs and their logs."""
+        with self.begin() as conn:
+            return job_sql.delete(conn, job_ids=job_ids)
+
+    def job(self, job_id: UUID) -> JobRecord | None:
+        """One job, or None."""
+        with self.begin() as conn:
+            row = job_sql.get(conn, job_id=job_id)
+        return JobRecord(**row._mapping) if row else None
+
+    def attempts(self, job_id: UUID) -> list[AttemptRecord]:
+        """A job's ``job_logs`` rows, oldest first."""
+        with self.begin() as conn:
+            rows = log_sql.for_job(conn, job_id=job_id)
+        return [AttemptRecord(*row) for row in rows]  # type: ignore[call-arg]
+
+    # -- retention ------------------------------------------------------------------
+
+    def prune(
+        self, *, completed_retention: float, dry_run: bool = False, max_batches: int = 10_000
+    ) -> PruneCounts:
+        """Delete expired finished jobs and old logs in short batches."""
+        opts = self.options
+        batch = opts.prune_batch_size
+        plan = (
+            ("completed", JobStatus.COMPLETED, completed_retention),
+            ("cancelled", JobStatus.CANCELLED, completed_retention),
+            ("failed", JobStatus.FAILED, opts.failed_retention),
+        )
+        totals: dict[str, int] = {}
+        for name, status, older_than in plan:
+            totals[name] = self._drain(
+                lambda c, s=status, o=older_than: job_sql.prune_finished(
+                    c, status=s, older_than=o, limit=batch, dry_run=dry_run
+                ),
+                batch,
+                dry_run,
+                max_batches,
+            )
+        totals["logs"] = self._drain(
+            lambda c: log_sql.prune_old(
+                c, older_than=opts.log_retention, limit=batch, dry_run=dry_run
+            ),
+            batch,
+            dry_run,
+            max_batches,
+        ) + self._drain(
+            lambda c: log_sql.prune_excess(
+                c, keep=opts.max_logs_per_job, limit=batch, dry_run=dry_run
+            ),
+            batch,
+            dry_run,
+            max_batches,
+        )
+        return PruneCounts(**totals)
+
+    def _drain(self, step: Any, batch: int, dry_run: bool, max_batches: int) -> int:
+        total = 0
+        for _ in range(1 if dry_run else max_batches):
+            with self.begin() as conn:
+                n = int(step(conn))
+            total += n
+            if n < batch:
+                break
+        return total
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+os.register_at_fork(after_in_child=Store._after_fork_in_child)

@@ -1,0 +1,507 @@
+"""Statements on ``jobs``: enqueue, claim, ack, finish, requeue, rescue, prune.
+
+Every write to a job a worker holds is fenced by ``attempt_count``: Celery's retry
+re-publishes the same task id before the old delivery is acked, so a late write keyed
+on the id alone could clobber the next attempt.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+from uuid import UUID
+
+import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB
+from sqlalchemy.dialects.postgresql import UUID as PG_UUID
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+from celery_pgqueue.states import JobStatus, LogStatus
+from celery_pgqueue.store.records import ClaimedJob, NewJob
+from celery_pgqueue.store.tables import TZ, job_logs, job_queues, jobs
+
+
+def _status(status: JobStatus) -> sa.BindParameter[str]:
+    # Rendered into the SQL text, not bound: a generic (prepared) plan can then still
+    # match the partial indexes declared WHERE status = '...'.
+    return sa.literal(status.value, literal_execute=True)
+
+
+IS_QUEUED = jobs.c.status == _status(JobStatus.QUEUED)
+IS_RUNNING = jobs.c.status == _status(JobStatus.RUNNING)
+SECOND = sa.text("interval '1 second'")
+
+
+def _notify_queues(changed: sa.CTE, channel: str | None) -> sa.ColumnElement[Any]:
+    """Count of NOTIFYs sent, one per distinct queue in ``changed`` (fired at commit)."""
+    if channel is None:
+        return sa.literal(0)
+    distinct = sa.select(changed.c.queue_name).distinct().subquery("notified")
+    return (
+        sa.select(sa.func.count(sa.func.pg_notify(channel, distinct.c.queue_name)))
+        .select_from(distinct)
+        .scalar_subquery()
+    )
+
+
+def insert(conn: sa.Connection, *, new_jobs: Sequence[NewJob], channel: str | None) -> int:
+    """Insert (or, for a re-published task id, re-queue) jobs in one statement.
+
+    A task id already present goes back to ``queued`` with its new payload and
+    ``run_at``; its ``attempt_count`` and logs stay (Celery's ``retry`` does this). A
+    cancelled job stays cancelled: cancel is durable. ``channel`` set: workers are
+    notified at commit, once per queue with a job due now.
+    """
+    if not new_jobs:
+        return 0
+    # unnest() of one array per column: the SQL text is the same for 1 or 10,000 jobs,
+    # so the statement is prepared once and batches cost one round trip.
+    v = (
+        sa.func.unnest(
+            sa.bindparam("ids", [j.id for j in new_jobs], type_=ARRAY(PG_UUID(as_uuid=True))),
+            sa.bindparam("queues", [j.queue_name for j in new_jobs], type_=ARRAY(sa.String)),
+            sa.bindparam("payloads", [j.payload for j in new_jobs], type_=ARRAY(JSONB)),
+            sa.bindparam("priorities", [j.priority for j in new_jobs], type_=ARRAY(sa.Integer)),
+            sa.bindparam("run_ats", [j.run_at for j in new_jobs], type_=ARRAY(TZ)),
+            sa.bindparam(
+                "max_attempts", [j.max_attempts for j in new_jobs], type_=ARRAY(sa.Integer)
+            ),
+        )
+        .table_valued("id", "queue_name", "payload", "priority", "run_at", "max_attempts")
+        .render_derived(name="v", with_types=False)
+    )
+    q = job_queues.alias("q")
+    rows = sa.select(
+        v.c.id,
+        v.c.queue_name,
+        v.c.payload,
+        sa.func.coalesce(v.c.priority, q.c.default_priority, 100),
+        sa.func.coalesce(v.c.run_at, sa.func.now()),
+        v.c.max_attempts,
+    ).select_from(v.outerjoin(q, q.c.name == v.c.queue_name))
+    base = pg_insert(jobs).from_select(
+        ["id", "queue_name", "payload", "priority", "run_at", "max_attempts"], rows
+    )
+    stmt = base.on_conflict_do_update(
+        index_elements=["id"],
+        set_={
+            "status": JobStatus.QUEUED.value,
+            "queue_name": base.excluded.queue_name,
+            "payload": base.excluded.payload,
+            "priority": base.excluded.priority,
+            "run_at": base.excluded.run_at,
+            "max_attempts": sa.func.coalesce(base.excluded.max_attempts, jobs.c.max_attempts),
+            "lease_owner": None,
+            "lease_expires_at": None,
+            "acked_at": None,
+            "updated_at": sa.func.now(),
+        },
+        where=jobs.c.status != _status(JobStatus.CANCELLED),
+    ).returning(jobs.c.queue_name, jobs.c.run_at)
+    if channel is None:
+        return len(conn.execute(stmt).all())
+    inserted = stmt.cte("inserted")
+    due = sa.select(inserted.c.queue_name).where(inserted.c.run_at <= sa.func.now()).cte("due")
+    counted = sa.select(
+        sa.select(sa.func.count()).select_from(inserted).scalar_subquery(),
+        _notify_queues(due, channel),
+    )
+    row = conn.execute(counted).first()
+    return int(row[0]) if row else 0
+
+
+def claim(
+    conn: sa.Connection,
+    *,
+    queue_name: str,
+    limit: int,
+    owner: str,
+    lease_seconds: float,
+) -> list[ClaimedJob]:
+    """Take up to ``limit`` due jobs of an active queue, lowest priority number first.
+
+    The locking SELECT is a CTE so ``LIMIT`` and ``SKIP LOCKED`` apply before the
+    update: concurrent claimers pass over each other's rows instead of waiting, and
+    each row is claimed by exactly one of them. Opening the attempt's ``job_logs`` row
+    rides in the same statement: a claim is one round trip.
+    """
+    active = sa.exists().where(job_queues.c.name == queue_name, job_queues.c.is_active)
+    ready = (
+        sa.select(jobs.c.id)
+        .where(
+            jobs.c.queue_name == queue_name,
+            IS_QUEUED,
+            jobs.c.run_at <= sa.func.now(),
+            active,
+        )
+        .order_by(jobs.c.priority, jobs.c.run_at, jobs.c.created_at)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+        .cte("ready")
+    )
+    claimed = (
+        sa.update(jobs)
+        .where(jobs.c.id == ready.c.id)
+        .values(
+            status=JobStatus.RUNNING.value,
+            attempt_count=jobs.c.attempt_count + 1,
+            started_at=sa.func.now(),
+            lease_owner=owner,
+            lease_expires_at=sa.func.now() + sa.literal(lease_seconds) * SECOND,
+            acked_at=None,
+            updated_at=sa.func.now(),
+        )
+        .returning(
+            jobs.c.id,
+            jobs.c.queue_name,
+            jobs.c.payload,
+            jobs.c.priority,
+            jobs.c.attempt_count,
+            jobs.c.max_attempts,
+            jobs.c.run_at,
+            jobs.c.created_at,
+        )
+        .cte("claimed")
+    )
+    opened = (
+        sa.insert(job_logs)
+        .from_select(
+            ["job_id", "attempt_number", "status", "started_at"],
+            sa.select(
+                claimed.c.id,
+                claimed.c.attempt_count,
+                sa.literal(LogStatus.ATTEMPTING.value),
+                sa.func.now(),
+            ),
+        )
+        .cte("opened")
+    )
+    stmt = (
+        sa.select(
+            claimed.c.id,
+            claimed.c.queue_name,
+            claimed.c.payload,
+            claimed.c.priority,
+            claimed.c.attempt_count,
+            claimed.c.max_attempts,
+        )
+        .add_cte(opened)
+        .order_by(claimed.c.priority, claimed.c.run_at, claimed.c.created_at)
+    )
+    return [ClaimedJob(*row) for row in conn.execute(stmt)]
+
+
+def _held(job_id: UUID, attempt: int) -> sa.ColumnElement[bool]:
+    return sa.and_(jobs.c.id == job_id, jobs.c.attempt_count == attempt, IS_RUNNING)
+
+
+def mark_acked(conn: sa.Connection, *, held: Sequence[tuple[UUID, int]]) -> int:
+    """Record early acks: from now a lost worker means failed, not requeue."""
+    if not held:
+        return 0
+    result = conn.execute(
+        sa.update(jobs)
+        .where(
+            IS_RUNNING,
+            sa.tuple_(jobs.c.id, jobs.c.attempt_count).in_([tuple(h) for h in held]),
+            jobs.c.acked_at.is_(None),
+        )
+        .values(acked_at=sa.func.now())
+    )
+    return result.rowcount
+
+
+def requeue(conn: sa.Connection, *, held: Sequence[tuple[UUID, int]], channel: str | None) -> int:
+    """Put held jobs back in line (reject with requeue, warm shutdown, restore).
+
+    Only rows still ``running`` at that attempt move, so a late requeue can't rerun
+    finished work or steal a newer attempt. The attempt's log row is closed as
+    ``retry``.
+    """
+    if not held:
+        return 0
+    pairs = [tuple(h) for h in held]
+    moved = (
+        sa.update(jobs)
+        .where(IS_RUNNING, sa.tuple_(jobs.c.id, jobs.c.attempt_count).in_(pairs))
+        .values(
+            status=JobStatus.QUEUED.value,
+            lease_owner=None,
+            lease_expires_at=None,
+            acked_at=None,
+            updated_at=sa.func.now(),
+        )
+        .returning(jobs.c.id, jobs.c.attempt_count, jobs.c.queue_name)
+        .cte("moved")
+    )
+    closed = (
+        sa.update(job_logs)
+        .where(
+            job_logs.c.job_id == moved.c.id,
+            job_logs.c.attempt_number == moved.c.attempt_count,
+            job_logs.c.status == LogStatus.ATTEMPTING.value,
+        )
+        .values(
+            status=LogStatus.RETRY.value,
+            finished_at=sa.func.now(),
+            duration=sa.func.now() - job_logs.c.started_at,
+            log_message="requeued",
+        )
+        .cte("closed")
+    )
+    stmt = (
+        sa.select(sa.func.count(), _notify_queues(moved, channel))
+        .select_from(moved)
+        .add_cte(closed)
+    )
+    row = conn.execute(stmt).first()
+    return int(row[0]) if row else 0
+
+
+def finish(
+    conn: sa.Connection,
+    *,
+    job_id: UUID,
+    attempt: int | None,
+    status: JobStatus,
+    log_status: LogStatus | None,
+    error_message: str | None = None,
+    log_message: str | None = None,
+    result: Any = None,
+    max_attempts: int | None = None,
+    run_at: Any = None,
+) -> bool:
+    """Move a job to ``status`` and close its current attempt's log row.
+
+    ``attempt`` fences the write to the delivery that ran it; ``None`` accepts any
+    attempt (result-backend writes for tasks that arrived through another broker).
+    A finished success is never overwritten.
+    """
+    values: dict[str, Any] = {"status": status.value, "updated_at": sa.func.now()}
+    if result is not None:
+        values["result"] = result
+    if max_attempts is not None:
+        values["max_attempts"] = max_attempts
+    if status is JobStatus.COMPLETED:
+        values["completed_at"] = sa.func.now()
+    elif status is JobStatus.FAILED:
+        values["failed_at"] = sa.func.now()
+        values["last_error_message"] = (error_message or "")[:255] or None
+    elif status is JobStatus.RUNNING:
+        values["started_at"] = sa.func.coalesce(jobs.c.started_at, sa.func.now())
+    if status in (JobStatus.QUEUED, JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED):
+        values.update(lease_owner=None, lease_expires_at=None)
+    if status is JobStatus.QUEUED and run_at is not None:
+        values["run_at"] = run_at
+    conditions = [jobs.c.id == job_id, jobs.c.status != _status(JobStatus.COMPLETED)]
+    if attempt is not None:
+        conditions.append(jobs.c.attempt_count == attempt)
+    updated = (
+        sa.update(jobs)
+        .where(*conditions)
+        .values(**values)
+        .returning(jobs.c.id, jobs.c.attempt_count)
+        .cte("updated")
+    )
+    if log_status is None:
+        row = conn.execute(sa.select(sa.func.count()).select_from(updated)).first()
+        return bool(row and row[0])
+    closed = (
+        sa.update(job_logs)
+        .where(
+            job_logs.c.job_id == updated.c.id,
+            job_logs.c.attempt_number == updated.c.attempt_count,
+            job_logs.c.status == LogStatus.ATTEMPTING.value,
+        )
+        .values(
+            status=log_status.value,
+            finished_at=sa.func.now(),
+            duration=sa.func.now() - job_logs.c.started_at,
+            log_message=log_message,
+        )
+        .cte("closed")
+    )
+    row = conn.execute(sa.select(sa.func.count()).select_from(updated).add_cte(closed)).first()
+    return bool(row and row[0])
+
+
+def heartbeat(conn: sa.Connection, *, owner: str, lease_seconds: float) -> int:
+    """Extend the lease of every running job ``owner`` holds; one statement per beat."""
+    result = conn.execute(
+        sa.update(jobs)
+        .where(IS_RUNNING, jobs.c.lease_owner == owner)
+        .values(lease_expires_at=sa.func.now() + sa.literal(lease_seconds) * SECOND)
+    )
+    return result.rowcount
+
+
+def rescue_expired(conn: sa.Connection, *, limit: int, channel: str | None) -> tuple[int, int]:
+    """Take back running jobs whose lease ran out (their worker died or hung).
+
+    Not yet acked (``acks_late``, or prefetched and never started): back to ``queued``
+    for another attempt, unless ``max_attempts`` is spent. Acked early: the task may
+    have run, so it is marked failed rather than run twice. Returns (requeued, failed).
+    """
+    expired = (
+        sa.select(jobs.c.id)
+        .where(IS_RUNNING, jobs.c.lease_expires_at < sa.func.now())
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+        .cte("expired")
+    )
+    exhausted = sa.and_(
+        jobs.c.max_attempts.is_not(None), jobs.c.attempt_count >= jobs.c.max_attempts
+    )
+    to_fail = sa.or_(jobs.c.acked_at.is_not(None), exhausted)
+    updated = (
+        sa.update(jobs)
+        .where(jobs.c.id == expired.c.id)
+        .values(
+            status=sa.case((to_fail, JobStatus.FAILED.value), else_=JobStatus.QUEUED.value),
+            failed_at=sa.case((to_fail, sa.func.now()), else_=None),
+            last_error_message=sa.case(
+                (
+                    jobs.c.acked_at.is_not(None),
+                    sa.literal("WorkerLostError: worker lost while running the task (")
+                    + sa.func.coalesce(jobs.c.lease_owner, "?")
+                    + ")",
+                ),
+                (exhausted, sa.literal("WorkerLostError: max_attempts reached after worker loss")),
+                else_=jobs.c.last_error_message,
+            ),
+            lease_owner=None,
+            lease_expires_at=None,
+            updated_at=sa.func.now(),
+        )
+        .returning(jobs.c.id, jobs.c.attempt_count, jobs.c.status, jobs.c.queue_name)
+        .cte("updated")
+    )
+    closed = (
+        sa.update(job_logs)
+        .where(
+            job_logs.c.job_id == updated.c.id,
+            job_logs.c.attempt_number == updated.c.attempt_count,
+            job_logs.c.status == LogStatus.ATTEMPTING.value,
+        )
+        .values(
+            status=sa.case(
+                (updated.c.status == JobStatus.FAILED.value, LogStatus.FAILED.value),
+                else_=LogStatus.RETRY.value,
+            ),
+            finished_at=sa.func.now(),
+            duration=sa.func.now() - job_logs.c.started_at,
+            log_message="worker lost (lease expired)",
+        )
+        .cte("closed")
+    )
+    requeued = sa.func.count().filter(updated.c.status == JobStatus.QUEUED.value)
+    failed = sa.func.count().filter(updated.c.status == JobStatus.FAILED.value)
+    back = sa.select(updated.c.queue_name).where(updated.c.status == JobStatus.QUEUED.value)
+    row = conn.execute(
+        sa.select(requeued, failed, _notify_queues(back.cte("back"), channel))
+        .select_from(updated)
+        .add_cte(closed)
+    ).first()
+    return (int(row[0]), int(row[1])) if row else (0, 0)
+
+
+def cancel(conn: sa.Connection, *, job_ids: Sequence[UUID]) -> int:
+    """Cancel jobs that have not started: durable, no worker will ever claim them."""
+    if not job_ids:
+        return 0
+    result = conn.execute(
+        sa.update(jobs)
+        .where(jobs.c.id.in_(list(job_ids)), IS_QUEUED)
+        .values(status=JobStatus.CANCELLED.value, updated_at=sa.func.now())
+    )
+    return result.rowcount
+
+
+def retry(conn: sa.Connection, *, job_ids: Sequence[UUID], channel: str | None) -> int:
+    """A failed or cancelled job back to ``queued`` now; its attempt history stays."""
+    if not job_ids:
+        return 0
+    moved = (
+        sa.update(jobs)
+        .where(
+            jobs.c.id.in_(list(job_ids)),
+            jobs.c.status.in_([JobStatus.FAILED.value, JobStatus.CANCELLED.value]),
+            jobs.c.payload.is_not(None),
+        )
+        .values(
+            status=JobStatus.QUEUED.value,
+            run_at=sa.func.now(),
+            failed_at=None,
+            result=None,
+            lease_owner=None,
+            lease_expires_at=None,
+            acked_at=None,
+            updated_at=sa.func.now(),
+        )
+        .returning(jobs.c.queue_name)
+        .cte("moved")
+    )
+    row = conn.execute(
+        sa.select(sa.func.count(), _notify_queues(moved, channel)).select_from(moved)
+    ).first()
+    return int(row[0]) if row else 0
+
+
+def purge(conn: sa.Connection, *, queue_name: str) -> int:
+    """Delete a queue's waiting jobs (queued, due or scheduled); running jobs stay."""
+    result = conn.execute(sa.delete(jobs).where(jobs.c.queue_name == queue_name, IS_QUEUED))
+    return result.rowcount
+
+
+def count_waiting(conn: sa.Connection, *, queue_name: str) -> int:
+    """Queued jobs in a queue, due or not (Kombu's queue size)."""
+    return int(
+        conn.execute(
+            sa.select(sa.func.count()).where(jobs.c.queue_name == queue_name, IS_QUEUED)
+        ).scalar_one()
+    )
+
+
+def delete(conn: sa.Connection, *, job_ids: Sequence[UUID]) -> int:
+    """Remove jobs and (by cascade) their logs: ``forget()``."""
+    if not job_ids:
+        return 0
+    return conn.execute(sa.delete(jobs).where(jobs.c.id.in_(list(job_ids)))).rowcount
+
+
+def get(conn: sa.Connection, *, job_id: UUID) -> sa.Row[Any] | None:
+    """One job row, every column."""
+    return conn.execute(sa.select(jobs).where(jobs.c.id == job_id)).first()
+
+
+def get_results(conn: sa.Connection, *, job_ids: Sequence[UUID]) -> list[sa.Row[Any]]:
+    """``(id, status, result)`` of several jobs in one round trip."""
+    return list(
+        conn.execute(
+            sa.select(jobs.c.id, jobs.c.status, jobs.c.result).where(jobs.c.id.in_(list(job_ids)))
+        )
+    )
+
+
+def prune_finished(
+    conn: sa.Connection, *, status: JobStatus, older_than: float, limit: int, dry_run: bool
+) -> int:
+    """Delete up to ``limit`` finished jobs older than ``older_than`` seconds.
+
+    Bounded per call so each transaction stays short; the caller loops.
+    """
+    victims = (
+        sa.select(jobs.c.id)
+        .where(
+            jobs.c.status == _status(status),
+            jobs.c.updated_at < sa.func.now() - sa.literal(older_than) * SECOND,
+        )
+        .limit(limit)
+    )
+    if dry_run:
+        return int(
+            conn.execute(sa.select(sa.func.count()).select_from(victims.subquery())).scalar_one()
+        )
+    locked = victims.with_for_update(skip_locked=True).cte("victims")
+    deleted = sa.delete(jobs).where(jobs.c.id == locked.c.id).returning(jobs.c.id).cte("deleted")
+    return int(conn.execute(sa.select(sa.func.count()).select_from(deleted)).scalar_one())

@@ -1,0 +1,71 @@
+"""Statements on ``job_queues``: create on first use, pause, resume, priority."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+from celery_pgqueue.store.tables import job_queues
+
+
+def ensure(conn: sa.Connection, *, names: Sequence[str], default_priority: int) -> None:
+    """Create queues that do not exist yet; an existing queue keeps its settings."""
+    if not names:
+        return
+    conn.execute(
+        pg_insert(job_queues)
+        .values([{"name": n, "default_priority": default_priority} for n in sorted(set(names))])
+        .on_conflict_do_nothing(index_elements=["name"])
+    )
+
+
+def set_active(conn: sa.Connection, *, name: str, active: bool) -> bool:
+    """Pause (False) or resume (True) a queue; False when no such queue exists."""
+    result = conn.execute(
+        sa.update(job_queues).where(job_queues.c.name == name).values(is_active=active)
+    )
+    return result.rowcount > 0
+
+
+def set_default_priority(conn: sa.Connection, *, name: str, priority: int) -> bool:
+    """Change the priority given to this queue's jobs that name none."""
+    result = conn.execute(
+        sa.update(job_queues).where(job_queues.c.name == name).values(default_priority=priority)
+    )
+    return result.rowcount > 0
+
+
+def get(conn: sa.Connection, *, name: str) -> sa.Row[Any] | None:
+    """One queue's settings."""
+    row: sa.Row[Any] | None = conn.execute(
+        sa.select(job_queues).where(job_queues.c.name == name)
+    ).first()
+    return row
+
+
+def list_all(conn: sa.Connection) -> list[sa.Row[Any]]:
+    """Every queue, by name."""
+    return list(
+        conn.execute(
+            sa.select(
+                job_queues.c.name,
+                job_queues.c.default_priority,
+                job_queues.c.is_active,
+                job_queues.c.created_at,
+            ).order_by(job_queues.c.name)
+        )
+    )
+
+
+def active_among(conn: sa.Connection, *, names: Sequence[str]) -> list[str]:
+    """Which of ``names`` exist and are not paused."""
+    return list(
+        conn.execute(
+            sa.select(job_queues.c.name).where(
+                job_queues.c.name.in_(list(names)), job_queues.c.is_active
+            )
+        ).scalars()
+    )

@@ -1,0 +1,100 @@
+"""Frozen records passed between the store and the Celery glue.
+
+Transport and backend see these, never SQLAlchemy rows, so the schema can change
+behind the store without touching Celery code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+
+@dataclass(frozen=True, slots=True)
+class NewJob:
+    """A job to enqueue. ``priority=None`` takes the queue's ``default_priority``;
+    ``run_at=None`` means now by the database's clock."""
+
+    id: UUID
+    queue_name: str
+    payload: Any
+    priority: int | None = None
+    run_at: datetime | None = None
+    max_attempts: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimedJob:
+    """A job a consumer now holds: ``attempt`` fences every later write to it."""
+
+    id: UUID
+    queue_name: str
+    payload: Any
+    priority: int
+    attempt: int
+    max_attempts: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class JobRecord:
+    """A job as operators and the result backend read it."""
+
+    id: UUID
+    queue_name: str
+    status: str
+    priority: int
+    payload: Any
+    attempt_count: int
+    max_attempts: int | None
+    run_at: datetime
+    started_at: datetime | None
+    completed_at: datetime | None
+    failed_at: datetime | None
+    last_error_message: str | None
+    created_at: datetime
+    updated_at: datetime
+    result: Any
+    lease_owner: str | None
+    lease_expires_at: datetime | None
+    acked_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptRecord:
+    """One ``job_logs`` row."""
+
+    id: UUID
+    job_id: UUID
+    status: str
+    log_message: str | None
+    attempt_number: int
+    started_at: datetime
+    finished_at: datetime | None
+    duration_seconds: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class QueueCounts:
+    """One queue's state for ``status`` and the views."""
+
+    name: str
+    default_priority: int
+    is_active: bool
+    counts: dict[str, int] = field(default_factory=dict)
+    ready: int = 0
+    scheduled: int = 0
+    oldest_ready_seconds: float | None = None
+    oldest_lease_seconds: float | None = None
+    failed_last_hour: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class PruneCounts:
+    """Rows removed (or, in a dry run, that would be) by one retention pass."""
+
+    completed: int = 0
+    cancelled: int = 0
+    failed: int = 0
+    logs: int = 0

@@ -1,0 +1,23 @@
+"""Statements about the schema itself: the migrated revision, NOTIFY."""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+
+VERSION_TABLE = "celery_pgqueue_version"
+
+
+def current_revision(conn: sa.Connection, *, schema: str) -> str | None:
+    """The Alembic revision recorded in ``<schema>.celery_pgqueue_version``, if any."""
+    exists = conn.execute(
+        sa.select(sa.func.to_regclass(sa.literal(f"{schema}.{VERSION_TABLE}")).is_not(None))
+    ).scalar_one()
+    if not exists:
+        return None
+    version = sa.table(VERSION_TABLE, sa.column("version_num"), schema=schema)
+    return conn.execute(sa.select(version.c.version_num).limit(1)).scalar()
+
+
+def notify(conn: sa.Connection, *, channel: str, payload: str) -> None:
+    """Send a NOTIFY, delivered when the transaction commits."""
+    conn.execute(sa.select(sa.func.pg_notify(channel, payload)))

@@ -1,0 +1,108 @@
+"""SQLAlchemy Core tables: the schema's source of truth for statements.
+
+The three tables are the seed's (``../shared/seed/queue-jobs-er.md``) column for column.
+The additions Celery needs are marked ``# +`` and listed in the README's schema section.
+Migrations spell their columns out instead of importing this module; a test compares
+the migrated database with this metadata.
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import INTERVAL, JSONB, UUID
+
+TZ = sa.TIMESTAMP(timezone=True)
+
+metadata = sa.MetaData()
+
+job_queues = sa.Table(
+    "job_queues",
+    metadata,
+    sa.Column("name", sa.String(100), primary_key=True),
+    sa.Column("default_priority", sa.Integer, nullable=False, server_default="100"),
+    sa.Column("is_active", sa.Boolean, nullable=False, server_default=sa.true()),
+    sa.Column("created_at", TZ, nullable=False, server_default=sa.func.now()),
+)
+
+jobs = sa.Table(
+    "jobs",
+    metadata,
+    sa.Column("id", UUID(as_uuid=True), primary_key=True),
+    sa.Column(
+        "queue_name",
+        sa.String(100),
+        sa.ForeignKey("job_queues.name", onupdate="CASCADE", name="fk_jobs_queue_name"),
+        nullable=False,
+    ),
+    sa.Column("status", sa.String(50), nullable=False, server_default="queued"),
+    sa.Column("priority", sa.Integer, nullable=False),
+    sa.Column("payload", JSONB),
+    sa.Column("attempt_count", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("max_attempts", sa.Integer),
+    sa.Column("run_at", TZ, nullable=False, server_default=sa.func.now()),
+    sa.Column("started_at", TZ),
+    sa.Column("completed_at", TZ),
+    sa.Column("failed_at", TZ),
+    sa.Column("last_error_message", sa.String(255)),
+    # clock_timestamp, not now(): rows of one transaction keep their enqueue order.
+    sa.Column("created_at", TZ, nullable=False, server_default=sa.func.clock_timestamp()),
+    sa.Column("updated_at", TZ, nullable=False, server_default=sa.func.now()),
+    # + Celery's result meta (state, return value or exception, children).
+    sa.Column("result", JSONB),
+    # + who holds a running job and until when: orphan rescue without re-running live work.
+    sa.Column("lease_owner", sa.String(255)),
+    sa.Column("lease_expires_at", TZ),
+    # + set when the worker acked early: a lost worker then means "failed", not "requeue".
+    sa.Column("acked_at", TZ),
+    sa.CheckConstraint(
+        "status IN ('queued', 'running', 'completed', 'failed', 'cancelled')",
+        name="ck_jobs_status",
+    ),
+)
+
+# Claims read ready rows in this order; a literal WHERE keeps the index usable by
+# generic (prepared) plans, where a bound status parameter could not prove it.
+sa.Index(
+    "ix_jobs_ready",
+    jobs.c.queue_name,
+    jobs.c.priority,
+    jobs.c.run_at,
+    jobs.c.created_at,
+    postgresql_where=sa.text("status = 'queued'"),
+)
+# Orphan rescue: running jobs whose lease ran out.
+sa.Index(
+    "ix_jobs_lease",
+    jobs.c.lease_expires_at,
+    postgresql_where=sa.text("status = 'running'"),
+)
+# Retention: finished jobs by age.
+sa.Index(
+    "ix_jobs_finished",
+    jobs.c.status,
+    jobs.c.updated_at,
+    postgresql_where=sa.text("status IN ('completed', 'failed', 'cancelled')"),
+)
+
+job_logs = sa.Table(
+    "job_logs",
+    metadata,
+    sa.Column("id", UUID(as_uuid=True), primary_key=True, server_default=sa.func.gen_random_uuid()),
+    sa.Column(
+        "job_id",
+        UUID(as_uuid=True),
+        sa.ForeignKey("jobs.id", ondelete="CASCADE", name="fk_job_logs_job_id"),
+        nullable=False,
+    ),
+    sa.Column("status", sa.String(50), nullable=False, server_default="attempting"),
+    sa.Column("log_message", sa.Text),
+    sa.Column("attempt_number", sa.Integer, nullable=False),
+    sa.Column("started_at", TZ, nullable=False, server_default=sa.func.now()),
+    sa.Column("finished_at", TZ),
+    sa.Column("duration", INTERVAL),
+    sa.CheckConstraint(
+        "status IN ('attempting', 'success', 'retry', 'failed')", name="ck_job_logs_status"
+    ),
+)
+sa.Index("ix_job_logs_job_id", job_logs.c.job_id, job_logs.c.attempt_number)
+sa.Index("ix_job_logs_started_at", job_logs.c.started_at)
