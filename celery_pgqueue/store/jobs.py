@@ -297,31 +297,34 @@ def finish(
     if attempt is not None:
         conditions.append(jobs.c.attempt_count == attempt)
     updated = (
-        sa.update(jobs)
-        .where(*conditions)
-        .values(**values)
-        .returning(jobs.c.id, jobs.c.attempt_count)
-        .cte("updated")
+        sa.update(jobs).where(*conditions).values(**values).returning(jobs.c.id).cte("updated")
     )
-    if log_status is None:
-        row = conn.execute(sa.select(sa.func.count()).select_from(updated)).first()
-        return bool(row and row[0])
-    closed = (
-        sa.update(job_logs)
-        .where(
-            job_logs.c.job_id == updated.c.id,
-            job_logs.c.attempt_number == updated.c.attempt_count,
-            job_logs.c.status == LogStatus.ATTEMPTING.value,
+    stmt = sa.select(sa.func.count()).select_from(updated)
+    if log_status is not None:
+        # The attempt's log row is closed even when the job row has moved on (a retry
+        # re-published and claimed before this write): it records what this attempt did.
+        this_attempt = (
+            sa.literal(attempt)
+            if attempt is not None
+            else sa.select(jobs.c.attempt_count).where(jobs.c.id == job_id).scalar_subquery()
         )
-        .values(
-            status=log_status.value,
-            finished_at=sa.func.now(),
-            duration=sa.func.now() - job_logs.c.started_at,
-            log_message=log_message,
+        closed = (
+            sa.update(job_logs)
+            .where(
+                job_logs.c.job_id == job_id,
+                job_logs.c.attempt_number == this_attempt,
+                job_logs.c.status == LogStatus.ATTEMPTING.value,
+            )
+            .values(
+                status=log_status.value,
+                finished_at=sa.func.now(),
+                duration=sa.func.now() - job_logs.c.started_at,
+                log_message=log_message,
+            )
+            .cte("closed")
         )
-        .cte("closed")
-    )
-    row = conn.execute(sa.select(sa.func.count()).select_from(updated).add_cte(closed)).first()
+        stmt = stmt.add_cte(closed)
+    row = conn.execute(stmt).first()
     return bool(row and row[0])
 
 

@@ -22,6 +22,9 @@ job_queues = sa.Table(
     sa.Column("default_priority", sa.Integer, nullable=False, server_default="100"),
     sa.Column("is_active", sa.Boolean, nullable=False, server_default=sa.true()),
     sa.Column("created_at", TZ, nullable=False, server_default=sa.func.now()),
+    # + queues declared with x-expires (remote-control mailboxes, event receivers) are
+    # dropped when unused this long, so short-lived consumers leave nothing behind.
+    sa.Column("expires_at", TZ),
 )
 
 jobs = sa.Table(
@@ -54,6 +57,9 @@ jobs = sa.Table(
     sa.Column("lease_expires_at", TZ),
     # + set when the worker acked early: a lost worker then means "failed", not "requeue".
     sa.Column("acked_at", TZ),
+    # + message TTL (Kombu's ``expiration``): control replies and events that nobody
+    # consumed in time are never delivered and are pruned.
+    sa.Column("expires_at", TZ),
     sa.CheckConstraint(
         "status IN ('queued', 'running', 'completed', 'failed', 'cancelled')",
         name="ck_jobs_status",
@@ -106,3 +112,23 @@ job_logs = sa.Table(
 )
 sa.Index("ix_job_logs_job_id", job_logs.c.job_id, job_logs.c.attempt_number)
 sa.Index("ix_job_logs_started_at", job_logs.c.started_at)
+
+# + Exchange bindings, shared by every process: a producer routes exactly as the
+# workers declared (fanout for remote control, topic for events and routes).
+job_bindings = sa.Table(
+    "job_bindings",
+    metadata,
+    sa.Column("exchange", sa.String(255), primary_key=True),
+    sa.Column("routing_key", sa.String(255), primary_key=True),
+    sa.Column(
+        "queue_name",
+        sa.String(100),
+        sa.ForeignKey("job_queues.name", ondelete="CASCADE", name="fk_job_bindings_queue_name"),
+        primary_key=True,
+    ),
+    sa.Column("exchange_type", sa.String(20), nullable=False),
+    sa.CheckConstraint(
+        "exchange_type IN ('direct', 'topic', 'fanout')", name="ck_job_bindings_exchange_type"
+    ),
+)
+sa.Index("ix_job_bindings_queue_name", job_bindings.c.queue_name)

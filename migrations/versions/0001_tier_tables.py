@@ -26,6 +26,7 @@ def upgrade() -> None:
         sa.Column("default_priority", sa.Integer, nullable=False, server_default="100"),
         sa.Column("is_active", sa.Boolean, nullable=False, server_default=sa.true()),
         sa.Column("created_at", TZ, nullable=False, server_default=sa.func.now()),
+        sa.Column("expires_at", TZ),
     )
     op.create_table(
         "jobs",
@@ -52,6 +53,7 @@ def upgrade() -> None:
         sa.Column("lease_owner", sa.String(255)),
         sa.Column("lease_expires_at", TZ),
         sa.Column("acked_at", TZ),
+        sa.Column("expires_at", TZ),
         sa.CheckConstraint(
             "status IN ('queued', 'running', 'completed', 'failed', 'cancelled')",
             name="ck_jobs_status",
@@ -107,9 +109,27 @@ def upgrade() -> None:
     )
     op.create_index("ix_job_logs_job_id", "job_logs", ["job_id", "attempt_number"])
     op.create_index("ix_job_logs_started_at", "job_logs", ["started_at"])
+    op.create_table(
+        "job_bindings",
+        sa.Column("exchange", sa.String(255), primary_key=True),
+        sa.Column("routing_key", sa.String(255), primary_key=True),
+        sa.Column(
+            "queue_name",
+            sa.String(100),
+            sa.ForeignKey("job_queues.name", ondelete="CASCADE", name="fk_job_bindings_queue_name"),
+            primary_key=True,
+        ),
+        sa.Column("exchange_type", sa.String(20), nullable=False),
+        sa.CheckConstraint(
+            "exchange_type IN ('direct', 'topic', 'fanout')",
+            name="ck_job_bindings_exchange_type",
+        ),
+    )
+    op.create_index("ix_job_bindings_queue_name", "job_bindings", ["queue_name"])
 
 
 def downgrade() -> None:
+    op.drop_table("job_bindings")
     op.drop_table("job_logs")
     op.drop_table("jobs")
     op.drop_table("job_queues")
