@@ -235,6 +235,10 @@ class EmbeddedPostgres:
     PostgreSQL or Docker is needed.  Durability settings are relaxed for speed
     (see :data:`DEFAULT_SETTINGS`).  A temporary data directory, when one was
     created, is deleted by :meth:`cleanup`, which also runs at interpreter exit.
+
+    As root, the server runs as the system account :data:`PG_SYSTEM_USER`
+    (created on first use) and every ancestor of the data directory and of the
+    binaries gets the ``o+x`` (traverse) bit if it lacks it.
     """
 
     def __init__(
@@ -298,6 +302,7 @@ class EmbeddedPostgres:
         if self.is_running():
             return
         self._prepare_datadir()
+        self._remove_stale_lock_files()
         self._register_atexit()
         for _attempt in range(5):
             self._write_config()
@@ -359,10 +364,7 @@ class EmbeddedPostgres:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"postmaster {pid} survived SIGKILL")
             time.sleep(0.01)
-        # A never-reaped zombie still "exists" for kill(0), which PostgreSQL uses to
-        # detect a running postmaster; we know it is dead, so drop its lock files.
-        (self._datadir / "postmaster.pid").unlink(missing_ok=True)
-        (self._datadir / f".s.PGSQL.{self._port}.lock").unlink(missing_ok=True)
+        self._remove_stale_lock_files()
 
     def cleanup(self) -> None:
         """Stop the server and delete the data directory if it was a temporary one."""
@@ -430,6 +432,15 @@ class EmbeddedPostgres:
         conf = self._datadir / "postgresql.conf"
         with conf.open("a") as fh:
             fh.write(f"\n# written on each start by celery_pgqueue.devserver\n{_INCLUDE_LINE}\n")
+
+    def _remove_stale_lock_files(self) -> None:
+        """Drop lock files of a dead postmaster (call only when not running).
+
+        A never-reaped zombie still "exists" for kill(0), which PostgreSQL uses to
+        detect a running postmaster, so it would refuse to start after a crash.
+        """
+        (self._datadir / "postmaster.pid").unlink(missing_ok=True)
+        (self._datadir / f".s.PGSQL.{self._port}.lock").unlink(missing_ok=True)
 
     def _write_config(self) -> None:
         """(Re)write listen address, port and speed settings before each start."""

@@ -1,0 +1,130 @@
+"""Real-PostgreSQL harness: one server per session, one fresh database per test.
+
+Migrating is slow compared with copying, so migrations run once into a template
+database and every test gets ``CREATE DATABASE ... TEMPLATE`` (tens of ms) for
+full isolation.  All database names are generated here (never taken from
+input), random per process so pytest-xdist workers sharing one server never
+collide, and always quoted with ``psycopg.sql.Identifier``.
+
+Note: pytest-celery's plugin rebinds ``celery_worker`` to Docker; tests here
+start workers themselves and must not use that fixture.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterator
+
+import psycopg
+import pytest
+from helpers import with_database
+from psycopg import sql
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Declare markers here too so the suite works without pyproject's ini section."""
+    config.addinivalue_line("markers", "slow: takes more than a few seconds")
+    config.addinivalue_line("markers", "worker: starts a real Celery worker")
+
+
+def _generated_name(kind: str) -> str:
+    """A fresh, valid, collision-free database name like ``cpq_test_1f2e...``."""
+    return f"cpq_{kind}_{secrets.token_hex(8)}"
+
+
+def _admin(admin_url: str) -> psycopg.Connection[tuple[object, ...]]:
+    """Autocommit connection for CREATE/DROP DATABASE (not allowed in a transaction)."""
+    return psycopg.connect(admin_url, autocommit=True)
+
+
+def _create_database(admin_url: str, name: str, template: str) -> str:
+    """Create ``name`` as a copy of ``template`` and return its URL."""
+    with _admin(admin_url) as conn:
+        conn.execute(
+            sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
+                sql.Identifier(name), sql.Identifier(template)
+            )
+        )
+    return with_database(admin_url, name)
+
+
+def _drop_database(admin_url: str, name: str) -> None:
+    """Drop ``name`` even if a test leaked connections (workers, pools)."""
+    with _admin(admin_url) as conn:
+        if conn.info.server_version >= 130000:
+            conn.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+            )
+            return
+        conn.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s",
+            (name,),
+        )
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(name)))
+
+
+@pytest.fixture(scope="session")
+def pg_server_url() -> Iterator[str]:
+    """Admin URL of the session's server: $CELERY_PGQUEUE_TEST_URL, local 5432 or embedded."""
+    from celery_pgqueue.devserver import resolve_database_url
+
+    url, server = resolve_database_url()
+    try:
+        yield url
+    finally:
+        if server is not None:
+            server.cleanup()
+
+
+@pytest.fixture(scope="session")
+def template_database(pg_server_url: str) -> Iterator[str]:
+    """Name of a database migrated to head once per session, cloned by each test."""
+    from celery_pgqueue.migrate import upgrade
+
+    name = _generated_name("tmpl")
+    _create_database(pg_server_url, name, "template0")
+    try:
+        upgrade(with_database(pg_server_url, name))
+        with _admin(pg_server_url) as conn:
+            # CREATE DATABASE ... TEMPLATE fails while anyone is connected to the
+            # template, so close stragglers and refuse new connections for good.
+            conn.execute(
+                sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS false").format(
+                    sql.Identifier(name)
+                )
+            )
+            conn.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE datname = %s AND pid <> pg_backend_pid()",
+                (name,),
+            )
+        yield name
+    finally:
+        _drop_database(pg_server_url, name)
+
+
+def _fresh_database(admin_url: str, template: str, kind: str) -> Iterator[str]:
+    name = _generated_name(kind)
+    url = _create_database(admin_url, name, template)
+    try:
+        yield url
+    finally:
+        _drop_database(admin_url, name)
+
+
+@pytest.fixture
+def database_url(pg_server_url: str, template_database: str) -> Iterator[str]:
+    """URL of a migrated database private to this test."""
+    yield from _fresh_database(pg_server_url, template_database, "test")
+
+
+@pytest.fixture(scope="module")
+def module_database_url(pg_server_url: str, template_database: str) -> Iterator[str]:
+    """URL of a migrated database shared by one module (for slow worker tests)."""
+    yield from _fresh_database(pg_server_url, template_database, "mod")
+
+
+@pytest.fixture
+def empty_database_url(pg_server_url: str) -> Iterator[str]:
+    """URL of a database with no migrations applied (for migration tests)."""
+    yield from _fresh_database(pg_server_url, "template0", "empty")
