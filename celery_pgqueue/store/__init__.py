@@ -27,6 +27,7 @@ from celery_pgqueue.errors import (
 )
 from celery_pgqueue.options import DatabaseURL, PgQueueOptions
 from celery_pgqueue.states import JobStatus, LogStatus
+from celery_pgqueue.store import bindings as binding_sql
 from celery_pgqueue.store import jobs as job_sql
 from celery_pgqueue.store import logs as log_sql
 from celery_pgqueue.store import queues as queue_sql
@@ -249,6 +250,50 @@ class Store:
         with self.begin() as conn:
             return job_sql.requeue(conn, held=held, channel=channel)
 
+    # -- routing (exchanges, bindings, queue expiry) --------------------------------
+
+    def bind(self, exchange: str, exchange_type: str, routing_key: str, queue_name: str) -> None:
+        """Persist a binding so every process routes the same way."""
+        self.ensure_queues([queue_name])
+        with self.begin() as conn:
+            binding_sql.bind(
+                conn,
+                exchange=exchange,
+                exchange_type=exchange_type,
+                routing_key=routing_key,
+                queue_name=queue_name,
+            )
+
+    def unbind(self, exchange: str, routing_key: str, queue_name: str) -> None:
+        """Forget one binding."""
+        with self.begin() as conn:
+            binding_sql.unbind(
+                conn, exchange=exchange, routing_key=routing_key, queue_name=queue_name
+            )
+
+    def binding_table(self, exchange: str) -> list[tuple[str, str, str]]:
+        """``(exchange_type, routing_key, queue_name)`` for each binding of ``exchange``."""
+        with self.begin() as conn:
+            return [tuple(r) for r in binding_sql.table(conn, exchange=exchange)]
+
+    def touch_queues(self, expiries: Sequence[tuple[str, float]]) -> None:
+        """Keep queues with an expiry alive while they are consumed."""
+        if not expiries:
+            return
+        with self.begin() as conn:
+            binding_sql.touch_queues(conn, expiries=expiries)
+
+    def delete_queue(self, name: str) -> bool:
+        """Drop a queue, its waiting messages and its bindings."""
+        self._known_queues.discard(name)
+        with self.begin() as conn:
+            return binding_sql.delete_queue(conn, name=name)
+
+    def queue_exists(self, name: str) -> bool:
+        """Whether a queue has been declared."""
+        with self.begin() as conn:
+            return binding_sql.queue_exists(conn, name=name)
+
     def finish(
         self,
         job_id: UUID,
@@ -278,10 +323,21 @@ class Store:
                 run_at=run_at,
             )
 
-    def heartbeat(self, owner: str) -> int:
-        """Extend the lease of every running job ``owner`` holds."""
+    def heartbeat(self, owner: str, job_ids: Sequence[UUID]) -> int:
+        """Extend the leases ``owner`` holds on ``job_ids``."""
+        if not job_ids:
+            return 0
         with self.begin() as conn:
-            return job_sql.heartbeat(conn, owner=owner, lease_seconds=self.options.lease_seconds)
+            return job_sql.heartbeat(
+                conn, owner=owner, job_ids=job_ids, lease_seconds=self.options.lease_seconds
+            )
+
+    def delete_held(self, held: Sequence[tuple[UUID, int]]) -> int:
+        """Remove consumed transient messages."""
+        if not held:
+            return 0
+        with self.begin() as conn:
+            return job_sql.delete_held(conn, held=held)
 
     def rescue_expired(self, limit: int = 1000) -> tuple[int, int]:
         """Requeue (or fail, if acked early) running jobs whose lease ran out."""

@@ -66,8 +66,9 @@ def insert(conn: sa.Connection, *, new_jobs: Sequence[NewJob], channel: str | No
             sa.bindparam(
                 "max_attempts", [j.max_attempts for j in new_jobs], type_=ARRAY(sa.Integer)
             ),
+            sa.bindparam("ttls", [j.ttl_seconds for j in new_jobs], type_=ARRAY(sa.Float)),
         )
-        .table_valued("id", "queue_name", "payload", "priority", "run_at", "max_attempts")
+        .table_valued("id", "queue_name", "payload", "priority", "run_at", "max_attempts", "ttl")
         .render_derived(name="v", with_types=False)
     )
     q = job_queues.alias("q")
@@ -78,9 +79,10 @@ def insert(conn: sa.Connection, *, new_jobs: Sequence[NewJob], channel: str | No
         sa.func.coalesce(v.c.priority, q.c.default_priority, 100),
         sa.func.coalesce(v.c.run_at, sa.func.now()),
         v.c.max_attempts,
+        sa.func.now() + v.c.ttl * SECOND,
     ).select_from(v.outerjoin(q, q.c.name == v.c.queue_name))
     base = pg_insert(jobs).from_select(
-        ["id", "queue_name", "payload", "priority", "run_at", "max_attempts"], rows
+        ["id", "queue_name", "payload", "priority", "run_at", "max_attempts", "expires_at"], rows
     )
     stmt = base.on_conflict_do_update(
         index_elements=["id"],
@@ -91,6 +93,7 @@ def insert(conn: sa.Connection, *, new_jobs: Sequence[NewJob], channel: str | No
             "priority": base.excluded.priority,
             "run_at": base.excluded.run_at,
             "max_attempts": sa.func.coalesce(base.excluded.max_attempts, jobs.c.max_attempts),
+            "expires_at": base.excluded.expires_at,
             "lease_owner": None,
             "lease_expires_at": None,
             "acked_at": None,
@@ -132,6 +135,7 @@ def claim(
             jobs.c.queue_name == queue_name,
             IS_QUEUED,
             jobs.c.run_at <= sa.func.now(),
+            sa.or_(jobs.c.expires_at.is_(None), jobs.c.expires_at > sa.func.now()),
             active,
         )
         .order_by(jobs.c.priority, jobs.c.run_at, jobs.c.created_at)
@@ -328,12 +332,37 @@ def finish(
     return bool(row and row[0])
 
 
-def heartbeat(conn: sa.Connection, *, owner: str, lease_seconds: float) -> int:
-    """Extend the lease of every running job ``owner`` holds; one statement per beat."""
+def heartbeat(
+    conn: sa.Connection, *, owner: str, job_ids: Sequence[UUID], lease_seconds: float
+) -> int:
+    """Extend the leases ``owner`` still holds on ``job_ids``; one statement per beat.
+
+    Only jobs the worker can vouch for are extended: a job whose pool process died
+    lets its lease lapse, and rescue then settles it.
+    """
+    if not job_ids:
+        return 0
     result = conn.execute(
         sa.update(jobs)
-        .where(IS_RUNNING, jobs.c.lease_owner == owner)
+        .where(
+            IS_RUNNING,
+            jobs.c.lease_owner == owner,
+            jobs.c.id
+            == sa.func.any(sa.bindparam("ids", list(job_ids), type_=ARRAY(PG_UUID(as_uuid=True)))),
+        )
         .values(lease_expires_at=sa.func.now() + sa.literal(lease_seconds) * SECOND)
+    )
+    return result.rowcount
+
+
+def delete_held(conn: sa.Connection, *, held: Sequence[tuple[UUID, int]]) -> int:
+    """Remove consumed transient messages (replies, events): they keep no history."""
+    if not held:
+        return 0
+    result = conn.execute(
+        sa.delete(jobs).where(
+            sa.tuple_(jobs.c.id, jobs.c.attempt_count).in_([tuple(h) for h in held])
+        )
     )
     return result.rowcount
 

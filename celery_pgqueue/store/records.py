@@ -23,6 +23,7 @@ class NewJob:
     priority: int | None = None
     run_at: datetime | None = None
     max_attempts: int | None = None
+    ttl_seconds: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
