@@ -158,11 +158,9 @@ class Store:
         """Fail fast, naming the migrate command, when the tables are missing or old."""
         if self._schema_checked:
             return
-        from celery_pgqueue.migrate import head_revision  # alembic is slow to import
-
         with self.begin() as conn:
             current = schema_sql.current_revision(conn, schema=self.options.schema)
-        head = head_revision()
+        head = schema_sql.REQUIRED_REVISION
         if current is None:
             raise SchemaMissing(
                 f"the celery-pgqueue tables are missing in {self.url.masked()} "

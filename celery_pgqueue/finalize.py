@@ -1,0 +1,103 @@
+"""Settle a job's row when no pgqueue result backend will.
+
+With the default early ack the broker learns nothing when a task ends, and a task
+with ``ignore_result`` (or an app whose result backend is Redis, say) never calls
+our backend. Without this a row would stay ``running`` until its lease lapsed and
+retention could never prune it. Celery's task signals fire in every case, in the
+process that ran the task, so that is where the row is settled. Writes are fenced
+by the delivery's attempt number, like every other write to a held job.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery import signals
+
+from celery_pgqueue.ids import job_id_for
+from celery_pgqueue.options import DatabaseURL, PgQueueOptions
+from celery_pgqueue.states import CELERY_TO_LOG, job_status_for
+from celery_pgqueue.store import Store
+
+logger = logging.getLogger("celery_pgqueue")
+
+
+def _attempt(request: Any) -> int | None:
+    properties = getattr(request, "properties", None) or {}
+    attempt = properties.get("pgqueue_attempt")
+    return int(attempt) if attempt is not None else None
+
+
+def _backend_settles(task: Any, request: Any) -> bool:
+    """Our result backend writes every state of tasks whose result it stores."""
+    from celery_pgqueue.backend_name import is_pgqueue_backend
+
+    ignored = getattr(request, "ignore_result", None)
+    if ignored is None:
+        ignored = getattr(task, "ignore_result", False)
+    return is_pgqueue_backend(task.backend) and not ignored
+
+
+def _store_for(app: Any) -> Store | None:
+    url = app.conf.broker_url or ""
+    if not str(url).startswith("pgqueue://"):
+        return None
+    options = PgQueueOptions.parse(app.conf.broker_transport_options or {})
+    return Store.for_url(DatabaseURL.parse(str(url)), options)
+
+
+def _on_task_postrun(sender: Any = None, task_id: str = "", state: str = "", **kwargs: Any) -> None:
+    task = kwargs.get("task") or sender
+    if task is None:
+        return
+    request = task.request
+    attempt = _attempt(request)
+    if attempt is None or _backend_settles(task, request):
+        return
+    try:
+        store = _store_for(task.app)
+        if store is None:
+            return
+        retval = kwargs.get("retval")
+        error = f"{type(retval).__name__}: {retval}" if isinstance(retval, BaseException) else None
+        store.finish(
+            job_id_for(task_id),
+            attempt=attempt,
+            status=job_status_for(state),
+            log_status=CELERY_TO_LOG.get(state),
+            error_message=error,
+            log_message=error[:1000] if error else None,
+            max_attempts=(task.max_retries + 1) if task.max_retries is not None else None,
+        )
+    except Exception as exc:  # never fail the task because bookkeeping failed
+        logger.warning("pgqueue could not settle job %s: %s", task_id, exc)
+
+
+def _on_task_revoked(sender: Any = None, request: Any = None, **kwargs: Any) -> None:
+    if request is None:
+        return
+    message = getattr(request, "message", None)
+    properties = getattr(message, "properties", None) or {}
+    attempt = properties.get("pgqueue_attempt")
+    task = getattr(request, "task", None)
+    if attempt is None or task is None or _backend_settles(task, request):
+        return
+    try:
+        store = _store_for(task.app)
+        if store is None:
+            return
+        reason = "expired" if kwargs.get("expired") else "revoked"
+        store.finish(
+            job_id_for(request.id),
+            attempt=int(attempt),
+            status=job_status_for("REVOKED"),
+            log_status=CELERY_TO_LOG["REVOKED"],
+            log_message=reason,
+        )
+    except Exception as exc:
+        logger.warning("pgqueue could not settle revoked job %s: %s", request.id, exc)
+
+
+signals.task_postrun.connect(_on_task_postrun, weak=False)
+signals.task_revoked.connect(_on_task_revoked, weak=False)

@@ -1,0 +1,101 @@
+"""LISTEN on fixed channels over one dedicated connection.
+
+Workers sleep on this connection's socket instead of polling: a publish commits, the
+server sends a NOTIFY, the socket becomes readable. The connection is autocommit and
+runs no other statement. Channel names are constants of the package (derived from
+the validated schema name), never user input.
+"""
+
+from __future__ import annotations
+
+import select
+import threading
+from collections.abc import Sequence
+
+import psycopg
+from psycopg import sql
+
+from celery_pgqueue.errors import DatabaseUnavailable
+from celery_pgqueue.options import DatabaseURL
+
+
+class Listener:
+    """A LISTEN connection: ``fileno()`` for event loops, ``drain()``/``wait()`` to read."""
+
+    def __init__(
+        self, url: DatabaseURL, channels: Sequence[str], *, connect_timeout: float = 10.0
+    ) -> None:
+        self.url = url
+        self.channels = tuple(channels)
+        self.connect_timeout = connect_timeout
+        self._conn: psycopg.Connection[tuple[object, ...]] | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def connected(self) -> bool:
+        return self._conn is not None and not self._conn.closed
+
+    def connect(self) -> None:
+        """Open the connection and LISTEN (again, after a drop)."""
+        self.close()
+        try:
+            conn = psycopg.connect(
+                self.url.libpq_url(),
+                autocommit=True,
+                connect_timeout=max(1, round(self.connect_timeout)),
+                application_name="celery-pgqueue-listen",
+            )
+            for channel in self.channels:
+                conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
+        except psycopg.Error as exc:
+            raise DatabaseUnavailable(
+                f"cannot LISTEN on {self.url.masked()}: {str(exc).strip().splitlines()[0]}"
+            ) from exc
+        self._conn = conn
+
+    def fileno(self) -> int:
+        """The socket to watch; connects first if needed."""
+        if not self.connected:
+            self.connect()
+        assert self._conn is not None
+        return self._conn.pgconn.socket
+
+    def drain(self) -> list[tuple[str, str]]:
+        """Notifications already received, as ``(channel, payload)``; never blocks."""
+        with self._lock:
+            conn = self._conn
+            if conn is None or conn.closed:
+                raise DatabaseUnavailable(f"LISTEN connection to {self.url.masked()} is closed")
+            pgconn = conn.pgconn
+            try:
+                pgconn.consume_input()
+            except psycopg.OperationalError as exc:
+                self.close()
+                raise DatabaseUnavailable(
+                    f"LISTEN connection to {self.url.masked()} dropped: {exc}"
+                ) from exc
+            if pgconn.status != psycopg.pq.ConnStatus.OK:
+                self.close()
+                raise DatabaseUnavailable(f"LISTEN connection to {self.url.masked()} dropped")
+            received: list[tuple[str, str]] = []
+            while (note := pgconn.notifies()) is not None:
+                received.append((note.relname.decode(), note.extra.decode()))
+            return received
+
+    def wait(self, timeout: float) -> list[tuple[str, str]]:
+        """Block up to ``timeout`` seconds for notifications."""
+        fd = self.fileno()
+        ready, _, _ = select.select([fd], [], [], max(0.0, timeout))
+        return self.drain() if ready else []
+
+    def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None and not conn.closed:
+            try:
+                conn.close()
+            except Exception:  # closing a broken socket must not raise
+                pass
+
+    def forget_after_fork(self) -> None:
+        """In a forked child: drop the parent's socket without closing it."""
+        self._conn = None

@@ -1,0 +1,667 @@
+"""pgqueue: a Kombu transport on PostgreSQL's Queue/Jobs tier.
+
+Every message is a row in ``jobs``; a queue is a row in ``job_queues``. Workers claim
+due rows with ``FOR UPDATE SKIP LOCKED`` and are woken by LISTEN/NOTIFY.
+
+Features
+========
+* Type: Virtual
+* Supports Direct: Yes
+* Supports Topic: Yes
+* Supports Fanout: Yes (bindings are stored, so every process routes alike)
+* Supports Priority: Yes, lower number runs sooner; none given -> the queue's
+  ``default_priority`` (100)
+* Supports TTL: Yes (message ``expiration``; queue ``x-expires``)
+* Asynchronous: Yes (the LISTEN socket is registered with the worker's event loop)
+* ETA/countdown: held in the database (``run_at``), never in worker memory
+
+Connection string
+=================
+.. code-block::
+
+    pgqueue://USER:PASSWORD@HOST:PORT/DBNAME?LIBPQ_PARAMETER=VALUE
+
+The query string takes libpq parameters (``sslmode``, ``application_name``...).
+
+Transport options
+=================
+Every field of :class:`celery_pgqueue.options.PgQueueOptions` (see the README's
+configuration table); unknown keys are refused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import itertools
+import json
+import os
+import socket
+import threading
+import uuid
+from collections.abc import Iterable
+from datetime import UTC, datetime
+from queue import Empty
+from time import monotonic
+from typing import Any
+
+import psycopg
+from kombu.transport import virtual
+
+from celery_pgqueue import finalize, transaction
+from celery_pgqueue.errors import (
+    ConfigurationError,
+    DatabaseUnavailable,
+    PayloadNotSerializable,
+)
+from celery_pgqueue.ids import job_id_for
+from celery_pgqueue.options import DatabaseURL, PgQueueOptions, mask_password
+from celery_pgqueue.payload import from_payload, to_payload
+from celery_pgqueue.states import JobStatus, LogStatus
+from celery_pgqueue.store import ClaimedJob, NewJob, Store
+from celery_pgqueue.store.listener import Listener
+
+# Imported for its signal handlers (settling rows the result backend won't).
+__all__ = ["Channel", "QoS", "Transport", "finalize"]
+
+# Most rows one claim takes when the consumer sets no prefetch limit.
+MAX_BATCH = 100
+# How long a process trusts its copy of an exchange's bindings.
+BINDINGS_TTL = 1.0
+# Mailbox exchanges (``<app>.pidbox``) carry ``revoke``; we cancel the rows too.
+PIDBOX_SUFFIX = ".pidbox"
+
+
+def _tag(job_id: uuid.UUID, attempt: int) -> str:
+    return f"{job_id}:{attempt}"
+
+
+def held_of(message: Any) -> tuple[uuid.UUID, int]:
+    """``(job id, attempt)`` of a delivered message: the fence for every later write."""
+    props = message.properties if hasattr(message, "properties") else message["properties"]
+    return uuid.UUID(props["pgqueue_job"]), int(props["pgqueue_attempt"])
+
+
+def is_task(headers: dict[str, Any] | None) -> bool:
+    """Celery task messages keep history in ``jobs``; other messages are transient."""
+    return bool(headers) and "task" in headers and "id" in headers  # type: ignore[operator]
+
+
+def _parse_eta(value: Any) -> datetime | None:
+    if not value:
+        return None
+    if isinstance(value, datetime):
+        eta = value
+    else:
+        try:
+            eta = datetime.fromisoformat(str(value))
+        except ValueError:
+            return None
+    return eta if eta.tzinfo else eta.replace(tzinfo=UTC)
+
+
+class QoS(virtual.QoS):  # type: ignore[misc]
+    """Acks, rejects and restores act on the rows, fenced by (job id, attempt).
+
+    Unacked means a row in ``running`` under our lease, not an entry in memory only,
+    so a crashed worker loses nothing: rescue puts its rows back.
+    """
+
+    def ack(self, delivery_tag: str) -> None:
+        message = self._delivered.get(delivery_tag)
+        if message is not None:
+            self.channel._settle_ack(message)
+        super().ack(delivery_tag)
+
+    def reject(self, delivery_tag: str, requeue: bool = False) -> None:
+        message = self._delivered.get(delivery_tag)
+        if message is not None:
+            if requeue:
+                self.channel._requeue([message])
+            else:
+                self.channel._settle_reject(message)
+        self._quick_ack(delivery_tag)
+
+    def restore_unacked(self) -> list[tuple[BaseException, Any]]:
+        """Put every unacked delivery back in line in one statement (warm shutdown)."""
+        self._flush()
+        messages = list(self._delivered.values())
+        self._delivered.clear()
+        if not messages:
+            return []
+        try:
+            self.channel._requeue(messages)
+        except Exception as exc:  # reported by Kombu; leases still cover the rows
+            return [(exc, m) for m in messages]
+        return []
+
+    def held(self) -> list[tuple[uuid.UUID, int]]:
+        """Deliveries not yet acked, read safely from another thread."""
+        for _ in range(3):
+            try:
+                return [held_of(m) for m in list(self._delivered.values())]
+            except RuntimeError:  # changed size during iteration
+                continue
+        return []
+
+
+class Channel(virtual.Channel):  # type: ignore[misc]
+    """Kombu channel whose queues are ``job_queues`` rows and messages ``jobs`` rows."""
+
+    QoS = QoS
+    supports_fanout = True
+    from_transport_options: tuple[str, ...] = ()
+
+    def __init__(self, connection: Transport, **kwargs: Any) -> None:
+        super().__init__(connection, **kwargs)
+        self.transport = connection
+        self.store: Store = connection.store
+
+    # -- publishing ------------------------------------------------------------------
+
+    def prepare_message(
+        self,
+        body: Any,
+        priority: int | None = None,
+        content_type: str | None = None,
+        content_encoding: str | None = None,
+        headers: dict[str, Any] | None = None,
+        properties: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """As Kombu's, but an absent priority stays absent and 0 stays 0.
+
+        Kombu's version stores ``priority or default``, losing an explicit 0; and we
+        want "none given" to mean the queue's ``default_priority``.
+        """
+        properties = properties or {}
+        properties.setdefault("delivery_info", {})
+        properties.setdefault("priority", priority)
+        return {
+            "body": body,
+            "content-encoding": content_encoding,
+            "content-type": content_type,
+            "headers": headers or {},
+            "properties": properties,
+        }
+
+    def basic_publish(
+        self, message: dict[str, Any], exchange: str, routing_key: str, **kwargs: Any
+    ) -> None:
+        """Route and insert in one statement, whatever the number of queues."""
+        if exchange and exchange.endswith(PIDBOX_SUFFIX):
+            self._cancel_revoked(message)
+        self._inplace_augment_message(message, exchange, routing_key)
+        if not exchange:
+            queues = [routing_key]
+        elif self.typeof(exchange).type == "fanout":
+            queues = sorted({q for _, _, q in self.get_table(exchange)})
+        else:
+            queues = list(dict.fromkeys(self._lookup(exchange, routing_key)))
+        if not queues:
+            return  # unroutable, as on AMQP
+        jobs = [self._new_job(queue, message, shared=len(queues) > 1) for queue in queues]
+        self.store.enqueue(jobs, conn=transaction.connection_for(self.store))
+
+    def _put(self, queue: str, message: dict[str, Any], **kwargs: Any) -> None:
+        self.store.enqueue(
+            [self._new_job(queue, message)], conn=transaction.connection_for(self.store)
+        )
+
+    def _put_fanout(
+        self, exchange: str, message: dict[str, Any], routing_key: str, **kw: Any
+    ) -> None:
+        queues = sorted({q for _, _, q in self.get_table(exchange)})
+        if queues:
+            self.store.enqueue([self._new_job(q, message, shared=True) for q in queues])
+
+    def _new_job(self, queue: str, message: dict[str, Any], *, shared: bool = False) -> NewJob:
+        """The row for ``message`` in ``queue``: size-checked, readable JSON payload."""
+        options = self.transport.options
+        headers = message.get("headers") or {}
+        properties = message.get("properties") or {}
+        document, _ = to_payload(message, limit=options.max_payload_bytes)
+        task = is_task(headers)
+        if task:
+            job_id = job_id_for(headers["id"])
+            if shared:  # one task sent to several queues: one row each
+                job_id = uuid.uuid5(job_id, queue)
+        else:
+            job_id = uuid.uuid4()
+        ttl: float | None = None
+        expiration = properties.get("expiration")
+        if expiration not in (None, ""):
+            try:
+                ttl = max(0.0, float(expiration) / 1000.0)
+            except (TypeError, ValueError):
+                ttl = None
+        if not task:
+            ttl = min(ttl, options.message_ttl) if ttl is not None else options.message_ttl
+        priority = properties.get("priority")
+        if priority is not None:
+            try:
+                priority = int(priority)
+            except (TypeError, ValueError):
+                raise ConfigurationError(
+                    f"message priority must be an integer, got {priority!r}"
+                ) from None
+        return NewJob(
+            id=job_id,
+            queue_name=queue,
+            payload=document,
+            priority=priority,
+            run_at=_parse_eta(headers.get("eta")) if task else None,
+            ttl_seconds=ttl,
+        )
+
+    def _cancel_revoked(self, message: dict[str, Any]) -> None:
+        """``app.control.revoke(id)``: cancel the queued rows too, durably.
+
+        Workers keep revoked ids in memory only; the row's ``cancelled`` status means
+        no worker claims it, even after every worker restarted.
+        """
+        if message.get("content-type") not in ("application/json",):
+            return
+        body = message.get("body")
+        try:
+            data = json.loads(body) if isinstance(body, (str, bytes)) else body
+        except ValueError:
+            return
+        if not isinstance(data, dict) or data.get("method") != "revoke":
+            return
+        task_ids = (data.get("arguments") or {}).get("task_id")
+        if isinstance(task_ids, str):
+            task_ids = [task_ids]
+        if task_ids:
+            self.store.cancel([job_id_for(t) for t in task_ids])
+
+    # -- consuming -------------------------------------------------------------------
+
+    def _get(self, queue: str, timeout: float | None = None) -> dict[str, Any]:
+        claimed = self.store.claim(queue, 1, self.transport.owner)
+        if not claimed:
+            raise Empty()
+        return self.transport.to_message(claimed[0])
+
+    def claim_into(self, queue: str, limit: int) -> int:
+        """Claim up to ``limit`` rows of ``queue`` and hand each to its consumer."""
+        claimed = self.store.claim(queue, limit, self.transport.owner)
+        for job in claimed:
+            self.connection._deliver(self.transport.to_message(job), queue)
+        return len(claimed)
+
+    def _settle_ack(self, message: Any) -> None:
+        held = held_of(message)
+        if is_task(message.headers):
+            self.store.mark_acked([held])
+        else:
+            self.store.delete_held([held])
+
+    def _settle_reject(self, message: Any) -> None:
+        held = held_of(message)
+        if is_task(message.headers):
+            self.store.finish(
+                held[0],
+                attempt=held[1],
+                status=JobStatus.FAILED,
+                log_status=LogStatus.FAILED,
+                error_message="Rejected: the worker rejected the message without requeue",
+                log_message="rejected",
+            )
+        else:
+            self.store.delete_held([held])
+
+    def _requeue(self, messages: Iterable[Any]) -> None:
+        self.store.requeue([held_of(m) for m in messages])
+
+    def _restore(self, message: Any) -> None:
+        self._requeue([message])
+
+    def _restore_at_beginning(self, message: Any) -> None:
+        self._requeue([message])
+
+    # -- queues and bindings ---------------------------------------------------------
+
+    def _new_queue(self, queue: str, **kwargs: Any) -> None:
+        self.store.ensure_queues([queue])
+        arguments = kwargs.get("arguments") or {}
+        expires = arguments.get("x-expires")
+        if expires:
+            seconds = float(expires) / 1000.0
+            self.transport.queue_expiry[queue] = seconds
+            self.store.touch_queues([(queue, seconds)])
+
+    def _has_queue(self, queue: str, **kwargs: Any) -> bool:
+        return self.store.queue_exists(queue)
+
+    def _size(self, queue: str) -> int:
+        return self.store.count_waiting(queue)
+
+    def _purge(self, queue: str) -> int:
+        return self.store.purge(queue)
+
+    def _delete(
+        self, queue: str, exchange: str, routing_key: str, pattern: str, *args: Any
+    ) -> None:
+        self.store.unbind(exchange, routing_key, queue)
+        self.transport.forget_bindings(exchange)
+
+    def queue_delete(
+        self, queue: str, if_unused: bool = False, if_empty: bool = False, **kwargs: Any
+    ) -> None:
+        if if_empty and self._size(queue):
+            return
+        super().queue_delete(queue, if_unused=if_unused, if_empty=if_empty, **kwargs)
+        self.transport.queue_expiry.pop(queue, None)
+        self.store.delete_queue(queue)
+
+    def _queue_bind(self, exchange: str, routing_key: str, pattern: str, queue: str) -> None:
+        exchange_type = self.typeof(exchange).type
+        self.store.bind(exchange, exchange_type, routing_key or "", queue)
+        self.transport.forget_bindings(exchange)
+
+    def get_table(self, exchange: str) -> list[tuple[str, str, str]]:
+        """Bindings from the database (cached briefly), so producers route like workers."""
+        return self.transport.bindings(exchange, self)
+
+    def typeof(self, exchange: str, default: str = "direct") -> Any:
+        try:
+            kind = self.state.exchanges[exchange]["type"]
+        except KeyError:
+            kind = self.transport.exchange_type(exchange) or default
+        return self.exchange_types[kind]
+
+
+class Transport(virtual.Transport):  # type: ignore[misc]
+    """The pgqueue transport: see the module docstring."""
+
+    Channel = Channel
+
+    can_parse_url = True
+    default_port = 5432
+    driver_type = "pgqueue"
+    driver_name = "psycopg"
+    polling_interval = 1.0
+
+    implements = virtual.Transport.implements.extend(
+        asynchronous=True,
+        exchange_type=frozenset(["direct", "topic", "fanout"]),
+        heartbeats=False,
+    )
+
+    connection_errors = (
+        *virtual.Transport.connection_errors,
+        DatabaseUnavailable,
+        psycopg.OperationalError,
+        psycopg.InterfaceError,
+        ConnectionError,
+        OSError,
+    )
+    channel_errors = (*virtual.Transport.channel_errors, PayloadNotSerializable)
+
+    def __init__(self, client: Any, **kwargs: Any) -> None:
+        self.options = PgQueueOptions.parse(client.transport_options)
+        raw = client.hostname or ""
+        if "://" not in raw:
+            raise ConfigurationError(
+                "the pgqueue transport needs a URL such as pgqueue://user:password@host:5432/dbname"
+            )
+        self.url = DatabaseURL.parse(raw)
+        super().__init__(client, **kwargs)
+        self.polling_interval = self.options.polling_interval
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.queue_expiry: dict[str, float] = {}
+        self._bindings: dict[str, tuple[float, list[tuple[str, str, str]]]] = {}
+        self._binding_types: dict[str, str | None] = {}
+        self._listener: Listener | None = None
+        self._wanted = True
+        self._rotation = itertools.count()
+        self._loop: Any = None
+        self._poll_timer: Any = None
+        self._background: threading.Thread | None = None
+        self._stopping = threading.Event()
+        self._pid = os.getpid()
+
+    # -- connection ------------------------------------------------------------------
+
+    @property
+    def store(self) -> Store:
+        return Store.for_url(self.url, self.options)
+
+    @property
+    def listener(self) -> Listener:
+        if self._listener is None or self._pid != os.getpid():
+            self._pid = os.getpid()
+            self._listener = Listener(
+                self.url, [self.store.channel], connect_timeout=self.options.connect_timeout
+            )
+        return self._listener
+
+    def establish_connection(self) -> Transport:
+        """Fail fast: an unreachable server retries, missing tables stop with the fix."""
+        self.store.check_schema()
+        result: Transport = super().establish_connection()
+        return result
+
+    def close_connection(self, connection: Any) -> None:
+        self._stopping.set()
+        super().close_connection(connection)
+        if self._listener is not None:
+            self._listener.close()
+
+    def as_uri(self, uri: str, include_password: bool = False, mask: str = "**") -> str:
+        """The URL for ``celery report`` and logs: password masked unless asked."""
+        try:
+            parsed = DatabaseURL.parse(uri)
+        except ConfigurationError:
+            return mask_password(uri)
+        if include_password:
+            return uri
+        return parsed.masked()
+
+    def driver_version(self) -> str:
+        return str(psycopg.__version__)
+
+    @property
+    def default_connection_params(self) -> dict[str, Any]:
+        return {"port": self.default_port, "hostname": "localhost"}
+
+    # -- delivery --------------------------------------------------------------------
+
+    def to_message(self, job: ClaimedJob) -> dict[str, Any]:
+        """The Kombu message for a claimed row, stamped for this delivery."""
+        payload = job.payload or {}
+        message = from_payload(payload)
+        headers = message["headers"]
+        if headers.get("eta"):
+            # The database already held the job until run_at: the worker runs it now
+            # rather than waiting again on its own clock.
+            headers["eta"] = None
+        properties = message["properties"]
+        retries = headers.get("retries") or 0 if is_task(headers) else 0
+        properties.update(
+            delivery_tag=_tag(job.id, job.attempt),
+            delivery_info={
+                "exchange": payload.get("exchange", ""),
+                "routing_key": payload.get("routing_key") or job.queue_name,
+                "priority": properties.get("priority"),
+                "redelivered": job.attempt > int(retries) + 1,
+            },
+            pgqueue_job=str(job.id),
+            pgqueue_attempt=job.attempt,
+        )
+        return message
+
+    def deliver_ready(self) -> int:
+        """Claim and deliver what our consumers have room for; returns how many.
+
+        Sets ``_wanted`` when more may be waiting (a full batch, or no room yet), so the
+        event loop's tick comes back without waiting for a NOTIFY or the poll timer.
+        """
+        delivered = 0
+        wanted = False
+        for channel in list(self.channels):
+            if not channel._consumers or channel.closed:
+                continue
+            queues = list(channel._active_queues)
+            if not queues:
+                continue
+            start = next(self._rotation) % len(queues)
+            for queue in queues[start:] + queues[:start]:
+                qos = channel.qos
+                if not qos.can_consume():
+                    wanted = True
+                    break
+                room = qos.can_consume_max_estimate()
+                limit = min(room, MAX_BATCH) if room else MAX_BATCH
+                got = channel.claim_into(queue, limit)
+                delivered += got
+                if got >= limit:
+                    wanted = True
+        self._wanted = wanted
+        return delivered
+
+    def drain_events(self, connection: Any, timeout: float | None = None) -> None:
+        """Synchronous consumers: deliver, else sleep on the LISTEN socket."""
+        deadline = None if timeout is None else monotonic() + timeout
+        while True:
+            if self.deliver_ready():
+                return
+            remaining = self.polling_interval
+            if deadline is not None:
+                left = deadline - monotonic()
+                if left <= 0:
+                    raise TimeoutError()
+                remaining = min(remaining, left)
+            self._sleep(remaining)
+
+    def _sleep(self, seconds: float) -> None:
+        if not self.options.use_notify:
+            self._stopping.wait(seconds)
+            return
+        self.listener.wait(seconds)
+
+    def register_with_event_loop(self, connection: Any, loop: Any) -> None:
+        """Sleep on the LISTEN socket; tick and a poll timer cover the rest."""
+        self._loop = loop
+        if self.options.use_notify:
+            loop.add_reader(self.listener.fileno(), self._on_readable)
+        loop.on_tick.add(self._on_tick)
+        self._poll_timer = loop.call_repeatedly(self.polling_interval, self._on_poll_timer)
+        self._wanted = True
+        self.start_background()
+
+    def unregister_from_event_loop(self, connection: Any, loop: Any) -> None:
+        with contextlib.suppress(Exception):
+            if self._listener is not None and self._listener.connected:
+                loop.remove_reader(self._listener.fileno())
+        loop.on_tick.discard(self._on_tick)
+        if self._poll_timer is not None:
+            self._poll_timer.cancel()
+            self._poll_timer = None
+
+    def _on_readable(self, *args: Any) -> None:
+        notes = self.listener.drain()
+        if notes:
+            self._wanted = True
+            self.deliver_ready()
+
+    def _on_tick(self) -> None:
+        if self._wanted:
+            self.deliver_ready()
+
+    def _on_poll_timer(self) -> None:
+        self.deliver_ready()
+
+    # -- bindings cache --------------------------------------------------------------
+
+    def bindings(self, exchange: str, channel: Any) -> list[tuple[str, str, str]]:
+        """``(routing_key, pattern, queue)`` rows as Kombu's exchange types expect."""
+        now = monotonic()
+        cached = self._bindings.get(exchange)
+        if cached and cached[0] > now:
+            return cached[1]
+        rows = self.store.binding_table(exchange)
+        table = []
+        for exchange_type, routing_key, queue in rows:
+            kind = channel.exchange_types.get(exchange_type)
+            if kind is None:
+                continue
+            table.append(kind.prepare_bind(queue, exchange, routing_key, None))
+        self._bindings[exchange] = (now + BINDINGS_TTL, table)
+        self._binding_types[exchange] = rows[0][0] if rows else None
+        return table
+
+    def exchange_type(self, exchange: str) -> str | None:
+        if exchange not in self._binding_types:
+            rows = self.store.binding_table(exchange)
+            self._binding_types[exchange] = rows[0][0] if rows else None
+        return self._binding_types[exchange]
+
+    def forget_bindings(self, exchange: str) -> None:
+        self._bindings.pop(exchange, None)
+
+    # -- leases, heartbeat, maintenance ----------------------------------------------
+
+    def held_jobs(self) -> list[uuid.UUID]:
+        """Jobs this process can vouch for: unacked deliveries and live task requests."""
+        ids = {job_id for channel in list(self.channels) for job_id, _ in channel.qos.held()}
+        with contextlib.suppress(Exception):
+            from celery.worker import state as worker_state
+
+            for request in list(worker_state.active_requests) + list(
+                worker_state.reserved_requests
+            ):
+                ids.add(job_id_for(request.id))
+        return sorted(ids)
+
+    def start_background(self) -> None:
+        """One daemon thread renews leases and runs maintenance.
+
+        A thread, not an event-loop timer: with the solo pool a long task blocks the
+        loop, and its lease must still be renewed or another worker would re-run it.
+        """
+        if self._background is not None and self._background.is_alive():
+            return
+        self._stopping.clear()
+        self._background = threading.Thread(
+            target=self._background_loop, name="pgqueue-lease", daemon=True
+        )
+        self._background.start()
+
+    def _background_loop(self) -> None:
+        import logging
+
+        logger = logging.getLogger("celery_pgqueue")
+        beat = max(0.2, self.options.lease_seconds / 3)
+        last_maintenance = 0.0
+        while not self._stopping.wait(min(beat, self.options.maintenance_interval)):
+            try:
+                self.store.heartbeat(self.owner, self.held_jobs())
+                if self.queue_expiry:
+                    self.store.touch_queues(list(self.queue_expiry.items()))
+                if monotonic() - last_maintenance >= self.options.maintenance_interval:
+                    last_maintenance = monotonic()
+                    run_maintenance(self.store, self.client)
+            except Exception as exc:  # the consumer sees connection errors itself
+                logger.warning("pgqueue heartbeat/maintenance failed: %s", exc)
+
+
+def run_maintenance(store: Store, client: Any) -> None:
+    """Orphan rescue and retention, one process at a time (see maintenance.py)."""
+    try:
+        maintenance = importlib.import_module("celery_pgqueue.maintenance")
+    except ImportError:  # pragma: no cover - maintenance module absent
+        store.rescue_expired()
+        return
+    retention = store.options.completed_retention or _result_expires(client)
+    maintenance.run_once(store, completed_retention=retention)
+
+
+def _result_expires(client: Any) -> float:
+    with contextlib.suppress(Exception):
+        from celery import current_app
+
+        expires = current_app.conf.result_expires
+        if expires is not None:
+            return float(expires.total_seconds() if hasattr(expires, "total_seconds") else expires)
+    return 86_400.0
