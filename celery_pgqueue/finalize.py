@@ -99,5 +99,18 @@ def _on_task_revoked(sender: Any = None, request: Any = None, **kwargs: Any) -> 
         logger.warning("pgqueue could not settle revoked job %s: %s", request.id, exc)
 
 
+def _keep_priority_absent(properties: dict[str, Any] | None = None, **kwargs: Any) -> None:
+    """Mark "no priority given" so the queue's default_priority applies.
+
+    Kombu's ``Producer.publish`` defaults ``priority`` to 0, so a task with no priority
+    would be indistinguishable from one sent with ``priority=0``. Celery passes this
+    dict on to ``publish(**properties)``: an explicit None survives, 0 stays 0. For
+    other brokers None means their default, as before.
+    """
+    if properties is not None:
+        properties.setdefault("priority", None)
+
+
+signals.before_task_publish.connect(_keep_priority_absent, weak=False)
 signals.task_postrun.connect(_on_task_postrun, weak=False)
 signals.task_revoked.connect(_on_task_revoked, weak=False)
