@@ -132,3 +132,46 @@ job_bindings = sa.Table(
     ),
 )
 sa.Index("ix_job_bindings_queue_name", job_bindings.c.queue_name)
+
+# -- result backend: groups and native chords (migration 0002) ------------------------
+
+# + A saved GroupResult, and the counter that starts a chord's body exactly once: the
+# last header task to finish claims the body in the same transaction that counts it,
+# so no ``celery.chord_unlock`` task polls for completion.
+job_groups = sa.Table(
+    "job_groups",
+    metadata,
+    sa.Column("id", UUID(as_uuid=True), primary_key=True),
+    # Celery's result tuple of the group ([id, [children]]), JSON like jobs.result.
+    sa.Column("result", JSONB),
+    # Header parts that must finish (set_chord_size), plus parts added later (add_to_chord).
+    sa.Column("chord_size", sa.Integer),
+    sa.Column("chord_added", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("chord_done", sa.Integer, nullable=False, server_default="0"),
+    # Set once, by the transaction that counted the last part: it publishes the body.
+    sa.Column("chord_started_at", TZ),
+    sa.Column("created_at", TZ, nullable=False, server_default=sa.func.now()),
+    sa.Column("updated_at", TZ, nullable=False, server_default=sa.func.now()),
+)
+# Retention: groups by age.
+sa.Index("ix_job_groups_updated_at", job_groups.c.updated_at)
+
+# + One row per counted header part: a part that runs twice (redelivery, lease rescue)
+# counts once, and the body's arguments are read in header order. No foreign key to
+# jobs: a header task that ignores its result may have no row. Deleted once the body
+# is published.
+job_chord_parts = sa.Table(
+    "job_chord_parts",
+    metadata,
+    sa.Column(
+        "group_id",
+        UUID(as_uuid=True),
+        sa.ForeignKey("job_groups.id", ondelete="CASCADE", name="fk_job_chord_parts_group_id"),
+        primary_key=True,
+    ),
+    sa.Column("task_id", UUID(as_uuid=True), primary_key=True),
+    # Celery's group_index; -1 when it gives none (sorted last, as Redis does).
+    sa.Column("group_index", sa.Integer, primary_key=True),
+    sa.Column("state", sa.String(50), nullable=False),
+    sa.Column("counted_at", TZ, nullable=False, server_default=sa.func.clock_timestamp()),
+)
