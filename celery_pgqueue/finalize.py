@@ -49,7 +49,8 @@ def _store_for(app: Any) -> Store | None:
 
 def _on_task_postrun(sender: Any = None, task_id: str = "", state: str = "", **kwargs: Any) -> None:
     task = kwargs.get("task") or sender
-    if task is None:
+    if task is None or state == "REJECTED":
+        # A rejected message is settled by the broker's reject: requeued or failed.
         return
     request = task.request
     attempt = _attempt(request)

@@ -139,7 +139,10 @@ class QoS(virtual.QoS):  # type: ignore[misc]
         """Deliveries not yet acked, read safely from another thread."""
         for _ in range(3):
             try:
-                return [held_of(m) for m in list(self._delivered.values())]
+                dirty = set(self._dirty)
+                return [
+                    held_of(m) for tag, m in list(self._delivered.items()) if tag not in dirty
+                ]
             except RuntimeError:  # changed size during iteration
                 continue
         return []

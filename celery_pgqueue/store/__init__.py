@@ -12,6 +12,7 @@ import contextlib
 import os
 import threading
 from collections.abc import Iterator, Sequence
+from datetime import datetime
 from typing import Any
 from uuid import UUID
 
@@ -28,17 +29,26 @@ from celery_pgqueue.errors import (
 from celery_pgqueue.options import DatabaseURL, PgQueueOptions
 from celery_pgqueue.states import JobStatus, LogStatus
 from celery_pgqueue.store import bindings as binding_sql
+from celery_pgqueue.store import groups as group_sql
 from celery_pgqueue.store import jobs as job_sql
+from celery_pgqueue.store import locks as lock_sql
 from celery_pgqueue.store import logs as log_sql
 from celery_pgqueue.store import queues as queue_sql
+from celery_pgqueue.store import results as result_sql
 from celery_pgqueue.store import schema as schema_sql
+from celery_pgqueue.store import views as view_sql
+from celery_pgqueue.store.groups import ChordPart
+from celery_pgqueue.store.notify import ResultListener
 from celery_pgqueue.store.records import (
     AttemptRecord,
     ClaimedJob,
     JobRecord,
     NewJob,
     PruneCounts,
+    QueueStatus,
+    RunningJob,
 )
+from celery_pgqueue.store.results import StateWrite, StoredResult
 
 __all__ = ["AttemptRecord", "ClaimedJob", "JobRecord", "NewJob", "PruneCounts", "Store"]
 
@@ -166,7 +176,9 @@ class Store:
                 f"the celery-pgqueue tables are missing in {self.url.masked()} "
                 f"(schema {self.options.schema!r}): {MIGRATE_HINT}"
             )
-        if current != head:
+        # Revision ids are zero-padded numbers; a newer schema is fine (migrate first,
+        # then roll out workers), an older one lacks what this code uses.
+        if current < head:
             raise SchemaMissing(
                 f"the celery-pgqueue tables in {self.url.masked()} are at revision "
                 f"{current}, this version needs {head}: {MIGRATE_HINT}"
@@ -430,6 +442,246 @@ class Store:
             if n < batch:
                 break
         return total
+
+    # -- operations (CLI, maintenance) ----------------------------------------------
+
+    def queue_status(self, *, include_transient: bool = False) -> list[QueueStatus]:
+        """Every queue's depth, ages and throughput, read from the operator views.
+
+        Queues with an expiry (Celery's mailboxes and reply queues) are left out unless
+        ``include_transient``.
+        """
+        with self.begin() as conn:
+            rows = view_sql.queue_status(conn, include_transient=include_transient)
+        return [QueueStatus(**row._mapping) for row in rows]
+
+    def running_jobs(self, limit: int = 20) -> list[RunningJob]:
+        """Running jobs with their lease, longest running first (view ``job_running``)."""
+        with self.begin() as conn:
+            return [RunningJob(**row._mapping) for row in view_sql.running(conn, limit=limit)]
+
+    def find_jobs(
+        self,
+        *,
+        queues: Sequence[str] = (),
+        statuses: Sequence[JobStatus] = (),
+        task: str | None = None,
+        changed_within: float | None = None,
+        changed_since: datetime | None = None,
+        limit: int = 50,
+    ) -> list[JobRecord]:
+        """Jobs matching every filter given, most recently changed first."""
+        with self.begin() as conn:
+            rows = job_sql.find(
+                conn,
+                queues=queues,
+                statuses=statuses,
+                task=task,
+                changed_within=changed_within,
+                changed_since=changed_since,
+                limit=limit,
+            )
+        return [JobRecord(**row._mapping) for row in rows]
+
+    def job_statuses(self, job_ids: Sequence[UUID]) -> dict[UUID, str]:
+        """The status of each id that exists; unknown ids are absent."""
+        with self.begin() as conn:
+            return job_sql.statuses(conn, job_ids=job_ids)
+
+    def prunable(self, *, completed_retention: float) -> PruneCounts:
+        """Exactly what :meth:`prune` would delete now, not capped at one batch."""
+        opts = self.options
+        with self.begin() as conn:
+            jobs = {
+                name: job_sql.count_prunable(conn, status=status, older_than=older_than)
+                for name, status, older_than in (
+                    ("completed", JobStatus.COMPLETED, completed_retention),
+                    ("cancelled", JobStatus.CANCELLED, completed_retention),
+                    ("failed", JobStatus.FAILED, opts.failed_retention),
+                )
+            }
+            logs = log_sql.count_prunable(
+                conn,
+                older_than=opts.log_retention,
+                keep=opts.max_logs_per_job,
+                doomed_jobs=job_sql.is_prunable(
+                    completed_retention=completed_retention,
+                    failed_retention=opts.failed_retention,
+                ),
+            )
+        return PruneCounts(logs=logs, **jobs)
+
+    def drop_expired_messages(self, limit: int | None = None) -> int:
+        """Delete waiting messages whose TTL has passed (one batch)."""
+        with self.begin() as conn:
+            return job_sql.drop_expired(conn, limit=limit or self.options.prune_batch_size)
+
+    def drop_expired_queues(self, limit: int | None = None) -> tuple[int, int]:
+        """Drop queues past their ``x-expires`` with their waiting messages (one batch).
+
+        Returns (queues, messages). A queue that still has running or finished jobs
+        stays until retention has removed them.
+        """
+        batch = limit or self.options.prune_batch_size
+        with self.begin() as conn:
+            messages = job_sql.drop_in_expired_queues(conn, limit=batch)
+            names = queue_sql.drop_expired(conn, limit=batch)
+        self._known_queues.difference_update(names)
+        return len(names), messages
+
+    @contextlib.contextmanager
+    def advisory_lock(self, purpose: str) -> Iterator[bool]:
+        """Hold a session advisory lock for ``purpose`` in this schema, if it is free.
+
+        Yields whether this process got it; the caller does the work only then. The
+        lock sits on a pooled connection kept for the block (the work itself uses
+        other connections, in short transactions) and is released after. A lock that
+        can't be released (the connection broke) is discarded with its session, never
+        returned to the pool still held.
+        """
+        key = lock_sql.key_for(purpose, self.options.schema)
+        with self.translating():
+            conn = self.engine.connect()
+            try:
+                conn.execution_options(isolation_level="AUTOCOMMIT")
+                held = lock_sql.try_lock(conn, key=key)
+            except BaseException:
+                conn.close()
+                raise
+        try:
+            yield held
+        finally:
+            try:
+                if held:
+                    lock_sql.unlock(conn, key=key)
+            except Exception:
+                conn.invalidate()
+            finally:
+                conn.close()
+
+    # -- results (backend) ----------------------------------------------------------
+    # Celery's result backend: task state in the job's own row, attempts in job_logs,
+    # groups and chord counters in job_groups. Each method is one short transaction.
+
+    def write_state(self, write: StateWrite, *, notify: bool) -> bool:
+        """Record one state transition of a task; False when fenced out.
+
+        A row the pgqueue transport made is updated only at the attempt it delivered
+        (:func:`jobs.finish`); otherwise the row and its attempt's log row are created
+        or updated here. ``notify`` and a ready state: waiting clients are woken by a
+        NOTIFY on :attr:`result_channel`, sent at commit of this same transaction.
+        """
+        if write.transport_owned:
+            with self.begin() as conn:
+                changed = job_sql.finish(
+                    conn,
+                    job_id=write.job_id,
+                    attempt=write.attempt,
+                    status=write.status,
+                    log_status=write.log_status,
+                    error_message=write.error_message,
+                    log_message=write.log_message,
+                    result=result_sql.jsonb(write.result_json),
+                    max_attempts=write.max_attempts,
+                )
+                if changed and notify and write.ready:
+                    schema_sql.notify(conn, channel=self.result_channel, payload=str(write.job_id))
+            return changed
+        self.ensure_queues([write.queue_name])
+        with self.begin() as conn:
+            return result_sql.upsert_state(
+                conn, write=write, channel=self.result_channel if notify else None
+            )
+
+    def read_results(
+        self, job_ids: Sequence[UUID], *, ready_only: bool = False, with_payload: bool = False
+    ) -> list[StoredResult]:
+        """The stored state of several tasks in one round trip; unknown ids are absent."""
+        with self.begin() as conn:
+            return result_sql.read(
+                conn, job_ids=job_ids, ready_only=ready_only, with_payload=with_payload
+            )
+
+    def last_log_message(self, job_id: UUID, status: LogStatus) -> str | None:
+        """The newest attempt's ``log_message`` with that outcome."""
+        with self.begin() as conn:
+            return result_sql.last_log_message(conn, job_id=job_id, status=status)
+
+    def notify_results(self, payload: str) -> None:
+        """Send one NOTIFY on the results channel (the listener's self-probe)."""
+        with self.begin() as conn:
+            schema_sql.notify(conn, channel=self.result_channel, payload=payload)
+
+    def result_listener(self) -> ResultListener:
+        """The process's LISTEN connection for results (one, whatever the waiters)."""
+        return ResultListener.shared(
+            self.url,
+            self.result_channel,
+            connect_timeout=self.options.connect_timeout,
+            probe=self.notify_results,
+        )
+
+    def save_group(self, group_id: UUID, result_json: str) -> None:
+        """Store a group's result tuple (JSON text)."""
+        with self.begin() as conn:
+            group_sql.save(conn, group_id=group_id, result_json=result_json)
+
+    def group(self, group_id: UUID) -> str | None:
+        """A saved group's result tuple as JSON text, or None."""
+        with self.begin() as conn:
+            return group_sql.get(conn, group_id=group_id)
+
+    def delete_group(self, group_id: UUID) -> int:
+        """Remove a group with its chord counter and parts."""
+        with self.begin() as conn:
+            return group_sql.delete(conn, group_id=group_id)
+
+    def set_chord_size(self, group_id: UUID, size: int) -> None:
+        """How many header parts the chord on ``group_id`` waits for."""
+        with self.begin() as conn:
+            group_sql.set_chord_size(conn, group_id=group_id, size=size)
+
+    def add_to_chord(self, group_id: UUID, count: int = 1) -> None:
+        """Wait for ``count`` more header parts."""
+        with self.begin() as conn:
+            group_sql.add_to_chord(conn, group_id=group_id, count=count)
+
+    def count_chord_part(
+        self, group_id: UUID, task_id: UUID, group_index: int | None, state: str
+    ) -> bool:
+        """Count one finished header part; True for the one caller that must start the body.
+
+        Counting and claiming share one transaction: the counter's row lock makes the
+        parts that finish together queue up, and only the part that completes the count
+        sees the body unclaimed.
+        """
+        with self.begin() as conn:
+            count = group_sql.count_part(
+                conn, group_id=group_id, task_id=task_id, group_index=group_index, state=state
+            )
+            if count.started or not count.complete:
+                return False
+            return group_sql.claim_body(conn, group_id=group_id)
+
+    def chord_parts(self, group_id: UUID) -> list[ChordPart]:
+        """The counted parts of a chord in header order, with their stored results."""
+        with self.begin() as conn:
+            return group_sql.parts(conn, group_id=group_id)
+
+    def forget_chord_parts(self, group_id: UUID) -> int:
+        """Drop a started chord's parts; its group row stays as the "started" marker."""
+        with self.begin() as conn:
+            return group_sql.forget_parts(conn, group_id=group_id)
+
+    def prune_groups(self, *, older_than: float, max_batches: int = 10_000) -> int:
+        """Delete groups untouched for ``older_than`` seconds, in short batches."""
+        batch = self.options.prune_batch_size
+        return self._drain(
+            lambda c: group_sql.prune(c, older_than=older_than, limit=batch),
+            batch,
+            False,
+            max_batches,
+        )
 
 
 def _first_line(exc: BaseException) -> str:
