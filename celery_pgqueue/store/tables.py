@@ -175,3 +175,18 @@ job_chord_parts = sa.Table(
     sa.Column("state", sa.String(50), nullable=False),
     sa.Column("counted_at", TZ, nullable=False, server_default=sa.func.clock_timestamp()),
 )
+
+# -- operations: indexes maintenance needs (migration 0003) ---------------------------
+
+# Maintenance drops waiting transient messages past their TTL; only they have
+# expires_at, so this index stays tiny and the idle check is one probe.
+sa.Index(
+    "ix_jobs_expiring",
+    jobs.c.expires_at,
+    postgresql_where=sa.text("status = 'queued' AND expires_at IS NOT NULL"),
+)
+# The foreign key jobs.queue_name -> job_queues.name: without it, deleting a queue
+# (expiry, queue_delete) checks the key by scanning all of jobs.
+sa.Index("ix_jobs_queue_name", jobs.c.queue_name)
+# Capping job_logs per job looks only at jobs claimed more than once.
+sa.Index("ix_jobs_retried", jobs.c.attempt_count, postgresql_where=sa.text("attempt_count > 1"))
