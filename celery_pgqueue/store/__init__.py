@@ -594,18 +594,22 @@ class Store:
             )
 
     def read_results(
-        self, job_ids: Sequence[UUID], *, ready_only: bool = False, with_payload: bool = False
+        self,
+        job_ids: Sequence[UUID],
+        *,
+        ready_only: bool = False,
+        with_payload: bool = False,
+        with_failure_log: bool = False,
     ) -> list[StoredResult]:
         """The stored state of several tasks in one round trip; unknown ids are absent."""
         with self.begin() as conn:
             return result_sql.read(
-                conn, job_ids=job_ids, ready_only=ready_only, with_payload=with_payload
+                conn,
+                job_ids=job_ids,
+                ready_only=ready_only,
+                with_payload=with_payload,
+                with_failure_log=with_failure_log,
             )
-
-    def last_log_message(self, job_id: UUID, status: LogStatus) -> str | None:
-        """The newest attempt's ``log_message`` with that outcome."""
-        with self.begin() as conn:
-            return result_sql.last_log_message(conn, job_id=job_id, status=status)
 
     def notify_results(self, payload: str) -> None:
         """Send one NOTIFY on the results channel (the listener's self-probe)."""

@@ -1,0 +1,902 @@
+"""pgqueue: Celery's result backend on PostgreSQL's Queue/Jobs tier.
+
+A task's state, result and attempts live in its own ``jobs`` row (``jobs.id`` is the
+task id) and its ``job_logs`` rows, next to the message the pgqueue transport stored;
+groups and chord counters live in ``job_groups``. Waiting clients are woken by
+LISTEN/NOTIFY instead of polling.
+
+Features
+========
+* Broker: any. With ``pgqueue://`` the transport's row is reused and every write is
+  fenced by the delivery's attempt number; with another broker (Redis, RabbitMQ...)
+  the backend creates the row and records each attempt itself.
+* State: ``jobs.status`` for the tier, Celery's state name in ``jobs.result``:
+
+  ============================  ===========  =========================================
+  Celery state                  jobs.status  also written
+  ============================  ===========  =========================================
+  (no row), PENDING             queued       a queued row reads back as PENDING
+  STARTED (task_track_started)  running      attempt's job_logs row opened
+  custom (update_state)         running      state name and meta kept in jobs.result
+  RETRY                         queued       run_at = next attempt; log row -> retry
+  SUCCESS                       completed    completed_at, result; log row -> success
+  FAILURE                       failed       failed_at, last_error_message (type:
+                                             message, 255 chars); log row -> failed
+  REVOKED                       cancelled    log row (if any) -> failed
+  ============================  ===========  =========================================
+
+* Results: ``jobs.result`` is a JSON document an operator can read: with the json
+  serializer the return value (or exception type, message and module) is inline JSON;
+  other serializers store ``{"content_type", "encoding", "data": base64}`` for it.
+  ``result_extended`` fields are read from the transport's ``jobs.payload`` (task
+  name, args, kwargs, retries) and ``jobs.queue_name`` when they are there, and stored
+  only when another broker leaves no payload. Tracebacks go to the worker's log, not
+  the database (see ``store_traceback``).
+* ``AsyncResult.get()`` sleeps until a NOTIFY carrying the task id arrives (sent in the
+  transaction that writes the ready state); one LISTEN connection per process serves
+  every waiter. With ``use_notify`` off it polls every ``polling_interval``.
+* Native join and native chords: a chord counts its finished header tasks in one row
+  and the last one starts the body exactly once; no ``celery.chord_unlock`` task.
+* Retention: ``celery.backend_cleanup`` deletes expired jobs, their logs and groups in
+  short batches; ``forget()`` deletes a job and its logs.
+
+Connection string
+=================
+.. code-block::
+
+    result_backend = "pgqueue://USER:PASSWORD@HOST:PORT/DBNAME?LIBPQ_PARAMETER=VALUE"
+
+The transport's URL form. When broker and backend name the same database, the
+process shares one connection pool between them.
+
+Options
+=======
+``result_backend_transport_options`` takes the fields of
+:class:`celery_pgqueue.options.PgQueueOptions`; unknown keys are refused. Those the
+backend uses:
+
+* ``use_notify`` (True): LISTEN/NOTIFY wake-ups; off behind PgBouncer in transaction
+  pooling, then waiting clients poll.
+* ``polling_interval`` (1.0 s): how often a waiting client polls without NOTIFY.
+* ``max_payload_bytes`` (65,536): largest stored result document; a bigger result is
+  stored as a FAILURE (``ResultTooLarge``) instead.
+* ``store_traceback`` (False): keep the last 1,000 characters of a failure's
+  traceback in ``job_logs.log_message`` and return it as ``AsyncResult.traceback``.
+  Costs up to 1 KB per failed attempt in ``job_logs`` (kept ``log_retention``) and puts
+  text that may quote data into the tier the seed reserves for short context.
+* ``completed_retention`` (None: Celery's ``result_expires``), ``failed_retention``,
+  ``log_retention``, ``prune_batch_size``: what ``backend_cleanup`` deletes, and how
+  many rows per transaction.
+* ``schema``, ``pool_size``, ``max_overflow``, ``pool_timeout``, ``connect_timeout``:
+  as for the transport.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import re
+import sys
+import threading
+from collections.abc import Iterable, Iterator, Mapping
+from datetime import UTC, datetime
+from time import monotonic, sleep
+from typing import Any
+
+from celery import signals, states
+from celery.backends.asynchronous import AsyncBackendMixin, BaseResultConsumer, Drainer
+from celery.backends.base import Backend, _create_chord_error_with_cause
+from celery.canvas import maybe_signature
+from celery.exceptions import ChordError, Retry
+from celery.exceptions import TimeoutError as ResultTimeout
+from celery.result import GroupResult, allow_join_result, result_from_tuple
+from celery.utils.functional import _regen
+from kombu.exceptions import EncodeError
+from kombu.serialization import dumps, loads, prepare_accept_content
+from kombu.utils import json as kombu_json
+
+from celery_pgqueue.errors import DatabaseUnavailable, PayloadNotSerializable, PayloadTooLarge
+from celery_pgqueue.ids import job_id_for
+from celery_pgqueue.options import DatabaseURL, PgQueueOptions
+from celery_pgqueue.states import CELERY_TO_LOG, JobStatus, job_status_for
+from celery_pgqueue.store import Store
+from celery_pgqueue.store.notify import ResultListener
+from celery_pgqueue.store.results import StateWrite, StoredResult
+
+__all__ = ["PgQueueBackend", "ResultConsumer", "ResultNotSerializable", "ResultTooLarge"]
+
+logger = logging.getLogger("celery_pgqueue")
+
+JSON = "application/json"
+TRACEBACK_LIMIT = 1_000
+SUMMARY_LIMIT = 255
+WAKE_INTERVAL = 1.0
+"""Longest single sleep in get(): ``on_interval`` (parent errors) runs at least this often."""
+RESYNC_INTERVAL = 30.0
+"""A listening client still re-reads what it waits for this often, for rows finished by
+something that sent no NOTIFY (an operator's SQL, a transport that cancels a row)."""
+NEVER = 100 * 365 * 86_400.0
+"""Retention when neither ``completed_retention`` nor ``result_expires`` is set."""
+
+# A JSON string escape of NUL, which jsonb refuses; an escaped backslash before "u0000"
+# is ordinary text.
+_NUL_ESCAPE = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
+
+# FINISHED job statuses -> the Celery state a row reads as when the backend did not
+# write that status itself (a rescued job, a transport-cancelled one).
+_DERIVED_STATE = {
+    JobStatus.COMPLETED.value: states.SUCCESS,
+    JobStatus.FAILED.value: states.FAILURE,
+    JobStatus.CANCELLED.value: states.REVOKED,
+}
+
+
+class ResultTooLarge(PayloadTooLarge, EncodeError):  # type: ignore[misc]
+    """A result over ``max_payload_bytes``: the task is stored as failed with this error."""
+
+
+class ResultNotSerializable(PayloadNotSerializable, EncodeError):  # type: ignore[misc]
+    """A result the ``result_serializer`` cannot encode: stored as this task's failure."""
+
+
+# -- when did this attempt start? ------------------------------------------------------
+# With another broker the backend opens the attempt's log row itself; unless the task
+# tracks STARTED, the first write it sees is the last, so the start time is taken here.
+_attempt_starts: dict[str, datetime] = {}
+
+
+def _on_task_prerun(task_id: str | None = None, **_: Any) -> None:
+    if task_id:
+        _attempt_starts[task_id] = datetime.now(UTC)
+
+
+def _on_task_postrun(task_id: str | None = None, **_: Any) -> None:
+    if task_id:
+        _attempt_starts.pop(task_id, None)
+
+
+signals.task_prerun.connect(_on_task_prerun, weak=False, dispatch_uid="celery_pgqueue.prerun")
+signals.task_postrun.connect(_on_task_postrun, weak=False, dispatch_uid="celery_pgqueue.postrun")
+
+
+class ResultConsumer(BaseResultConsumer):  # type: ignore[misc]
+    """Waits for results on behalf of one backend (one per thread, like Celery's).
+
+    The process's :class:`ResultListener` thread reads the LISTEN socket and calls
+    :meth:`notified`; a waiting thread sleeps on a condition until a job it waits for
+    is named, then reads those jobs in one query. Without NOTIFY (option off, or the
+    connection down) it reads everything it waits for every ``polling_interval``, so a
+    database that went away surfaces as DatabaseUnavailable instead of a hang.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # The listener thread does the socket work and waiters only sleep on a
+        # condition, so Celery's greenlet drainers (a loop around drain_events) would
+        # add nothing but a second reader.
+        self.drainer = Drainer(self)
+        self._reset()
+
+    def _reset(self) -> None:
+        # Reentrant: AsyncResult.__del__ (cancel_for) can run from the garbage collector
+        # on a thread that already holds it.
+        self._cond = threading.Condition(threading.RLock())
+        self._wanted: dict[str, str] = {}  # str(jobs.id) -> Celery task id
+        self._notified: set[str] = set()
+        self._resync_due = False
+        self._generation = 0
+        self._last_full_read = monotonic()
+
+    def on_after_fork(self) -> None:
+        self._reset()
+
+    # -- called by Celery ------------------------------------------------------------
+
+    def start(self, initial_task_id: str, **kwargs: Any) -> None:
+        self.consume_from(initial_task_id)
+
+    def consume_from(self, task_id: str) -> None:
+        with self._cond:
+            self._wanted[str(job_id_for(task_id))] = task_id
+        listener = self._listener()
+        if listener is not None:
+            listener.register(self)
+            listener.ensure_listening()
+
+    def cancel_for(self, task_id: str) -> None:
+        key = str(job_id_for(task_id))
+        with self._cond:
+            self._wanted.pop(key, None)
+            self._notified.discard(key)
+
+    def stop(self) -> None:
+        listener = self._listener()
+        if listener is not None:
+            listener.unregister(self)
+
+    def on_wait_for_pending(self, result: Any, **kwargs: Any) -> None:
+        # Read once after subscribing: a task may have finished before we listened.
+        for meta in result._iter_meta(**kwargs):
+            if meta is not None:
+                self.on_state_change(meta, None)
+
+    def drain_events_until(
+        self, p: Any, timeout: float | None = None, on_interval: Any = None
+    ) -> Iterator[None]:
+        """Wait until ``p`` is ready; unlike Celery's Drainer, connection errors propagate.
+
+        Celery's Drainer swallows OSError and retries forever; DatabaseUnavailable is a
+        ConnectionError, and a client waiting on a database that went away must get it.
+        """
+        deadline = None if timeout is None else monotonic() + timeout
+        while not p.ready:
+            wait = WAKE_INTERVAL
+            if deadline is not None:
+                remaining = deadline - monotonic()
+                if remaining <= 0:
+                    raise TimeoutError()  # socket.timeout: Celery turns it into its own
+                wait = min(wait, remaining)
+            self.drain_events(timeout=wait)
+            yield
+            if on_interval:
+                on_interval()
+
+    def drain_events(self, timeout: float | None = None) -> None:
+        """Sleep until a awaited job is notified (or ``timeout``), then read it."""
+        backend = self.backend
+        listener = self._listener()
+        listening = listener is not None and listener.listening
+        wait = WAKE_INTERVAL if timeout is None else timeout
+        if not listening:
+            wait = min(wait, backend.options.polling_interval)
+        with self._cond:
+            generation = self._generation
+            self._cond.wait_for(
+                lambda: self._has_work(listening) or self._generation != generation, wait
+            )
+            full = (
+                not listening
+                or self._resync_due
+                or monotonic() - self._last_full_read >= RESYNC_INTERVAL
+            )
+            if full:
+                ids = list(self._wanted.values())
+                self._resync_due = False
+                self._last_full_read = monotonic()
+            else:
+                ids = [self._wanted[k] for k in self._notified if k in self._wanted]
+            self._notified.clear()
+        try:
+            if ids:
+                for meta in backend._ready_metas(ids):
+                    self.on_state_change(meta, None)
+        finally:
+            with self._cond:
+                self._generation += 1
+                self._cond.notify_all()
+
+    # -- called by the listener thread -----------------------------------------------
+
+    def notified(self, job_ids: Iterable[str]) -> None:
+        with self._cond:
+            hits = self._wanted.keys() & set(job_ids)
+            if hits:
+                self._notified |= hits
+                self._cond.notify_all()
+
+    def resync(self) -> None:
+        with self._cond:
+            self._resync_due = True
+            self._cond.notify_all()
+
+    # -- internals -------------------------------------------------------------------
+
+    def _has_work(self, listening: bool) -> bool:
+        return self._resync_due or (listening and bool(self._notified))
+
+    def _listener(self) -> ResultListener | None:
+        if not self.backend.options.use_notify:
+            return None
+        listener: ResultListener = self.backend.store.result_listener()
+        return listener
+
+
+class PgQueueBackend(Backend, AsyncBackendMixin):  # type: ignore[misc]
+    """Celery result backend on the Queue/Jobs tier; see the module docstring."""
+
+    ResultConsumer = ResultConsumer
+
+    supports_native_join = True
+    supports_autoexpire = False
+    persistent = True
+
+    def __init__(self, app: Any, url: str | None = None, **kwargs: Any) -> None:
+        super().__init__(app, url=url, **kwargs)
+        self.url = url or app.conf.result_backend
+        self.database_url = DatabaseURL.parse(self.url)
+        self.options = PgQueueOptions.parse(app.conf.result_backend_transport_options or {})
+        self._store: Store | None = None
+        self._inline_json = self.content_type == JSON
+        self._task_accept = prepare_accept_content(app.conf.accept_content)
+        self.result_consumer = self.ResultConsumer(
+            self, self.app, self.accept, self._pending_results, self._pending_messages
+        )
+
+    @property
+    def store(self) -> Store:
+        """The process's shared store for this database (checked once for the schema)."""
+        if self._store is None:
+            store = Store.for_url(self.database_url, self.options)
+            store.check_schema()
+            self._store = store
+        return self._store
+
+    def as_uri(self, include_password: bool = False) -> str:
+        if include_password:
+            return str(self.url)
+        return self.database_url.masked()
+
+    def __reduce__(self, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None) -> Any:
+        return super().__reduce__(args, dict(kwargs or {}, url=self.url))
+
+    def exception_safe_to_retry(self, exc: BaseException) -> bool:
+        """With ``result_backend_always_retry``: retry only a lost connection."""
+        return isinstance(exc, DatabaseUnavailable)
+
+    @property
+    def _extended(self) -> bool:
+        return bool(self.app.conf.find_value_for_key("extended", "result"))
+
+    # -- writing ---------------------------------------------------------------------
+
+    def _store_result(
+        self,
+        task_id: str,
+        result: Any,
+        state: str,
+        traceback: str | None = None,
+        request: Any = None,
+        **kwargs: Any,
+    ) -> Any:
+        delivered = _delivered_attempt(request)
+        transport_owned = delivered is not None
+        attempt = delivered if transport_owned else _attempt_of(request, state)
+        error = _error_summary(result) if state in states.EXCEPTION_STATES else None
+        retry_in, retry_at = _retry_eta() if state == states.RETRY else (None, None)
+        document = self._document(result, state, request, transport_owned)
+        write = StateWrite(
+            job_id=job_id_for(task_id),
+            status=job_status_for(state),
+            log_status=CELERY_TO_LOG.get(state),
+            result_json=self._encode_document(document, task_id, state, request),
+            ready=state in states.READY_STATES,
+            attempt=attempt,
+            transport_owned=transport_owned,
+            queue_name=self._queue_of(request),
+            error_message=error,
+            log_message=self._log_message(state, error, traceback, retry_in, retry_at),
+            max_attempts=self._max_attempts(request),
+            retry_in=retry_in,
+            retry_at=retry_at,
+            started_at=None if transport_owned else _attempt_starts.get(task_id),
+        )
+        self.store.write_state(write, notify=self.options.use_notify)
+        return result
+
+    def _document(
+        self, value: Any, state: str, request: Any, transport_owned: bool
+    ) -> dict[str, Any]:
+        """Celery's meta, minus what the row already says (dates, queue, traceback)."""
+        document: dict[str, Any] = {"status": state, "result": value}
+        children = self.current_task_children(request)
+        if children:
+            document["children"] = children
+        if request is not None:
+            if getattr(request, "group", None):
+                document["group_id"] = request.group
+            if getattr(request, "parent_id", None):
+                document["parent_id"] = request.parent_id
+        if self._extended and request is not None:
+            document["worker"] = getattr(request, "hostname", None)
+            if not transport_owned:  # no payload to read them from
+                delivery = getattr(request, "delivery_info", None) or {}
+                document.update(
+                    name=getattr(request, "task", None),
+                    args=getattr(request, "args", None),
+                    kwargs=getattr(request, "kwargs", None),
+                    retries=getattr(request, "retries", None),
+                    queue=delivery.get("routing_key"),
+                )
+            if getattr(request, "stamps", None):
+                document["stamped_headers"] = request.stamped_headers
+                document.update(
+                    {
+                        k: v
+                        for k, v in request.stamps.items()
+                        if k in (request.stamped_headers or ())
+                    }
+                )
+        return document
+
+    def _encode_document(
+        self, document: dict[str, Any], task_id: str, state: str, request: Any
+    ) -> str:
+        """``jobs.result`` text: strict JSON, within ``max_payload_bytes``.
+
+        A value that can't be stored raises an EncodeError Celery's tracer turns into
+        the task's FAILURE. The failure itself must always fit: its message is cut and
+        stored args dropped rather than raise while recording it.
+        """
+        limit = self.options.max_payload_bytes
+        try:
+            text = self._serialize(document)
+        except (EncodeError, TypeError, ValueError) as exc:
+            if state in states.EXCEPTION_STATES:
+                text = self._serialize(_shrunk_failure(document, limit))
+            else:
+                name = getattr(request, "task", None) or "task"
+                raise ResultNotSerializable(
+                    f"the result of {name}[{task_id}] cannot be stored with "
+                    f"result_serializer={self.serializer!r}: {_first_line(exc)}; "
+                    "return plain values (str, int, float, bool, None, list, dict)"
+                ) from exc
+        size = len(text.encode())
+        if size <= limit:
+            return text
+        if state in states.EXCEPTION_STATES:
+            return self._serialize(_shrunk_failure(document, limit))
+        name = getattr(request, "task", None) or "task"
+        raise ResultTooLarge(
+            f"the result of {name}[{task_id}] is {size:,} bytes encoded, over the "
+            f"{limit:,}-byte limit (max_payload_bytes in result_backend_transport_options); "
+            "the queue tier keeps ids and small values: store large data elsewhere and "
+            "return its id"
+        )
+
+    def _serialize(self, document: dict[str, Any]) -> str:
+        if self._inline_json:
+            _, _, text = dumps(document, serializer=self.serializer)
+            text = text.decode() if isinstance(text, bytes) else str(text)
+        else:
+            document = dict(document)
+            wrapped = [k for k in ("result", "args", "kwargs") if document.get(k) is not None]
+            for key in wrapped:
+                document[key] = self._envelope(document[key])
+            document["encoded"] = wrapped
+            text = str(kombu_json.dumps(document))
+        _check_strict_json(text)
+        return text
+
+    def _envelope(self, value: Any) -> dict[str, Any]:
+        content_type, encoding, data = dumps(value, serializer=self.serializer)
+        raw = data if isinstance(data, bytes) else str(data).encode(encoding or "utf-8")
+        return {
+            "content_type": content_type,
+            "encoding": encoding,
+            "data": base64.b64encode(raw).decode("ascii"),
+        }
+
+    def _queue_of(self, request: Any) -> str:
+        delivery = getattr(request, "delivery_info", None) or {}
+        queue = delivery.get("routing_key")
+        if not queue and request is not None:
+            task = self.app.tasks.get(getattr(request, "task", None) or "")
+            queue = getattr(task, "queue", None)
+        return str(queue or self.app.conf.task_default_queue or "celery")
+
+    def _max_attempts(self, request: Any) -> int | None:
+        task = self.app.tasks.get(getattr(request, "task", None) or "")
+        max_retries = getattr(task, "max_retries", None)
+        return None if max_retries is None else int(max_retries) + 1
+
+    def _log_message(
+        self,
+        state: str,
+        error: str | None,
+        traceback: str | None,
+        retry_in: float | None,
+        retry_at: datetime | None,
+    ) -> str | None:
+        if state == states.FAILURE and self.options.store_traceback and traceback:
+            return traceback[-TRACEBACK_LIMIT:]
+        if state == states.RETRY:
+            when = (
+                f"retry at {retry_at.isoformat()}"
+                if retry_at
+                else f"retry in {retry_in:g}s"
+                if retry_in is not None
+                else "retry"
+            )
+            return f"{when}: {error}"[:SUMMARY_LIMIT] if error else when
+        return error[:SUMMARY_LIMIT] if error else None
+
+    # -- reading ---------------------------------------------------------------------
+
+    def _get_task_meta_for(self, task_id: str) -> dict[str, Any]:
+        rows = self.store.read_results(
+            [job_id_for(task_id)],
+            with_payload=self._extended,
+            with_failure_log=self.options.store_traceback,
+        )
+        if not rows:
+            return {"task_id": task_id, "status": states.PENDING, "result": None}
+        return self._meta(rows[0], task_id)
+
+    def _ready_metas(self, task_ids: Iterable[str]) -> list[dict[str, Any]]:
+        """Metas of those tasks that are ready, in one query."""
+        by_job = {job_id_for(t): t for t in task_ids}
+        rows = self.store.read_results(
+            list(by_job),
+            ready_only=True,
+            with_payload=self._extended,
+            with_failure_log=self.options.store_traceback,
+        )
+        return [self._meta(row, by_job[row.id]) for row in rows]
+
+    def get_many(
+        self,
+        task_ids: Iterable[str],
+        timeout: float | None = None,
+        interval: float = 0.5,
+        no_ack: bool = True,
+        on_message: Any = None,
+        on_interval: Any = None,
+        max_iterations: int | None = None,
+        READY_STATES: frozenset[str] = states.READY_STATES,
+        **kwargs: Any,
+    ) -> Iterator[tuple[str, dict[str, Any]]]:
+        """Yield ``(task_id, meta)`` as tasks become ready, reading all of them at once."""
+        interval = 0.5 if interval is None else interval
+        ids = set(task_ids)
+        for task_id in list(ids):
+            cached = self._cache.get(task_id)
+            if cached is not None and cached["status"] in READY_STATES:
+                ids.discard(task_id)
+                yield task_id, cached
+        iterations = 0
+        started = monotonic()
+        while ids:
+            for meta in self._ready_metas(ids):
+                task_id = meta["task_id"]
+                ids.discard(task_id)
+                self._cache[task_id] = meta
+                if on_message is not None:
+                    on_message(meta)
+                yield task_id, meta
+            iterations += 1
+            if not ids or (max_iterations and iterations >= max_iterations):
+                break
+            elapsed = monotonic() - started
+            if timeout is not None and elapsed >= timeout:
+                raise ResultTimeout(f"Operation timed out ({timeout})")
+            if on_interval:
+                on_interval()
+            sleep(interval if timeout is None else min(interval, timeout - elapsed))
+
+    def _meta(self, row: StoredResult, task_id: str) -> dict[str, Any]:
+        """Celery's meta for a stored row, exceptions rebuilt."""
+        document = self._decode_document(row.result_json) if row.result_json else {}
+        stored = document.get("status")
+        state = _state_of(row.status, stored)
+        if state == stored:
+            result = document.get("result")
+        elif state == states.FAILURE:
+            result = _exception_from_summary(row.last_error_message)
+        elif state == states.REVOKED:
+            result = {
+                "exc_type": "TaskRevokedError",
+                "exc_module": "celery.exceptions",
+                "exc_message": ["revoked"],
+            }
+        else:
+            result = None
+        meta: dict[str, Any] = {
+            "task_id": task_id,
+            "status": state,
+            "result": result,
+            "traceback": row.failure_log if state == states.FAILURE else None,
+            "children": document.get("children") or [],
+            "date_done": row.finished_at if state in states.READY_STATES else None,
+        }
+        for key in ("group_id", "parent_id"):
+            if document.get(key):
+                meta[key] = document[key]
+        if self._extended:
+            extended = {
+                "name": document.get("name"),
+                "args": document.get("args"),
+                "kwargs": document.get("kwargs"),
+                "worker": document.get("worker"),
+                "retries": document.get("retries"),
+                "queue": row.queue_name,
+            }
+            if row.payload:
+                extended.update(self._from_payload(row.payload))
+            meta.update(extended)
+        return dict(self.meta_from_decoded(meta))
+
+    def _decode_document(self, text: str) -> dict[str, Any]:
+        document: dict[str, Any] = kombu_json.loads(text)
+        for key in document.pop("encoded", None) or ():
+            envelope = document.get(key)
+            if isinstance(envelope, Mapping):
+                raw = base64.b64decode(envelope["data"])
+                document[key] = loads(
+                    raw, envelope["content_type"], envelope["encoding"], accept=self.accept
+                )
+        return document
+
+    def _from_payload(self, payload: Mapping[str, Any]) -> dict[str, Any]:
+        """Task name, args, kwargs and retries from the message the transport stored."""
+        headers = payload.get("headers") or {}
+        found: dict[str, Any] = {}
+        if headers.get("task"):
+            found["name"] = headers["task"]
+        if headers.get("retries") is not None:
+            found["retries"] = headers["retries"]
+        body = payload.get("body")
+        try:
+            if payload.get("body_encoding") == "json":
+                decoded = body
+            elif body is not None:
+                raw = base64.b64decode(body) if payload.get("body_encoding") == "base64" else body
+                decoded = loads(
+                    raw,
+                    payload.get("content-type"),
+                    payload.get("content-encoding"),
+                    accept=self._task_accept,
+                )
+            else:
+                decoded = None
+        except Exception:  # an unreadable body just means no args in the meta
+            decoded = None
+        if isinstance(decoded, (list, tuple)) and len(decoded) >= 2:
+            found["args"], found["kwargs"] = decoded[0], decoded[1]
+        return found
+
+    # -- forget, retention -------------------------------------------------------------
+
+    def _forget(self, task_id: str) -> None:
+        self.store.delete([job_id_for(task_id)])
+
+    def forget(self, task_id: str) -> None:
+        super().forget(task_id)
+        self.result_consumer.cancel_for(task_id)
+
+    def cleanup(self) -> None:
+        """``celery.backend_cleanup``: delete expired finished jobs, logs and groups.
+
+        Completed and cancelled jobs older than ``completed_retention`` (default:
+        ``result_expires``), failed ones older than ``failed_retention``, in batches of
+        ``prune_batch_size`` rows per transaction.
+        """
+        retention = self.options.completed_retention or self.expires or NEVER
+        counts = self.store.prune(completed_retention=float(retention))
+        groups = self.store.prune_groups(older_than=float(retention))
+        logger.info(
+            "pgqueue cleanup: %d completed, %d cancelled, %d failed jobs, %d logs, %d groups",
+            counts.completed,
+            counts.cancelled,
+            counts.failed,
+            counts.logs,
+            groups,
+        )
+
+    # -- groups ------------------------------------------------------------------------
+
+    def _save_group(self, group_id: str, result: Any) -> Any:
+        self.store.save_group(job_id_for(group_id), kombu_json.dumps(result.as_tuple()))
+        return result
+
+    def _restore_group(self, group_id: str) -> dict[str, Any] | None:
+        text = self.store.group(job_id_for(group_id))
+        if text is None:
+            return None
+        return {"result": result_from_tuple(kombu_json.loads(text), self.app)}
+
+    def _delete_group(self, group_id: str) -> None:
+        self.store.delete_group(job_id_for(group_id))
+
+    # -- native chords -----------------------------------------------------------------
+
+    def apply_chord(self, header_result_args: Any, body: Any, **kwargs: Any) -> None:
+        """Nothing to start: the header tasks count themselves (no chord_unlock).
+
+        A header that holds groups (a chord of chords, say) is saved so the body gets
+        results shaped as the header was, as the Redis backend does.
+        """
+        self.ensure_chords_allowed()
+        if isinstance(header_result_args[1], _regen):
+            return
+        header_result = self.app.GroupResult(*header_result_args)
+        if any(isinstance(r, GroupResult) for r in header_result.results):
+            header_result.save(backend=self)
+
+    def set_chord_size(self, group_id: str, chord_size: int) -> None:
+        self.store.set_chord_size(job_id_for(group_id), int(chord_size))
+
+    def add_to_chord(self, group_id: str, result: Any) -> None:
+        self.store.add_to_chord(job_id_for(group_id), 1)
+
+    def on_chord_part_return(
+        self, request: Any, state: str, result: Any, propagate: Any = None, **kwargs: Any
+    ) -> Any:
+        """Count this header part; the part that completes the count starts the body."""
+        group_id, task_id = request.group, request.id
+        if not group_id or not task_id:
+            return None
+        claimed = self.store.count_chord_part(
+            job_id_for(group_id), job_id_for(task_id), request.group_index, state
+        )
+        if not claimed:
+            return None
+        app = self.app
+        callback = maybe_signature(request.chord, app=app)
+        try:
+            try:
+                values = self._chord_values(group_id)
+            except ChordError as exc:
+                logger.error("Chord %r raised: %r", group_id, exc)
+                return self.chord_error_from_stack(callback, exc)
+            except Exception as exc:
+                logger.exception("Chord %r raised: %r", group_id, exc)
+                return self.chord_error_from_stack(callback, ChordError(f"Join error: {exc!r}"))
+            try:
+                app.amqp._retry_publish(callback.delay, values)
+            except Exception as exc:
+                logger.exception("Chord callback for %r raised: %r", group_id, exc)
+                return self.chord_error_from_stack(callback, ChordError(f"Callback error: {exc!r}"))
+            return None
+        finally:
+            self.store.forget_chord_parts(job_id_for(group_id))
+
+    def _chord_values(self, group_id: str) -> list[Any]:
+        """The header's results in header order; ChordError if a part failed."""
+        header = GroupResult.restore(group_id, app=self.app, backend=self)
+        if header is not None:
+            # Saved by apply_chord: its shape (nested groups) is the body's argument.
+            header.on_ready()
+            with allow_join_result():
+                values: list[Any] = header.join_native(
+                    timeout=self.app.conf.result_chord_join_timeout, propagate=True
+                )
+            return values
+        values = []
+        for part in self.store.chord_parts(job_id_for(group_id)):
+            meta = None
+            if part.result_json:
+                meta = self._meta(
+                    StoredResult(
+                        id=part.task_id,
+                        status=job_status_for(part.state).value,
+                        result_json=part.result_json,
+                        last_error_message=None,
+                        finished_at=None,
+                        queue_name="",
+                    ),
+                    str(part.task_id),
+                )
+            value = meta["result"] if meta else None
+            if part.state in states.PROPAGATE_STATES:
+                raise _create_chord_error_with_cause(
+                    message=f"Dependency {part.task_id} raised {value!r}", original_exc=value
+                )
+            values.append(value)
+        return values
+
+
+# -- helpers ---------------------------------------------------------------------------
+
+
+def _delivered_attempt(request: Any) -> int | None:
+    """The attempt number the pgqueue transport stamped on this delivery, if any."""
+    properties = getattr(request, "properties", None) or {}
+    attempt = properties.get("pgqueue_attempt") if isinstance(properties, Mapping) else None
+    return int(attempt) if attempt is not None else None
+
+
+def _attempt_of(request: Any, state: str) -> int | None:
+    """With another broker: attempt = retries + 1, for requests a worker executed.
+
+    A revoke, a chord error or a failed chain marks tasks that never ran: no attempt.
+    """
+    if request is None or not getattr(request, "hostname", None):
+        return None
+    if state in (states.PENDING, states.RECEIVED):
+        return None
+    return int(getattr(request, "retries", 0) or 0) + 1
+
+
+def _retry_eta() -> tuple[float | None, datetime | None]:
+    """RETRY's next run, from the Retry being handled (Celery passes only its cause).
+
+    ``Task.retry`` raises ``Retry(when=eta or countdown)``; the tracer stores RETRY
+    while handling it, so it is the exception in flight.
+    """
+    exc = sys.exc_info()[1]
+    if isinstance(exc, Retry):
+        when = exc.when
+        if isinstance(when, datetime):
+            return None, when if when.tzinfo else when.replace(tzinfo=UTC)
+        if isinstance(when, (int, float)) and not isinstance(when, bool):
+            return float(when), None
+    return None, None
+
+
+def _error_summary(value: Any) -> str | None:
+    """``Type: message`` of a stored exception (json dict or pickled instance)."""
+    if isinstance(value, BaseException):
+        name, text = type(value).__name__, str(value)
+    elif isinstance(value, Mapping) and "exc_type" in value:
+        name = str(value["exc_type"])
+        message = value.get("exc_message")
+        if isinstance(message, (list, tuple)):
+            text = (
+                "" if not message else str(message[0]) if len(message) == 1 else str(tuple(message))
+            )
+        else:
+            text = "" if message is None else str(message)
+    else:
+        return None
+    return f"{name}: {text}" if text else name
+
+
+def _exception_from_summary(summary: str | None) -> dict[str, Any]:
+    """An exception for a row failed by something else (rescue after a lost worker)."""
+    name, _, message = (summary or "Error: job failed").partition(": ")
+    if not name.isidentifier():
+        name, message = "Error", summary or "job failed"
+    return {"exc_type": name, "exc_module": None, "exc_message": [message]}
+
+
+def _state_of(status: str, stored: str | None) -> str:
+    """The Celery state a row reads as.
+
+    The backend's own state name wins while it agrees with ``jobs.status``; a row
+    finished by something else (lease rescue, a cancel) reads as that status implies.
+    A queued row is PENDING (or RETRY, when the backend put it back for a retry); a
+    running one is PENDING until the backend stored a state for it.
+    """
+    if status in _DERIVED_STATE:
+        if stored and job_status_for(stored).value == status:
+            return str(stored)
+        return str(_DERIVED_STATE[status])
+    if status == JobStatus.QUEUED.value:
+        return str(states.RETRY if stored == states.RETRY else states.PENDING)
+    if stored and stored not in states.READY_STATES:
+        return str(stored)
+    return str(states.PENDING)
+
+
+def _check_strict_json(text: str) -> None:
+    """Refuse what ``jsonb`` refuses: NaN/Infinity and NUL characters."""
+    json.loads(text, parse_constant=_reject_constant)
+    if "\\u0000" in text and _NUL_ESCAPE.search(text):
+        raise ValueError("NUL characters (\\u0000) cannot be stored in PostgreSQL jsonb")
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _shrunk_failure(document: dict[str, Any], limit: int) -> dict[str, Any]:
+    """A failure document that always encodes and fits: message cut, stored args dropped."""
+    shrunk = {k: v for k, v in document.items() if k not in ("args", "kwargs")}
+    value = document.get("result")
+    summary = _error_summary(value) or "Error"
+    name, _, message = summary.partition(": ")
+    module = value.get("exc_module") if isinstance(value, Mapping) else type(value).__module__
+    room = max(64, limit // 4)
+    shrunk["result"] = {
+        "exc_type": name,
+        "exc_module": module,
+        "exc_message": [message[:room]],
+    }
+    shrunk.pop("children", None)
+    return shrunk
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -1,0 +1,292 @@
+"""Statements for the result backend on ``jobs`` and ``job_logs``: state, attempts, results.
+
+Celery's state lives in the job's own row: ``jobs.status`` for what the tier needs
+(queued, running, completed...), ``jobs.result`` for Celery's meta (its state name,
+return value or exception type and message, children). With the pgqueue broker the
+transport made the row and opened the attempt, and writes go through
+:func:`celery_pgqueue.store.jobs.finish`, fenced by the delivery's attempt. With any
+other broker there is no row until the backend writes one: :func:`upsert_state`
+creates it and opens/closes the attempt's log row itself, in the same statement.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB
+from sqlalchemy.dialects.postgresql import UUID as PG_UUID
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+from celery_pgqueue.states import FINISHED, JobStatus, LogStatus
+from celery_pgqueue.store.tables import job_logs, job_queues, jobs
+
+SECOND = sa.text("interval '1 second'")
+MAX_ERROR = 255  # jobs.last_error_message is varchar(255)
+
+
+@dataclass(frozen=True, slots=True)
+class StateWrite:
+    """One Celery state transition of one task, as the backend asks for it."""
+
+    job_id: UUID
+    status: JobStatus
+    """The ``jobs.status`` the Celery state implies."""
+    log_status: LogStatus | None
+    """How the attempt's log row is closed; None leaves it open (STARTED, custom states)."""
+    result_json: str
+    """``jobs.result``: Celery's meta as JSON text (already validated and size-checked)."""
+    ready: bool
+    """A ready state (SUCCESS, FAILURE, REVOKED): waiting clients are notified."""
+    attempt: int | None
+    """The attempt this write belongs to; None when no attempt ran (revoke, chord error)."""
+    transport_owned: bool
+    """The pgqueue transport made the row and opened the attempt (fence on ``attempt``)."""
+    queue_name: str
+    """Queue for a row the backend creates (broker other than pgqueue)."""
+    error_message: str | None = None
+    log_message: str | None = None
+    max_attempts: int | None = None
+    retry_in: float | None = None
+    """RETRY: seconds until the next attempt (ignored when ``retry_at`` is given)."""
+    retry_at: datetime | None = None
+    """RETRY: when the next attempt is due."""
+    started_at: datetime | None = None
+    """When this attempt began, if the backend saw it (another broker, no STARTED)."""
+
+
+@dataclass(frozen=True, slots=True)
+class StoredResult:
+    """What a client reads back for one task."""
+
+    id: UUID
+    status: str
+    result_json: str | None
+    last_error_message: str | None
+    finished_at: datetime | None
+    queue_name: str
+    payload: Any = None
+    failure_log: str | None = None
+
+
+def jsonb(text: str) -> sa.ColumnElement[Any]:
+    """A JSON document already serialised by the caller, stored as-is as ``jsonb``."""
+    return sa.cast(sa.literal(text, sa.Text), JSONB)
+
+
+def _status(status: JobStatus) -> sa.BindParameter[str]:
+    # Rendered into the SQL text so generic plans still match the partial indexes.
+    return sa.literal(status.value, literal_execute=True)
+
+
+def next_run_at(write: StateWrite) -> sa.ColumnElement[Any] | None:
+    """RETRY's ``run_at`` by the database's clock (or the producer's explicit eta)."""
+    if write.retry_at is not None:
+        return sa.literal(write.retry_at, jobs.c.run_at.type)
+    if write.retry_in is not None:
+        return sa.func.now() + sa.literal(float(write.retry_in)) * SECOND
+    return None
+
+
+def upsert_state(conn: sa.Connection, *, write: StateWrite, channel: str | None) -> bool:
+    """Create or update a task's row and its attempt's log row in one statement.
+
+    For brokers other than pgqueue, where no row exists until the backend writes one.
+    A completed job is never overwritten (Celery's rule), and a write of an older
+    attempt never overwrites a newer one: a retry re-published with countdown=0 can
+    start on another worker before this one stores RETRY. The attempt's log row is
+    opened (STARTED, custom states) or closed (ready states, RETRY) regardless, because
+    it records what that attempt did. ``channel`` set and the state ready: the waiting
+    clients are notified at commit.
+    """
+    w = write
+    now = sa.func.now()
+    default_priority = (
+        sa.select(job_queues.c.default_priority)
+        .where(job_queues.c.name == w.queue_name)
+        .scalar_subquery()
+    )
+    run_at = next_run_at(w) if w.status is JobStatus.QUEUED else None
+    attempt_started = (
+        sa.func.coalesce(sa.literal(w.started_at, jobs.c.started_at.type), now)
+        if w.attempt is not None
+        else None
+    )
+    error = (w.error_message or "")[:MAX_ERROR] or None
+    insert = pg_insert(jobs).values(
+        id=w.job_id,
+        queue_name=w.queue_name,
+        status=w.status.value,
+        priority=sa.func.coalesce(default_priority, 100),
+        attempt_count=w.attempt or 0,
+        max_attempts=w.max_attempts,
+        result=jsonb(w.result_json),
+        run_at=run_at if run_at is not None else now,
+        started_at=attempt_started,
+        completed_at=now if w.status is JobStatus.COMPLETED else None,
+        failed_at=now if w.status is JobStatus.FAILED else None,
+        last_error_message=error if w.status is JobStatus.FAILED else None,
+    )
+    new = insert.excluded
+    changes: dict[str, Any] = {
+        "status": new.status,
+        "result": new.result,
+        "attempt_count": sa.func.greatest(jobs.c.attempt_count, new.attempt_count),
+        "max_attempts": sa.func.coalesce(new.max_attempts, jobs.c.max_attempts),
+        "updated_at": now,
+    }
+    if w.attempt is not None:
+        # A new attempt starts the clock again; the same attempt keeps its start.
+        changes["started_at"] = sa.case(
+            (jobs.c.attempt_count < new.attempt_count, new.started_at),
+            else_=sa.func.coalesce(jobs.c.started_at, new.started_at),
+        )
+    if w.status is JobStatus.COMPLETED:
+        changes["completed_at"] = now
+    elif w.status is JobStatus.FAILED:
+        changes.update(failed_at=now, last_error_message=new.last_error_message)
+    elif w.status is JobStatus.QUEUED and run_at is not None:
+        changes["run_at"] = new.run_at
+    if w.status in (*FINISHED, JobStatus.QUEUED):
+        changes.update(lease_owner=None, lease_expires_at=None)
+    fence = [jobs.c.status != _status(JobStatus.COMPLETED)]
+    if w.attempt is not None:
+        fence.append(jobs.c.attempt_count <= w.attempt)
+    written = (
+        insert.on_conflict_do_update(index_elements=["id"], set_=changes, where=sa.and_(*fence))
+        .returning(jobs.c.id)
+        .cte("written")
+    )
+    count = sa.select(sa.func.count()).select_from(written).scalar_subquery()
+    columns: list[sa.ColumnElement[Any]] = [count]
+    if channel is not None and w.ready:
+        columns.append(
+            sa.select(sa.func.count(sa.func.pg_notify(channel, sa.cast(written.c.id, sa.Text))))
+            .select_from(written)
+            .scalar_subquery()
+        )
+    stmt = sa.select(*columns)
+    if w.attempt is not None:
+        for cte in _attempt_log(w, written):
+            stmt = stmt.add_cte(cte)
+    row = conn.execute(stmt).first()
+    return bool(row and row[0])
+
+
+def _attempt_log(w: StateWrite, written: sa.CTE) -> list[sa.CTE]:
+    """Open, or close (opening it first if it was never opened), this attempt's log row.
+
+    The insert references ``written`` so the new log row's job exists when the foreign
+    key is checked at the end of the statement. Data-modifying CTEs run even when the
+    main query does not read them.
+    """
+    assert w.attempt is not None
+    this_attempt = sa.and_(job_logs.c.job_id == w.job_id, job_logs.c.attempt_number == w.attempt)
+    absent = ~sa.exists().where(this_attempt)
+    started = sa.func.coalesce(sa.literal(w.started_at, job_logs.c.started_at.type), sa.func.now())
+    ctes: list[sa.CTE] = []
+    if w.log_status is None:
+        opened = sa.select(
+            written.c.id,
+            sa.literal(w.attempt),
+            sa.literal(LogStatus.ATTEMPTING.value),
+            started,
+        ).where(absent)
+        ctes.append(
+            sa.insert(job_logs)
+            .from_select(["job_id", "attempt_number", "status", "started_at"], opened)
+            .cte("opened")
+        )
+        return ctes
+    ctes.append(
+        sa.update(job_logs)
+        .where(this_attempt, job_logs.c.status == LogStatus.ATTEMPTING.value)
+        .values(
+            status=w.log_status.value,
+            finished_at=sa.func.now(),
+            duration=sa.func.now() - job_logs.c.started_at,
+            log_message=w.log_message,
+        )
+        .cte("closed")
+    )
+    # Never opened (no STARTED write): record the whole attempt at once. Both CTEs see
+    # the same snapshot, so exactly one of them acts.
+    whole = sa.select(
+        written.c.id,
+        sa.literal(w.attempt),
+        sa.literal(w.log_status.value),
+        started,
+        sa.func.now(),
+        sa.func.now() - started,
+        sa.literal(w.log_message, sa.Text),
+    ).where(absent)
+    ctes.append(
+        sa.insert(job_logs)
+        .from_select(
+            [
+                "job_id",
+                "attempt_number",
+                "status",
+                "started_at",
+                "finished_at",
+                "duration",
+                "log_message",
+            ],
+            whole,
+        )
+        .cte("recorded")
+    )
+    return ctes
+
+
+def read(
+    conn: sa.Connection,
+    *,
+    job_ids: Sequence[UUID],
+    ready_only: bool = False,
+    with_payload: bool = False,
+    with_failure_log: bool = False,
+) -> list[StoredResult]:
+    """Several tasks' state in one round trip (``ready_only``: finished jobs only).
+
+    ``result`` comes back as text so the caller decodes it with Celery's own JSON
+    decoder (dates, UUIDs and bytes keep their types). ``with_failure_log`` adds the
+    newest failed attempt's ``log_message`` (a bounded traceback when the option
+    ``store_traceback`` is on).
+    """
+    if not job_ids:
+        return []
+    finished_at = sa.case(
+        (jobs.c.status == JobStatus.COMPLETED.value, jobs.c.completed_at),
+        (jobs.c.status == JobStatus.FAILED.value, jobs.c.failed_at),
+        (jobs.c.status == JobStatus.CANCELLED.value, jobs.c.updated_at),
+        else_=None,
+    )
+    columns: list[Any] = [
+        jobs.c.id,
+        jobs.c.status,
+        sa.cast(jobs.c.result, sa.Text).label("result_json"),
+        jobs.c.last_error_message,
+        finished_at.label("finished_at"),
+        jobs.c.queue_name,
+    ]
+    if with_payload:
+        columns.append(jobs.c.payload)
+    if with_failure_log:
+        columns.append(
+            sa.select(job_logs.c.log_message)
+            .where(job_logs.c.job_id == jobs.c.id, job_logs.c.status == LogStatus.FAILED.value)
+            .order_by(job_logs.c.attempt_number.desc(), job_logs.c.started_at.desc())
+            .limit(1)
+            .scalar_subquery()
+            .label("failure_log")
+        )
+    ids = sa.bindparam("ids", list(job_ids), type_=ARRAY(PG_UUID(as_uuid=True)))
+    query = sa.select(*columns).where(jobs.c.id == sa.func.any(ids))
+    if ready_only:
+        query = query.where(jobs.c.status.in_([s.value for s in FINISHED]))
+    return [StoredResult(**row._mapping) for row in conn.execute(query)]
