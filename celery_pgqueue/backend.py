@@ -113,7 +113,7 @@ TRACEBACK_LIMIT = 1_000
 SUMMARY_LIMIT = 255
 WAKE_INTERVAL = 1.0
 """Longest single sleep in get(): ``on_interval`` (parent errors) runs at least this often."""
-RESYNC_INTERVAL = 30.0
+RESYNC_INTERVAL = 10.0
 """A listening client still re-reads what it waits for this often, for rows finished by
 something that sent no NOTIFY (an operator's SQL, a transport that cancels a row)."""
 NEVER = 100 * 365 * 86_400.0

@@ -145,6 +145,15 @@ class ResultListener:
         """Why the connection is down, if it is."""
         return self._error
 
+    @classmethod
+    def stop_all(cls) -> None:
+        """Stop every listener of this process and forget them (tests, shutdown)."""
+        with cls._registry_lock:
+            listeners = list(cls._registry.values())
+            cls._registry.clear()
+        for listener in listeners:
+            listener.stop()
+
     def stop(self) -> None:
         """Stop the reader thread and close the connection (tests, shutdown)."""
         self._stop.set()

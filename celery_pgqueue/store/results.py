@@ -171,27 +171,29 @@ def upsert_state(conn: sa.Connection, *, write: StateWrite, channel: str | None)
         )
     stmt = sa.select(*columns)
     if w.attempt is not None:
-        for cte in _attempt_log(w, written):
+        for cte in _attempt_log(w):
             stmt = stmt.add_cte(cte)
     row = conn.execute(stmt).first()
     return bool(row and row[0])
 
 
-def _attempt_log(w: StateWrite, written: sa.CTE) -> list[sa.CTE]:
+def _attempt_log(w: StateWrite) -> list[sa.CTE]:
     """Open, or close (opening it first if it was never opened), this attempt's log row.
 
-    The insert references ``written`` so the new log row's job exists when the foreign
-    key is checked at the end of the statement. Data-modifying CTEs run even when the
-    main query does not read them.
+    Written even when the job row was fenced out: a newer attempt that already finished
+    must not erase what this one did. The job row exists by the end of the statement
+    (inserted by ``written`` or there before), which is when the foreign key is
+    checked. Data-modifying CTEs run even when the main query does not read them.
     """
     assert w.attempt is not None
     this_attempt = sa.and_(job_logs.c.job_id == w.job_id, job_logs.c.attempt_number == w.attempt)
     absent = ~sa.exists().where(this_attempt)
     started = sa.func.coalesce(sa.literal(w.started_at, job_logs.c.started_at.type), sa.func.now())
+    job = sa.literal(w.job_id, PG_UUID(as_uuid=True))
     ctes: list[sa.CTE] = []
     if w.log_status is None:
         opened = sa.select(
-            written.c.id,
+            job,
             sa.literal(w.attempt),
             sa.literal(LogStatus.ATTEMPTING.value),
             started,
@@ -216,7 +218,7 @@ def _attempt_log(w: StateWrite, written: sa.CTE) -> list[sa.CTE]:
     # Never opened (no STARTED write): record the whole attempt at once. Both CTEs see
     # the same snapshot, so exactly one of them acts.
     whole = sa.select(
-        written.c.id,
+        job,
         sa.literal(w.attempt),
         sa.literal(w.log_status.value),
         started,
