@@ -537,3 +537,110 @@ def prune_finished(
     locked = victims.with_for_update(skip_locked=True).cte("victims")
     deleted = sa.delete(jobs).where(jobs.c.id == locked.c.id).returning(jobs.c.id).cte("deleted")
     return int(conn.execute(sa.select(sa.func.count()).select_from(deleted)).scalar_one())
+
+
+# -- operations (CLI, maintenance) -------------------------------------------------
+
+
+def find(
+    conn: sa.Connection,
+    *,
+    queues: Sequence[str] = (),
+    statuses: Sequence[JobStatus] = (),
+    task: str | None = None,
+    changed_within: float | None = None,
+    changed_since: Any = None,
+    limit: int,
+) -> list[sa.Row[Any]]:
+    """Jobs matching every given filter, most recently changed first.
+
+    For operators (``pgqueue jobs``): ``changed_within`` is seconds by the database's
+    clock, so an operator's skewed laptop clock can't hide recent failures.
+    """
+    stmt = sa.select(jobs)
+    if queues:
+        stmt = stmt.where(jobs.c.queue_name.in_(list(queues)))
+    if statuses:
+        stmt = stmt.where(jobs.c.status.in_([s.value for s in statuses]))
+    if task is not None:
+        stmt = stmt.where(jobs.c.payload["headers"]["task"].astext == task)
+    if changed_within is not None:
+        stmt = stmt.where(jobs.c.updated_at >= sa.func.now() - sa.literal(changed_within) * SECOND)
+    if changed_since is not None:
+        stmt = stmt.where(jobs.c.updated_at >= changed_since)
+    stmt = stmt.order_by(jobs.c.updated_at.desc(), jobs.c.id).limit(limit)
+    return list(conn.execute(stmt))
+
+
+def statuses(conn: sa.Connection, *, job_ids: Sequence[UUID]) -> dict[UUID, str]:
+    """The status of each id that exists (absent ids are missing from the result)."""
+    if not job_ids:
+        return {}
+    rows = conn.execute(
+        sa.select(jobs.c.id, jobs.c.status).where(jobs.c.id.in_(list(job_ids)))
+    ).all()
+    return {row[0]: row[1] for row in rows}
+
+
+def count_prunable(conn: sa.Connection, *, status: JobStatus, older_than: float) -> int:
+    """How many jobs ``prune_finished`` would delete now, uncapped (a dry run's answer)."""
+    return int(
+        conn.execute(
+            sa.select(sa.func.count()).where(
+                jobs.c.status == _status(status),
+                jobs.c.updated_at < sa.func.now() - sa.literal(older_than) * SECOND,
+            )
+        ).scalar_one()
+    )
+
+
+def drop_expired(conn: sa.Connection, *, limit: int) -> int:
+    """Delete up to ``limit`` waiting messages whose TTL has passed (Kombu ``expiration``).
+
+    Only transient traffic (control replies, events) carries a TTL; a message nobody
+    consumed in time is never delivered, so it is deleted rather than kept as history.
+    ``ix_jobs_expiring`` holds only such rows: with none expired this is one probe.
+    """
+    expired = (
+        sa.select(jobs.c.id)
+        .where(IS_QUEUED, jobs.c.expires_at.is_not(None), jobs.c.expires_at < sa.func.now())
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+        .cte("expired")
+    )
+    deleted = sa.delete(jobs).where(jobs.c.id == expired.c.id).returning(jobs.c.id).cte("deleted")
+    return int(conn.execute(sa.select(sa.func.count()).select_from(deleted)).scalar_one())
+
+
+def drop_in_expired_queues(conn: sa.Connection, *, limit: int) -> int:
+    """Delete up to ``limit`` waiting messages of queues past their ``x-expires``.
+
+    As in RabbitMQ, an expired queue goes with its messages: nobody consumes it any
+    more (consumers keep pushing ``expires_at`` forward), so they would wait forever
+    and keep the queue row alive through the foreign key.
+    """
+    expired = (
+        sa.select(jobs.c.id)
+        .join(job_queues, job_queues.c.name == jobs.c.queue_name)
+        .where(IS_QUEUED, job_queues.c.expires_at < sa.func.now())
+        .limit(limit)
+        .with_for_update(of=jobs, skip_locked=True)
+        .cte("expired")
+    )
+    deleted = sa.delete(jobs).where(jobs.c.id == expired.c.id).returning(jobs.c.id).cte("deleted")
+    return int(conn.execute(sa.select(sa.func.count()).select_from(deleted)).scalar_one())
+
+
+def is_prunable(*, completed_retention: float, failed_retention: float) -> sa.ColumnElement[bool]:
+    """True for a job the next retention pass deletes (what ``prune_finished`` selects)."""
+
+    def older(seconds: float) -> sa.ColumnElement[bool]:
+        return jobs.c.updated_at < sa.func.now() - sa.literal(seconds) * SECOND
+
+    return sa.or_(
+        sa.and_(
+            jobs.c.status.in_([JobStatus.COMPLETED.value, JobStatus.CANCELLED.value]),
+            older(completed_retention),
+        ),
+        sa.and_(jobs.c.status == JobStatus.FAILED.value, older(failed_retention)),
+    )

@@ -8,7 +8,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
-from celery_pgqueue.store.tables import job_queues
+from celery_pgqueue.store.tables import job_queues, jobs
 
 
 def ensure(conn: sa.Connection, *, names: Sequence[str], default_priority: int) -> None:
@@ -69,3 +69,28 @@ def active_among(conn: sa.Connection, *, names: Sequence[str]) -> list[str]:
             )
         ).scalars()
     )
+
+
+def drop_expired(conn: sa.Connection, *, limit: int) -> list[str]:
+    """Delete up to ``limit`` queues past their ``x-expires`` that no job references,
+    returning their names.
+
+    Their bindings go by cascade. ``SKIP LOCKED`` passes over a queue a producer is
+    publishing to right now (its foreign-key check holds a lock on the row), so a
+    late message keeps its queue instead of failing.
+    """
+    referenced = sa.exists().where(jobs.c.queue_name == job_queues.c.name)
+    expired = (
+        sa.select(job_queues.c.name)
+        .where(job_queues.c.expires_at < sa.func.now(), ~referenced)
+        .limit(limit)
+        .with_for_update(of=job_queues, skip_locked=True)
+        .cte("expired")
+    )
+    deleted = (
+        sa.delete(job_queues)
+        .where(job_queues.c.name == expired.c.name)
+        .returning(job_queues.c.name)
+        .cte("deleted")
+    )
+    return list(conn.execute(sa.select(deleted.c.name)).scalars())

@@ -60,6 +60,7 @@ class JobRecord:
     lease_owner: str | None
     lease_expires_at: datetime | None
     acked_at: datetime | None
+    expires_at: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,3 +100,48 @@ class PruneCounts:
     cancelled: int = 0
     failed: int = 0
     logs: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class QueueStatus:
+    """One queue as ``pgqueue status`` shows it: the views ``job_queue_depth`` and
+    ``job_queue_throughput`` joined. Ages are seconds; None when nothing qualifies."""
+
+    name: str
+    is_active: bool
+    default_priority: int
+    expires_at: datetime | None
+    queued: int
+    ready: int
+    scheduled: int
+    running: int
+    completed: int
+    failed: int
+    cancelled: int
+    oldest_ready_seconds: float | None
+    longest_running_seconds: float | None
+    expired_leases: int
+    completed_5m: int
+    failed_5m: int
+    completed_1h: int
+    failed_1h: int
+    per_minute_5m: float
+    per_minute_1h: float
+    failure_rate_5m: float | None
+    failure_rate_1h: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class RunningJob:
+    """One row of the ``job_running`` view: who holds the job and how long it has left."""
+
+    id: UUID
+    queue_name: str
+    task: str | None
+    attempt: int
+    lease_owner: str | None
+    started_at: datetime | None
+    running_seconds: float | None
+    lease_remaining_seconds: float | None
+    lease_expired: bool
+    acked: bool
