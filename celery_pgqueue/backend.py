@@ -369,7 +369,7 @@ class PgQueueBackend(Backend, AsyncBackendMixin):  # type: ignore[misc]
             job_id=job_id_for(task_id),
             status=job_status_for(state),
             log_status=CELERY_TO_LOG.get(state),
-            result_json=self._encode_document(document, task_id, state, request),
+            document=self._encode_document(document, task_id, state, request),
             ready=state in states.READY_STATES,
             attempt=attempt,
             transport_owned=transport_owned,
@@ -421,8 +421,8 @@ class PgQueueBackend(Backend, AsyncBackendMixin):  # type: ignore[misc]
 
     def _encode_document(
         self, document: dict[str, Any], task_id: str, state: str, request: Any
-    ) -> str:
-        """``jobs.result`` text: strict JSON, within ``max_payload_bytes``.
+    ) -> Any:
+        """``jobs.result``: strict JSON (what ``jsonb`` accepts), within ``max_payload_bytes``.
 
         A value that can't be stored raises an EncodeError Celery's tracer turns into
         the task's FAILURE. The failure itself must always fit: its message is cut and
@@ -431,21 +431,22 @@ class PgQueueBackend(Backend, AsyncBackendMixin):  # type: ignore[misc]
         limit = self.options.max_payload_bytes
         try:
             text = self._serialize(document)
+            value = _strict_json(text)
         except (EncodeError, TypeError, ValueError) as exc:
-            if state in states.EXCEPTION_STATES:
-                text = self._serialize(_shrunk_failure(document, limit))
-            else:
+            if state not in states.EXCEPTION_STATES:
                 name = getattr(request, "task", None) or "task"
                 raise ResultNotSerializable(
                     f"the result of {name}[{task_id}] cannot be stored with "
                     f"result_serializer={self.serializer!r}: {_first_line(exc)}; "
                     "return plain values (str, int, float, bool, None, list, dict)"
                 ) from exc
+            text = self._serialize(_shrunk_failure(document, limit))
+            value = _strict_json(text)
         size = len(text.encode())
         if size <= limit:
-            return text
+            return value
         if state in states.EXCEPTION_STATES:
-            return self._serialize(_shrunk_failure(document, limit))
+            return _strict_json(self._serialize(_shrunk_failure(document, limit)))
         name = getattr(request, "task", None) or "task"
         raise ResultTooLarge(
             f"the result of {name}[{task_id}] is {size:,} bytes encoded, over the "
@@ -455,18 +456,16 @@ class PgQueueBackend(Backend, AsyncBackendMixin):  # type: ignore[misc]
         )
 
     def _serialize(self, document: dict[str, Any]) -> str:
+        """The document as JSON text: inline values (json), else enveloped ones."""
         if self._inline_json:
             _, _, text = dumps(document, serializer=self.serializer)
-            text = text.decode() if isinstance(text, bytes) else str(text)
-        else:
-            document = dict(document)
-            wrapped = [k for k in ("result", "args", "kwargs") if document.get(k) is not None]
-            for key in wrapped:
-                document[key] = self._envelope(document[key])
-            document["encoded"] = wrapped
-            text = str(kombu_json.dumps(document))
-        _check_strict_json(text)
-        return text
+            return text.decode() if isinstance(text, bytes) else str(text)
+        document = dict(document)
+        wrapped = [k for k in ("result", "args", "kwargs") if document.get(k) is not None]
+        for key in wrapped:
+            document[key] = self._envelope(document[key])
+        document["encoded"] = wrapped
+        return str(kombu_json.dumps(document))
 
     def _envelope(self, value: Any) -> dict[str, Any]:
         content_type, encoding, data = dumps(value, serializer=self.serializer)
@@ -686,7 +685,9 @@ class PgQueueBackend(Backend, AsyncBackendMixin):  # type: ignore[misc]
     # -- groups ------------------------------------------------------------------------
 
     def _save_group(self, group_id: str, result: Any) -> Any:
-        self.store.save_group(job_id_for(group_id), kombu_json.dumps(result.as_tuple()))
+        self.store.save_group(
+            job_id_for(group_id), _strict_json(kombu_json.dumps(result.as_tuple()))
+        )
         return result
 
     def _restore_group(self, group_id: str) -> dict[str, Any] | None:
@@ -869,11 +870,12 @@ def _state_of(status: str, stored: str | None) -> str:
     return str(states.PENDING)
 
 
-def _check_strict_json(text: str) -> None:
-    """Refuse what ``jsonb`` refuses: NaN/Infinity and NUL characters."""
-    json.loads(text, parse_constant=_reject_constant)
+def _strict_json(text: str) -> Any:
+    """``text`` parsed, refusing what ``jsonb`` refuses: NaN/Infinity and NUL characters."""
+    value = json.loads(text, parse_constant=_reject_constant)
     if "\\u0000" in text and _NUL_ESCAPE.search(text):
         raise ValueError("NUL characters (\\u0000) cannot be stored in PostgreSQL jsonb")
+    return value
 
 
 def _reject_constant(name: str) -> Any:

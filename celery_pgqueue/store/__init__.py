@@ -581,7 +581,7 @@ class Store:
                     log_status=write.log_status,
                     error_message=write.error_message,
                     log_message=write.log_message,
-                    result=result_sql.jsonb(write.result_json),
+                    result=write.document,
                     max_attempts=write.max_attempts,
                 )
                 if changed and notify and write.ready:
@@ -625,10 +625,10 @@ class Store:
             probe=self.notify_results,
         )
 
-    def save_group(self, group_id: UUID, result_json: str) -> None:
-        """Store a group's result tuple (JSON text)."""
+    def save_group(self, group_id: UUID, result: Any) -> None:
+        """Store a group's result tuple (a JSON value)."""
         with self.begin() as conn:
-            group_sql.save(conn, group_id=group_id, result_json=result_json)
+            group_sql.save(conn, group_id=group_id, result=result)
 
     def group(self, group_id: UUID) -> str | None:
         """A saved group's result tuple as JSON text, or None."""

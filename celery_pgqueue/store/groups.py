@@ -8,13 +8,13 @@ the body is published exactly once and no ``celery.chord_unlock`` task polls.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 from uuid import UUID
 
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import UUID as PG_UUID
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
-from celery_pgqueue.store.results import jsonb
 from celery_pgqueue.store.tables import job_chord_parts, job_groups, jobs
 
 SECOND = sa.text("interval '1 second'")
@@ -45,9 +45,9 @@ class ChordPart:
     result_json: str | None
 
 
-def save(conn: sa.Connection, *, group_id: UUID, result_json: str) -> None:
+def save(conn: sa.Connection, *, group_id: UUID, result: Any) -> None:
     """Store (or replace) a group's result tuple; its chord counter is untouched."""
-    insert = pg_insert(job_groups).values(id=group_id, result=jsonb(result_json))
+    insert = pg_insert(job_groups).values(id=group_id, result=result)
     conn.execute(
         insert.on_conflict_do_update(
             index_elements=["id"],

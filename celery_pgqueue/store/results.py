@@ -18,7 +18,7 @@ from typing import Any
 from uuid import UUID
 
 import sqlalchemy as sa
-from sqlalchemy.dialects.postgresql import ARRAY, JSONB
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.dialects.postgresql import UUID as PG_UUID
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
@@ -38,8 +38,8 @@ class StateWrite:
     """The ``jobs.status`` the Celery state implies."""
     log_status: LogStatus | None
     """How the attempt's log row is closed; None leaves it open (STARTED, custom states)."""
-    result_json: str
-    """``jobs.result``: Celery's meta as JSON text (already validated and size-checked)."""
+    document: Any
+    """``jobs.result``: Celery's meta as a JSON value (already validated and size-checked)."""
     ready: bool
     """A ready state (SUCCESS, FAILURE, REVOKED): waiting clients are notified."""
     attempt: int | None
@@ -71,11 +71,6 @@ class StoredResult:
     queue_name: str
     payload: Any = None
     failure_log: str | None = None
-
-
-def jsonb(text: str) -> sa.ColumnElement[Any]:
-    """A JSON document already serialised by the caller, stored as-is as ``jsonb``."""
-    return sa.cast(sa.literal(text, sa.Text), JSONB)
 
 
 def _status(status: JobStatus) -> sa.BindParameter[str]:
@@ -124,7 +119,7 @@ def upsert_state(conn: sa.Connection, *, write: StateWrite, channel: str | None)
         priority=sa.func.coalesce(default_priority, 100),
         attempt_count=w.attempt or 0,
         max_attempts=w.max_attempts,
-        result=jsonb(w.result_json),
+        result=w.document,
         run_at=run_at if run_at is not None else now,
         started_at=attempt_started,
         completed_at=now if w.status is JobStatus.COMPLETED else None,

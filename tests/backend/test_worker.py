@@ -1,0 +1,275 @@
+"""The result backend under a real worker, with the pgqueue broker and with another one.
+
+Each test runs once per broker: with ``pgqueue`` the transport made the job's row and
+every backend write is fenced by the delivery's attempt; with the in-memory broker
+there is no row until the backend writes one.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Any
+
+import pytest
+from celery import chain, chord, group, signals
+from celery.exceptions import ChordError, TaskRevokedError
+from celery.exceptions import TimeoutError as ResultTimeout
+from celery.result import GroupResult, ResultSet
+from helpers import wait_until
+
+from celery_pgqueue.backend import ResultNotSerializable, ResultTooLarge
+
+from .conftest import Tasks, rows
+
+pytestmark = pytest.mark.worker
+
+
+def test_get_returns_the_value_and_the_row_says_completed(worker_tasks: Tasks) -> None:
+    t = worker_tasks
+    result = t.add.delay(2, 3)
+
+    assert result.get(timeout=10) == 5
+    assert result.successful() and result.ready()
+    job = t.job(result.id)
+    assert job is not None
+    assert job["status"] == "completed"
+    assert job["completed_at"] is not None and job["failed_at"] is None
+    assert job["result"]["status"] == "SUCCESS"
+    assert job["result"]["result"] == 5, "json results are plain JSON an operator can read"
+    assert job["attempt_count"] == 1
+    assert job["max_attempts"] == 4, "Celery's default max_retries=3 -> 4 attempts"
+    [attempt] = t.attempts(result.id)
+    assert attempt["attempt_number"] == 1 and attempt["status"] == "success"
+    assert attempt["finished_at"] >= attempt["started_at"]
+    assert attempt["duration"] is not None
+
+
+def test_failure_reraises_the_exception_class_with_its_message(worker_tasks: Tasks) -> None:
+    t = worker_tasks
+    result = t.fail.delay("card declined")
+
+    with pytest.raises(ValueError, match="card declined"):
+        result.get(timeout=10)
+    assert result.state == "FAILURE" and result.failed()
+    assert result.traceback is None, "tracebacks go to the worker's log, not the tier"
+    job = t.job(result.id)
+    assert job is not None
+    assert job["status"] == "failed" and job["failed_at"] is not None
+    assert job["last_error_message"] == "ValueError: card declined"
+    assert job["result"]["result"]["exc_type"] == "ValueError"
+    [attempt] = t.attempts(result.id)
+    assert attempt["status"] == "failed"
+    assert attempt["log_message"] == "ValueError: card declined"
+
+
+def test_retry_n_times_leaves_one_job_and_n_plus_one_attempts(worker_tasks: Tasks) -> None:
+    t = worker_tasks
+    result = t.flaky.delay(3)
+
+    assert result.get(timeout=20) == 3
+    job = t.job(result.id)
+    assert job is not None
+    assert job["status"] == "completed"
+    assert job["attempt_count"] == 4, "request.retries + 1"
+    assert job["max_attempts"] == 6, "max_retries=5 -> 6 attempts"
+    assert rows(t.database_url, "SELECT count(*) FROM jobs WHERE id = %s", job["id"]) == [(1,)]
+    attempts = t.attempts(result.id)
+    assert [a["attempt_number"] for a in attempts] == [1, 2, 3, 4]
+    assert [a["status"] for a in attempts] == ["retry", "retry", "retry", "success"]
+    assert attempts[0]["log_message"] == "retry in 0s: KeyError: try 0"
+    assert all(a["finished_at"] is not None for a in attempts)
+
+
+def test_max_retries_none_leaves_max_attempts_empty(worker_tasks: Tasks) -> None:
+    result = worker_tasks.unlimited.delay()
+    assert result.get(timeout=10) == "ok"
+    job = worker_tasks.job(result.id)
+    assert job is not None and job["max_attempts"] is None
+
+
+def test_custom_state_and_meta_are_kept_and_read_back(worker_tasks: Tasks) -> None:
+    t = worker_tasks
+    t.gate.clear()
+    result = t.progress.delay(10)
+    try:
+        wait_until(lambda: result.state == "PROGRESS", timeout=10)
+        assert result.info == {"done": 1, "total": 10}
+        job = t.job(result.id)
+        assert job is not None and job["status"] == "running"
+        assert job["result"]["result"] == {"done": 1, "total": 10}
+    finally:
+        t.gate.set()
+    assert result.get(timeout=10) == "finished"
+    assert result.state == "SUCCESS"
+
+
+def test_get_times_out_on_a_task_that_never_finishes(worker_tasks: Tasks) -> None:
+    result = worker_tasks.app.AsyncResult(str(uuid.uuid4()))
+    with pytest.raises(ResultTimeout):
+        result.get(timeout=0.3)
+    assert result.state == "PENDING", "no row: PENDING"
+
+
+def test_chain_passes_each_result_on(worker_tasks: Tasks) -> None:
+    t = worker_tasks
+    result = chain(t.add.s(1, 2), t.add.s(3), t.add.s(4)).delay()
+    assert result.get(timeout=10) == 10
+    assert result.parent.get(timeout=10) == 6
+
+
+def test_group_joins_natively_and_saves_and_restores(worker_tasks: Tasks) -> None:
+    t = worker_tasks
+    assert t.app.backend.supports_native_join
+    result = group(t.add.s(i, i) for i in range(10)).delay()
+    assert result.get(timeout=10) == [i * 2 for i in range(10)]
+    assert result.ready() and result.successful() and result.completed_count() == 10
+
+    result.save()
+    restored = GroupResult.restore(result.id, app=t.app)
+    assert restored is not None
+    assert [r.id for r in restored.results] == [r.id for r in result.results]
+    assert restored.join_native(timeout=5) == [i * 2 for i in range(10)]
+    restored.delete()
+    assert GroupResult.restore(result.id, app=t.app) is None
+
+
+def test_result_set_join_collects_mixed_outcomes(worker_tasks: Tasks) -> None:
+    t = worker_tasks
+    results = ResultSet([t.add.delay(1, 1), t.fail.delay("nope"), t.add.delay(2, 2)])
+    assert results.join(timeout=10, propagate=False)[0] == 2
+    values = results.join_native(timeout=10, propagate=False)
+    assert values[0] == 2 and isinstance(values[1], ValueError) and values[2] == 4
+    assert results.failed() and not results.successful()
+
+
+def test_chord_starts_its_body_with_the_header_results(worker_tasks: Tasks) -> None:
+    t = worker_tasks
+    result = chord([t.add.s(i, i) for i in range(10)], t.tsum.s()).delay()
+    assert result.get(timeout=15) == 90
+    assert rows(t.database_url, "SELECT count(*) FROM job_chord_parts") == [(0,)], (
+        "parts are dropped once the body is published"
+    )
+
+
+def test_chord_in_a_chain(worker_tasks: Tasks) -> None:
+    t = worker_tasks
+    workflow = chain(t.add.s(1, 1), chord([t.add.s(i) for i in range(3)], t.tsum.s()), t.add.s(100))
+    assert workflow.delay().get(timeout=15) == (2 + 3 + 4) + 100
+
+
+def test_chord_of_chords(worker_tasks: Tasks) -> None:
+    t = worker_tasks
+    inner_a = chord([t.add.s(1, 1), t.add.s(2, 2)], t.tsum.s())
+    inner_b = chord([t.add.s(3, 3), t.add.s(4, 4)], t.tsum.s())
+    result = chord([inner_a, inner_b], t.tsum.s()).delay()
+    assert result.get(timeout=20) == (2 + 4) + (6 + 8)
+
+
+def test_chord_whose_header_holds_a_group_and_a_chain(worker_tasks: Tasks) -> None:
+    t = worker_tasks
+    header = [group(t.add.s(1, 1), t.add.s(2, 2)), chain(t.add.s(3, 3), t.add.s(10))]
+    result = chord(header, t.tsum.s()).delay()
+    assert result.get(timeout=20) == 2 + 4 + 16
+
+
+def test_chord_body_can_be_a_group(worker_tasks: Tasks) -> None:
+    t = worker_tasks
+    result = chord([t.add.s(1, 1), t.add.s(2, 2)], group(t.tsum.s(), t.tsum.s())).delay()
+    assert result.get(timeout=15) == [6, 6]
+
+
+def test_a_failed_header_task_fails_the_chord_and_calls_its_errback(worker_tasks: Tasks) -> None:
+    t = worker_tasks
+    workflow = chord([t.add.s(1, 1), t.fail.s("header broke"), t.add.s(2, 2)], t.tsum.s())
+    result = workflow.on_error(t.on_error.s()).delay()
+
+    with pytest.raises(ChordError, match="header broke"):
+        result.get(timeout=15, follow_parents=False)
+    with pytest.raises(ValueError, match="header broke"):
+        result.get(timeout=15)  # follow_parents: the header's own error first
+    body = t.job(result.id)
+    assert body is not None and body["status"] == "failed"
+    assert body["last_error_message"].startswith("ChordError: Dependency")
+    wait_until(lambda: any(task_id == result.id for task_id, _ in t.errbacks), timeout=10)
+    [(_, message)] = [e for e in t.errbacks if e[0] == result.id]
+    assert "header broke" in message
+
+
+def test_link_error_runs_the_errback_of_a_failed_task(worker_tasks: Tasks) -> None:
+    t = worker_tasks
+    result = t.fail.apply_async(("linked",), link_error=t.on_error.s())
+    with pytest.raises(ValueError):
+        result.get(timeout=10)
+    wait_until(lambda: (result.id, "ValueError: linked") in t.errbacks, timeout=10)
+
+
+def test_forget_removes_the_job_and_its_logs(worker_tasks: Tasks) -> None:
+    t = worker_tasks
+    result = t.add.delay(1, 2)
+    assert result.get(timeout=10) == 3
+    assert t.attempts(result.id)
+
+    result.forget()
+
+    assert t.job(result.id) is None
+    assert t.attempts(result.id) == []
+    assert t.app.AsyncResult(result.id).state == "PENDING"
+
+
+def test_revoke_before_start_reads_back_revoked(worker_tasks: Tasks) -> None:
+    t = worker_tasks
+    result = t.add.apply_async((1, 1), countdown=60)
+    wait_until(lambda: t.broker == "memory" or t.job(result.id) is not None, timeout=5)
+
+    result.revoke()
+
+    with pytest.raises(TaskRevokedError):
+        result.get(timeout=10)
+    assert result.state == "REVOKED"
+    wait_until(lambda: (t.job(result.id) or {}).get("status") == "cancelled", timeout=10)
+
+
+def test_results_that_cannot_be_stored_become_failures(worker_tasks: Tasks) -> None:
+    t = worker_tasks
+    limit = 65_536
+
+    too_big = t.big.delay(limit + 1)
+    with pytest.raises(ResultTooLarge, match="over the 65,536-byte limit"):
+        too_big.get(timeout=10)
+
+    odd = t.unencodable.delay()
+    with pytest.raises(ResultNotSerializable, match="cannot be stored"):
+        odd.get(timeout=10)
+
+    nan = t.nan.delay()
+    with pytest.raises(ResultNotSerializable, match="NaN"):
+        nan.get(timeout=10)
+
+    for result in (too_big, odd, nan):
+        job = t.job(result.id)
+        assert job is not None and job["status"] == "failed"
+    assert t.add.delay(1, 1).get(timeout=10) == 2, "the worker carries on"
+
+
+@pytest.mark.slow
+def test_a_1000_task_chord_runs_its_body_once_without_chord_unlock(worker_tasks: Tasks) -> None:
+    t = worker_tasks
+    published: list[str] = []
+
+    def on_publish(sender: str | None = None, **_: Any) -> None:
+        published.append(str(sender))
+
+    signals.before_task_publish.connect(on_publish, weak=False)
+    try:
+        result = chord([t.add.s(i, 1) for i in range(1000)], t.tsum.s()).delay()
+        assert result.get(timeout=120) == sum(range(1000)) + 1000
+    finally:
+        signals.before_task_publish.disconnect(on_publish)
+    assert "celery.chord_unlock" not in published
+    assert published.count("t.tsum") == 1, "the body is published exactly once"
+    [(size, done, started)] = rows(
+        t.database_url,
+        "SELECT chord_size, chord_done, chord_started_at FROM job_groups WHERE chord_size = 1000",
+    )
+    assert (size, done) == (1000, 1000) and isinstance(started, datetime)
