@@ -140,9 +140,7 @@ class QoS(virtual.QoS):  # type: ignore[misc]
         for _ in range(3):
             try:
                 dirty = set(self._dirty)
-                return [
-                    held_of(m) for tag, m in list(self._delivered.items()) if tag not in dirty
-                ]
+                return [held_of(m) for tag, m in list(self._delivered.items()) if tag not in dirty]
             except RuntimeError:  # changed size during iteration
                 continue
         return []
@@ -293,11 +291,7 @@ class Channel(virtual.Channel):  # type: ignore[misc]
         return len(claimed)
 
     def _settle_ack(self, message: Any) -> None:
-        held = held_of(message)
-        if is_task(message.headers):
-            self.store.mark_acked([held])
-        else:
-            self.store.delete_held([held])
+        self.transport.defer_ack(held_of(message), transient=not is_task(message.headers))
 
     def _settle_reject(self, message: Any) -> None:
         held = held_of(message)
@@ -423,6 +417,9 @@ class Transport(virtual.Transport):  # type: ignore[misc]
         self._background: threading.Thread | None = None
         self._stopping = threading.Event()
         self._pid = os.getpid()
+        self._ack_lock = threading.Lock()
+        self._pending_acks: list[tuple[uuid.UUID, int]] = []
+        self._pending_deletes: list[tuple[uuid.UUID, int]] = []
 
     # -- connection ------------------------------------------------------------------
 
@@ -447,6 +444,8 @@ class Transport(virtual.Transport):  # type: ignore[misc]
 
     def close_connection(self, connection: Any) -> None:
         self._stopping.set()
+        with contextlib.suppress(Exception):
+            self.flush_acks()
         super().close_connection(connection)
         if self._listener is not None:
             self._listener.close()
@@ -494,12 +493,39 @@ class Transport(virtual.Transport):  # type: ignore[misc]
         )
         return message
 
+    def defer_ack(self, held: tuple[uuid.UUID, int], *, transient: bool) -> None:
+        """Queue an ack for the next flush: one statement per loop tick, not per message.
+
+        The flush runs on the worker's next event-loop tick (milliseconds later). Until
+        then the row still reads as unacked, so a worker that dies in that window has
+        the task requeued rather than marked lost.
+        """
+        with self._ack_lock:
+            (self._pending_deletes if transient else self._pending_acks).append(held)
+
+    def flush_acks(self) -> None:
+        """Write deferred acks: ``acked_at`` for tasks, delete consumed transient rows."""
+        if not (self._pending_acks or self._pending_deletes):
+            return
+        with self._ack_lock:
+            acks, self._pending_acks = self._pending_acks, []
+            deletes, self._pending_deletes = self._pending_deletes, []
+        try:
+            self.store.mark_acked(acks)
+            self.store.delete_held(deletes)
+        except Exception:
+            with self._ack_lock:
+                self._pending_acks[:0] = acks
+                self._pending_deletes[:0] = deletes
+            raise
+
     def deliver_ready(self) -> int:
         """Claim and deliver what our consumers have room for; returns how many.
 
         Sets ``_wanted`` when more may be waiting (a full batch, or no room yet), so the
         event loop's tick comes back without waiting for a NOTIFY or the poll timer.
         """
+        self.flush_acks()
         delivered = 0
         wanted = False
         for channel in list(self.channels):
@@ -571,6 +597,8 @@ class Transport(virtual.Transport):  # type: ignore[misc]
     def _on_tick(self) -> None:
         if self._wanted:
             self.deliver_ready()
+        else:
+            self.flush_acks()
 
     def _on_poll_timer(self) -> None:
         self.deliver_ready()
@@ -639,6 +667,7 @@ class Transport(virtual.Transport):  # type: ignore[misc]
         last_maintenance = 0.0
         while not self._stopping.wait(min(beat, self.options.maintenance_interval)):
             try:
+                self.flush_acks()
                 self.store.heartbeat(self.owner, self.held_jobs())
                 if self.queue_expiry:
                     self.store.touch_queues(list(self.queue_expiry.items()))

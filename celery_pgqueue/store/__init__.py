@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+import weakref
 from collections.abc import Iterator, Sequence
 from datetime import datetime
 from typing import Any
@@ -71,6 +72,8 @@ class Store:
 
     _registry: dict[tuple[str, str], Store] = {}
     _registry_lock = threading.Lock()
+    # Every instance, shared or not, must drop its sockets in a forked child.
+    _instances: weakref.WeakSet[Store] = weakref.WeakSet()
 
     def __init__(self, url: str | DatabaseURL, options: PgQueueOptions | None = None) -> None:
         self.url = url if isinstance(url, DatabaseURL) else DatabaseURL.parse(url)
@@ -78,6 +81,7 @@ class Store:
         self.channel = f"celery_pgqueue_{self.options.schema}"
         self.result_channel = f"celery_pgqueue_{self.options.schema}_results"
         self._known_queues: set[str] = set()
+        Store._instances.add(self)
         self._schema_checked = False
         execution_options: dict[str, Any] = {}
         if self.options.schema != "public":
@@ -87,14 +91,25 @@ class Store:
             pool_size=self.options.pool_size,
             max_overflow=self.options.max_overflow,
             pool_timeout=self.options.pool_timeout,
-            pool_pre_ping=True,
+            # No pre-ping: it costs a round trip per checkout. A dropped connection
+            # surfaces as DatabaseUnavailable and the pool discards it.
             pool_reset_on_return="rollback",
-            connect_args={
-                "connect_timeout": max(1, round(self.options.connect_timeout)),
-                "application_name": "celery-pgqueue",
-            },
+            connect_args=self._connect_args(),
             execution_options=execution_options,
         )
+        # Single-statement methods run in autocommit: the statement is its own
+        # transaction, which saves the BEGIN and COMMIT round trips.
+        self._autocommit = self.engine.execution_options(isolation_level="AUTOCOMMIT")
+
+    def _connect_args(self) -> dict[str, Any]:
+        args: dict[str, Any] = {
+            "connect_timeout": max(1, round(self.options.connect_timeout)),
+            "application_name": "celery-pgqueue",
+        }
+        if not self.options.synchronous_commit:
+            # Only our own sessions: the application's connections keep their setting.
+            args["options"] = "-c synchronous_commit=off"
+        return args
 
     # -- lifecycle ------------------------------------------------------------------
 
@@ -114,7 +129,7 @@ class Store:
     def _after_fork_in_child(cls) -> None:
         # A forked child must never use the parent's sockets: drop them without
         # closing (closing would end the parent's sessions too).
-        for store in list(cls._registry.values()):
+        for store in list(cls._instances):
             store.engine.dispose(close=False)
 
     def dispose(self) -> None:
@@ -129,6 +144,16 @@ class Store:
                 yield conn
             return
         with self.translating(), self.engine.begin() as own:
+            yield own
+
+    @contextlib.contextmanager
+    def single(self, conn: sa.Connection | None = None) -> Iterator[sa.Connection]:
+        """For one statement: the caller's ``conn`` if given, else autocommit."""
+        if conn is not None:
+            with self.translating():
+                yield conn
+            return
+        with self.translating(), self._autocommit.connect() as own:
             yield own
 
     @contextlib.contextmanager
@@ -188,11 +213,20 @@ class Store:
     # -- queues ---------------------------------------------------------------------
 
     def ensure_queues(self, names: Sequence[str], conn: sa.Connection | None = None) -> None:
-        """Create queues on first use (default priority from the options)."""
+        """Create queues on first use (default priority from the options).
+
+        Names are remembered only once our own transaction committed: a caller's
+        transaction may still roll the new queue back.
+        """
+        if conn is not None:
+            checked = [check_queue_name(n) for n in names]
+            with self.begin(conn) as c:
+                queue_sql.ensure(c, names=checked, default_priority=self.options.default_priority)
+            return
         missing = [check_queue_name(n) for n in names if n not in self._known_queues]
         if not missing:
             return
-        with self.begin(conn) as c:
+        with self.begin() as c:
             queue_sql.ensure(c, names=missing, default_priority=self.options.default_priority)
         self._known_queues.update(missing)
 
@@ -229,14 +263,24 @@ class Store:
         """Insert jobs in one statement; workers are woken when it commits."""
         if not new_jobs:
             return 0
-        self.ensure_queues(sorted({j.queue_name for j in new_jobs}), conn)
+        names = sorted({j.queue_name for j in new_jobs})
+        self.ensure_queues(names, conn)
         channel = self.channel if self.options.use_notify else None
-        with self.begin(conn) as c:
-            return job_sql.insert(c, new_jobs=new_jobs, channel=channel)
+        try:
+            with self.single(conn) as c:
+                return job_sql.insert(c, new_jobs=new_jobs, channel=channel)
+        except sa.exc.IntegrityError as exc:
+            # A queue we remembered was dropped by another process: create it again.
+            if conn is not None or "fk_jobs_queue_name" not in str(exc.orig):
+                raise
+            self._known_queues.difference_update(names)
+            self.ensure_queues(names)
+            with self.single() as c:
+                return job_sql.insert(c, new_jobs=new_jobs, channel=channel)
 
     def claim(self, queue_name: str, limit: int, owner: str) -> list[ClaimedJob]:
         """Take up to ``limit`` due jobs of an active queue under a lease for ``owner``."""
-        with self.begin() as conn:
+        with self.single() as conn:
             return job_sql.claim(
                 conn,
                 queue_name=queue_name,
@@ -249,7 +293,7 @@ class Store:
         """Record that these deliveries were acked before their task finished."""
         if not held:
             return 0
-        with self.begin() as conn:
+        with self.single() as conn:
             return job_sql.mark_acked(conn, held=held)
 
     def requeue(self, held: Sequence[tuple[UUID, int]]) -> int:
@@ -257,7 +301,7 @@ class Store:
         if not held:
             return 0
         channel = self.channel if self.options.use_notify else None
-        with self.begin() as conn:
+        with self.single() as conn:
             return job_sql.requeue(conn, held=held, channel=channel)
 
     # -- routing (exchanges, bindings, queue expiry) --------------------------------
@@ -319,7 +363,7 @@ class Store:
         conn: sa.Connection | None = None,
     ) -> bool:
         """Move one job to ``status``, closing its attempt; False if fenced out."""
-        with self.begin(conn) as c:
+        with self.single(conn) as c:
             return job_sql.finish(
                 c,
                 job_id=job_id,
@@ -337,7 +381,7 @@ class Store:
         """Extend the leases ``owner`` holds on ``job_ids``."""
         if not job_ids:
             return 0
-        with self.begin() as conn:
+        with self.single() as conn:
             return job_sql.heartbeat(
                 conn, owner=owner, job_ids=job_ids, lease_seconds=self.options.lease_seconds
             )
@@ -346,7 +390,7 @@ class Store:
         """Remove consumed transient messages."""
         if not held:
             return 0
-        with self.begin() as conn:
+        with self.single() as conn:
             return job_sql.delete_held(conn, held=held)
 
     def rescue_expired(self, limit: int = 1000) -> tuple[int, int]:
@@ -399,6 +443,8 @@ class Store:
         self, *, completed_retention: float, dry_run: bool = False, max_batches: int = 10_000
     ) -> PruneCounts:
         """Delete expired finished jobs and old logs in short batches."""
+        if dry_run:
+            return self.prunable(completed_retention=completed_retention)
         opts = self.options
         batch = opts.prune_batch_size
         plan = (

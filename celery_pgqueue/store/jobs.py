@@ -7,6 +7,7 @@ on the id alone could clobber the next attempt.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 from uuid import UUID
@@ -32,11 +33,15 @@ IS_RUNNING = jobs.c.status == _status(JobStatus.RUNNING)
 SECOND = sa.text("interval '1 second'")
 
 
-def _notify_queues(changed: sa.CTE, channel: str | None) -> sa.ColumnElement[Any]:
-    """Count of NOTIFYs sent, one per distinct queue in ``changed`` (fired at commit)."""
-    if channel is None:
+def _notify_queues(changed: sa.CTE, notify: bool) -> sa.ColumnElement[Any]:
+    """Count of NOTIFYs sent, one per distinct queue in ``changed`` (fired at commit).
+
+    The channel is the bound parameter ``channel``.
+    """
+    if not notify:
         return sa.literal(0)
     distinct = sa.select(changed.c.queue_name).distinct().subquery("notified")
+    channel = sa.bindparam("p_channel", type_=sa.String)
     return (
         sa.select(sa.func.count(sa.func.pg_notify(channel, distinct.c.queue_name)))
         .select_from(distinct)
@@ -44,29 +49,44 @@ def _notify_queues(changed: sa.CTE, channel: str | None) -> sa.ColumnElement[Any
     )
 
 
-def insert(conn: sa.Connection, *, new_jobs: Sequence[NewJob], channel: str | None) -> int:
-    """Insert (or, for a re-published task id, re-queue) jobs in one statement.
+def _held_pairs() -> sa.TableValuedAlias:
+    """``(id, attempt)`` pairs from two bound arrays: one SQL text for any count."""
+    return (
+        sa.func.unnest(
+            sa.bindparam("p_held_ids", type_=ARRAY(PG_UUID(as_uuid=True))),
+            sa.bindparam("p_held_attempts", type_=ARRAY(sa.Integer)),
+        )
+        .table_valued("id", "attempt")
+        .render_derived(name="held", with_types=False)
+    )
 
-    A task id already present goes back to ``queued`` with its new payload and
-    ``run_at``; its ``attempt_count`` and logs stay (Celery's ``retry`` does this). A
-    cancelled job stays cancelled: cancel is durable. ``channel`` set: workers are
-    notified at commit, once per queue with a job due now.
-    """
-    if not new_jobs:
-        return 0
+
+def _held_params(held: Sequence[tuple[UUID, int]]) -> dict[str, Any]:
+    return {"p_held_ids": [h[0] for h in held], "p_held_attempts": [int(h[1]) for h in held]}
+
+
+def _is_held(pairs: sa.TableValuedAlias) -> sa.ColumnElement[bool]:
+    return sa.tuple_(jobs.c.id, jobs.c.attempt_count).in_(sa.select(pairs.c.id, pairs.c.attempt))
+
+
+# Statements on the hot path are built once: constructing a Core statement costs more
+# than executing it. Each takes its values as bound parameters named p_*: a parameter
+# named like a column would make SQLAlchemy add it to an UPDATE's SET clause.
+
+
+@functools.cache
+def _insert_statement(notify: bool) -> sa.Executable:
     # unnest() of one array per column: the SQL text is the same for 1 or 10,000 jobs,
-    # so the statement is prepared once and batches cost one round trip.
+    # so the statement is prepared once and a batch costs one round trip.
     v = (
         sa.func.unnest(
-            sa.bindparam("ids", [j.id for j in new_jobs], type_=ARRAY(PG_UUID(as_uuid=True))),
-            sa.bindparam("queues", [j.queue_name for j in new_jobs], type_=ARRAY(sa.String)),
-            sa.bindparam("payloads", [j.payload for j in new_jobs], type_=ARRAY(JSONB)),
-            sa.bindparam("priorities", [j.priority for j in new_jobs], type_=ARRAY(sa.Integer)),
-            sa.bindparam("run_ats", [j.run_at for j in new_jobs], type_=ARRAY(TZ)),
-            sa.bindparam(
-                "max_attempts", [j.max_attempts for j in new_jobs], type_=ARRAY(sa.Integer)
-            ),
-            sa.bindparam("ttls", [j.ttl_seconds for j in new_jobs], type_=ARRAY(sa.Float)),
+            sa.bindparam("p_ids", type_=ARRAY(PG_UUID(as_uuid=True))),
+            sa.bindparam("p_queues", type_=ARRAY(sa.String)),
+            sa.bindparam("p_payloads", type_=ARRAY(JSONB)),
+            sa.bindparam("p_priorities", type_=ARRAY(sa.Integer)),
+            sa.bindparam("p_run_ats", type_=ARRAY(TZ)),
+            sa.bindparam("p_max_attempts", type_=ARRAY(sa.Integer)),
+            sa.bindparam("p_ttls", type_=ARRAY(sa.Float)),
         )
         .table_valued("id", "queue_name", "payload", "priority", "run_at", "max_attempts", "ttl")
         .render_derived(name="v", with_types=False)
@@ -101,45 +121,57 @@ def insert(conn: sa.Connection, *, new_jobs: Sequence[NewJob], channel: str | No
         },
         where=jobs.c.status != _status(JobStatus.CANCELLED),
     ).returning(jobs.c.queue_name, jobs.c.run_at)
-    if channel is None:
-        return len(conn.execute(stmt).all())
     inserted = stmt.cte("inserted")
     due = sa.select(inserted.c.queue_name).where(inserted.c.run_at <= sa.func.now()).cte("due")
-    counted = sa.select(
+    return sa.select(
         sa.select(sa.func.count()).select_from(inserted).scalar_subquery(),
-        _notify_queues(due, channel),
+        _notify_queues(due, notify),
     )
-    row = conn.execute(counted).first()
+
+
+def insert(conn: sa.Connection, *, new_jobs: Sequence[NewJob], channel: str | None) -> int:
+    """Insert (or, for a re-published task id, re-queue) jobs in one statement.
+
+    A task id already present goes back to ``queued`` with its new payload and
+    ``run_at``; its ``attempt_count`` and logs stay (Celery's ``retry`` does this). A
+    cancelled job stays cancelled: cancel is durable. ``channel`` set: workers are
+    notified at commit, once per queue with a job due now.
+    """
+    if not new_jobs:
+        return 0
+    params: dict[str, Any] = {
+        "p_ids": [j.id for j in new_jobs],
+        "p_queues": [j.queue_name for j in new_jobs],
+        "p_payloads": [j.payload for j in new_jobs],
+        "p_priorities": [j.priority for j in new_jobs],
+        "p_run_ats": [j.run_at for j in new_jobs],
+        "p_max_attempts": [j.max_attempts for j in new_jobs],
+        "p_ttls": [j.ttl_seconds for j in new_jobs],
+    }
+    if channel is not None:
+        params["p_channel"] = channel
+    row = conn.execute(_insert_statement(channel is not None), params).first()
     return int(row[0]) if row else 0
 
 
-def claim(
-    conn: sa.Connection,
-    *,
-    queue_name: str,
-    limit: int,
-    owner: str,
-    lease_seconds: float,
-) -> list[ClaimedJob]:
-    """Take up to ``limit`` due jobs of an active queue, lowest priority number first.
-
-    The locking SELECT is a CTE so ``LIMIT`` and ``SKIP LOCKED`` apply before the
-    update: concurrent claimers pass over each other's rows instead of waiting, and
-    each row is claimed by exactly one of them. Opening the attempt's ``job_logs`` row
-    rides in the same statement: a claim is one round trip.
-    """
-    active = sa.exists().where(job_queues.c.name == queue_name, job_queues.c.is_active)
+@functools.cache
+def _claim_statement() -> sa.Executable:
+    active = sa.exists().where(
+        job_queues.c.name == sa.bindparam("p_queue_name"), job_queues.c.is_active
+    )
     ready = (
         sa.select(jobs.c.id)
         .where(
-            jobs.c.queue_name == queue_name,
+            jobs.c.queue_name == sa.bindparam("p_queue_name"),
             IS_QUEUED,
             jobs.c.run_at <= sa.func.now(),
             sa.or_(jobs.c.expires_at.is_(None), jobs.c.expires_at > sa.func.now()),
             active,
         )
         .order_by(jobs.c.priority, jobs.c.run_at, jobs.c.created_at)
-        .limit(limit)
+        # Rendered, not bound: under a generic plan a bound LIMIT is guessed as 10% of
+        # the ready rows, and the UPDATE then hash-joins the whole table.
+        .limit(sa.bindparam("p_limit", type_=sa.Integer, literal_execute=True))
         .with_for_update(skip_locked=True)
         .cte("ready")
     )
@@ -150,8 +182,8 @@ def claim(
             status=JobStatus.RUNNING.value,
             attempt_count=jobs.c.attempt_count + 1,
             started_at=sa.func.now(),
-            lease_owner=owner,
-            lease_expires_at=sa.func.now() + sa.literal(lease_seconds) * SECOND,
+            lease_owner=sa.bindparam("p_owner", type_=sa.String),
+            lease_expires_at=sa.func.now() + sa.bindparam("p_lease", type_=sa.Float) * SECOND,
             acked_at=None,
             updated_at=sa.func.now(),
         )
@@ -180,7 +212,7 @@ def claim(
         )
         .cte("opened")
     )
-    stmt = (
+    return (
         sa.select(
             claimed.c.id,
             claimed.c.queue_name,
@@ -192,42 +224,55 @@ def claim(
         .add_cte(opened)
         .order_by(claimed.c.priority, claimed.c.run_at, claimed.c.created_at)
     )
-    return [ClaimedJob(*row) for row in conn.execute(stmt)]
 
 
-def _held(job_id: UUID, attempt: int) -> sa.ColumnElement[bool]:
-    return sa.and_(jobs.c.id == job_id, jobs.c.attempt_count == attempt, IS_RUNNING)
+def claim(
+    conn: sa.Connection,
+    *,
+    queue_name: str,
+    limit: int,
+    owner: str,
+    lease_seconds: float,
+) -> list[ClaimedJob]:
+    """Take up to ``limit`` due jobs of an active queue, lowest priority number first.
+
+    The locking SELECT is a CTE so ``LIMIT`` and ``SKIP LOCKED`` apply before the
+    update: concurrent claimers pass over each other's rows instead of waiting, and
+    each row is claimed by exactly one of them. Opening the attempt's ``job_logs`` row
+    rides in the same statement: a claim is one round trip.
+    """
+    params = {
+        "p_queue_name": queue_name,
+        "p_limit": limit,
+        "p_owner": owner,
+        "p_lease": lease_seconds,
+    }
+    return [ClaimedJob(*row) for row in conn.execute(_claim_statement(), params)]
+
+
+@functools.cache
+def _mark_acked_statement() -> sa.Executable:
+    pairs = _held_pairs()
+    return (
+        sa.update(jobs)
+        .where(IS_RUNNING, _is_held(pairs), jobs.c.acked_at.is_(None))
+        .values(acked_at=sa.func.now())
+    )
 
 
 def mark_acked(conn: sa.Connection, *, held: Sequence[tuple[UUID, int]]) -> int:
     """Record early acks: from now a lost worker means failed, not requeue."""
     if not held:
         return 0
-    result = conn.execute(
-        sa.update(jobs)
-        .where(
-            IS_RUNNING,
-            sa.tuple_(jobs.c.id, jobs.c.attempt_count).in_([tuple(h) for h in held]),
-            jobs.c.acked_at.is_(None),
-        )
-        .values(acked_at=sa.func.now())
-    )
-    return result.rowcount
+    return conn.execute(_mark_acked_statement(), _held_params(held)).rowcount
 
 
-def requeue(conn: sa.Connection, *, held: Sequence[tuple[UUID, int]], channel: str | None) -> int:
-    """Put held jobs back in line (reject with requeue, warm shutdown, restore).
-
-    Only rows still ``running`` at that attempt move, so a late requeue can't rerun
-    finished work or steal a newer attempt. The attempt's log row is closed as
-    ``retry``.
-    """
-    if not held:
-        return 0
-    pairs = [tuple(h) for h in held]
+@functools.cache
+def _requeue_statement(notify: bool) -> sa.Executable:
+    pairs = _held_pairs()
     moved = (
         sa.update(jobs)
-        .where(IS_RUNNING, sa.tuple_(jobs.c.id, jobs.c.attempt_count).in_(pairs))
+        .where(IS_RUNNING, _is_held(pairs))
         .values(
             status=JobStatus.QUEUED.value,
             lease_owner=None,
@@ -253,13 +298,85 @@ def requeue(conn: sa.Connection, *, held: Sequence[tuple[UUID, int]], channel: s
         )
         .cte("closed")
     )
-    stmt = (
-        sa.select(sa.func.count(), _notify_queues(moved, channel))
-        .select_from(moved)
-        .add_cte(closed)
+    return (
+        sa.select(sa.func.count(), _notify_queues(moved, notify)).select_from(moved).add_cte(closed)
     )
-    row = conn.execute(stmt).first()
+
+
+def requeue(conn: sa.Connection, *, held: Sequence[tuple[UUID, int]], channel: str | None) -> int:
+    """Put held jobs back in line (reject with requeue, warm shutdown, restore).
+
+    Only rows still ``running`` at that attempt move, so a late requeue can't rerun
+    finished work or steal a newer attempt. The attempt's log row is closed as
+    ``retry``.
+    """
+    if not held:
+        return 0
+    params = _held_params(held)
+    if channel is not None:
+        params["p_channel"] = channel
+    row = conn.execute(_requeue_statement(channel is not None), params).first()
     return int(row[0]) if row else 0
+
+
+@functools.cache
+def _finish_statement(
+    status: JobStatus,
+    log_status: LogStatus | None,
+    fenced: bool,
+    with_result: bool,
+    with_max_attempts: bool,
+    with_run_at: bool,
+) -> sa.Executable:
+    values: dict[str, Any] = {"status": status.value, "updated_at": sa.func.now()}
+    if with_result:
+        values["result"] = sa.bindparam("p_result", type_=JSONB)
+    if with_max_attempts:
+        values["max_attempts"] = sa.bindparam("p_max_attempts", type_=sa.Integer)
+    if status is JobStatus.COMPLETED:
+        values["completed_at"] = sa.func.now()
+    elif status is JobStatus.FAILED:
+        values["failed_at"] = sa.func.now()
+        values["last_error_message"] = sa.bindparam("p_error_message", type_=sa.String)
+    elif status is JobStatus.RUNNING:
+        values["started_at"] = sa.func.coalesce(jobs.c.started_at, sa.func.now())
+    if status in (JobStatus.QUEUED, JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED):
+        values.update(lease_owner=None, lease_expires_at=None)
+    if status is JobStatus.QUEUED and with_run_at:
+        values["run_at"] = sa.bindparam("p_run_at", type_=TZ)
+    job_id = sa.bindparam("p_job_id", type_=PG_UUID(as_uuid=True))
+    conditions = [jobs.c.id == job_id, jobs.c.status != _status(JobStatus.COMPLETED)]
+    if fenced:
+        conditions.append(jobs.c.attempt_count == sa.bindparam("p_attempt", type_=sa.Integer))
+    updated = (
+        sa.update(jobs).where(*conditions).values(**values).returning(jobs.c.id).cte("updated")
+    )
+    stmt = sa.select(sa.func.count()).select_from(updated)
+    if log_status is None:
+        return stmt
+    # The attempt's log row is closed even when the job row has moved on (a retry
+    # re-published and claimed before this write): it records what this attempt did.
+    this_attempt = (
+        sa.bindparam("p_attempt", type_=sa.Integer)
+        if fenced
+        else sa.select(jobs.c.attempt_count).where(jobs.c.id == job_id).scalar_subquery()
+    )
+    closed = (
+        sa.update(job_logs)
+        .where(
+            job_logs.c.job_id == job_id,
+            job_logs.c.attempt_number == this_attempt,
+            job_logs.c.status == LogStatus.ATTEMPTING.value,
+        )
+        .values(
+            status=log_status.value,
+            finished_at=sa.func.now(),
+            duration=sa.func.now() - job_logs.c.started_at,
+            log_message=sa.bindparam("p_log_message", type_=sa.Text),
+        )
+        .cte("closed")
+    )
+    return stmt.add_cte(closed)
 
 
 def finish(
@@ -281,55 +398,38 @@ def finish(
     attempt (result-backend writes for tasks that arrived through another broker).
     A finished success is never overwritten.
     """
-    values: dict[str, Any] = {"status": status.value, "updated_at": sa.func.now()}
-    if result is not None:
-        values["result"] = result
-    if max_attempts is not None:
-        values["max_attempts"] = max_attempts
-    if status is JobStatus.COMPLETED:
-        values["completed_at"] = sa.func.now()
-    elif status is JobStatus.FAILED:
-        values["failed_at"] = sa.func.now()
-        values["last_error_message"] = (error_message or "")[:255] or None
-    elif status is JobStatus.RUNNING:
-        values["started_at"] = sa.func.coalesce(jobs.c.started_at, sa.func.now())
-    if status in (JobStatus.QUEUED, JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED):
-        values.update(lease_owner=None, lease_expires_at=None)
-    if status is JobStatus.QUEUED and run_at is not None:
-        values["run_at"] = run_at
-    conditions = [jobs.c.id == job_id, jobs.c.status != _status(JobStatus.COMPLETED)]
-    if attempt is not None:
-        conditions.append(jobs.c.attempt_count == attempt)
-    updated = (
-        sa.update(jobs).where(*conditions).values(**values).returning(jobs.c.id).cte("updated")
+    stmt = _finish_statement(
+        status,
+        log_status,
+        attempt is not None,
+        result is not None,
+        max_attempts is not None,
+        run_at is not None,
     )
-    stmt = sa.select(sa.func.count()).select_from(updated)
-    if log_status is not None:
-        # The attempt's log row is closed even when the job row has moved on (a retry
-        # re-published and claimed before this write): it records what this attempt did.
-        this_attempt = (
-            sa.literal(attempt)
-            if attempt is not None
-            else sa.select(jobs.c.attempt_count).where(jobs.c.id == job_id).scalar_subquery()
-        )
-        closed = (
-            sa.update(job_logs)
-            .where(
-                job_logs.c.job_id == job_id,
-                job_logs.c.attempt_number == this_attempt,
-                job_logs.c.status == LogStatus.ATTEMPTING.value,
-            )
-            .values(
-                status=log_status.value,
-                finished_at=sa.func.now(),
-                duration=sa.func.now() - job_logs.c.started_at,
-                log_message=log_message,
-            )
-            .cte("closed")
-        )
-        stmt = stmt.add_cte(closed)
-    row = conn.execute(stmt).first()
+    params: dict[str, Any] = {
+        "p_job_id": job_id,
+        "p_attempt": attempt,
+        "p_result": result,
+        "p_max_attempts": max_attempts,
+        "p_run_at": run_at,
+        "p_error_message": (error_message or "")[:255] or None,
+        "p_log_message": log_message,
+    }
+    row = conn.execute(stmt, params).first()
     return bool(row and row[0])
+
+
+@functools.cache
+def _heartbeat_statement() -> sa.Executable:
+    return (
+        sa.update(jobs)
+        .where(
+            IS_RUNNING,
+            jobs.c.lease_owner == sa.bindparam("p_owner", type_=sa.String),
+            jobs.c.id == sa.func.any(sa.bindparam("p_ids", type_=ARRAY(PG_UUID(as_uuid=True)))),
+        )
+        .values(lease_expires_at=sa.func.now() + sa.bindparam("p_lease", type_=sa.Float) * SECOND)
+    )
 
 
 def heartbeat(
@@ -342,29 +442,20 @@ def heartbeat(
     """
     if not job_ids:
         return 0
-    result = conn.execute(
-        sa.update(jobs)
-        .where(
-            IS_RUNNING,
-            jobs.c.lease_owner == owner,
-            jobs.c.id
-            == sa.func.any(sa.bindparam("ids", list(job_ids), type_=ARRAY(PG_UUID(as_uuid=True)))),
-        )
-        .values(lease_expires_at=sa.func.now() + sa.literal(lease_seconds) * SECOND)
-    )
-    return result.rowcount
+    params = {"p_owner": owner, "p_ids": list(job_ids), "p_lease": lease_seconds}
+    return conn.execute(_heartbeat_statement(), params).rowcount
+
+
+@functools.cache
+def _delete_held_statement() -> sa.Executable:
+    return sa.delete(jobs).where(_is_held(_held_pairs()))
 
 
 def delete_held(conn: sa.Connection, *, held: Sequence[tuple[UUID, int]]) -> int:
     """Remove consumed transient messages (replies, events): they keep no history."""
     if not held:
         return 0
-    result = conn.execute(
-        sa.delete(jobs).where(
-            sa.tuple_(jobs.c.id, jobs.c.attempt_count).in_([tuple(h) for h in held])
-        )
-    )
-    return result.rowcount
+    return conn.execute(_delete_held_statement(), _held_params(held)).rowcount
 
 
 def rescue_expired(conn: sa.Connection, *, limit: int, channel: str | None) -> tuple[int, int]:
@@ -430,9 +521,10 @@ def rescue_expired(conn: sa.Connection, *, limit: int, channel: str | None) -> t
     failed = sa.func.count().filter(updated.c.status == JobStatus.FAILED.value)
     back = sa.select(updated.c.queue_name).where(updated.c.status == JobStatus.QUEUED.value)
     row = conn.execute(
-        sa.select(requeued, failed, _notify_queues(back.cte("back"), channel))
+        sa.select(requeued, failed, _notify_queues(back.cte("back"), channel is not None))
         .select_from(updated)
-        .add_cte(closed)
+        .add_cte(closed),
+        {"p_channel": channel},
     ).first()
     return (int(row[0]), int(row[1])) if row else (0, 0)
 
@@ -474,7 +566,8 @@ def retry(conn: sa.Connection, *, job_ids: Sequence[UUID], channel: str | None) 
         .cte("moved")
     )
     row = conn.execute(
-        sa.select(sa.func.count(), _notify_queues(moved, channel)).select_from(moved)
+        sa.select(sa.func.count(), _notify_queues(moved, channel is not None)).select_from(moved),
+        {"p_channel": channel},
     ).first()
     return int(row[0]) if row else 0
 

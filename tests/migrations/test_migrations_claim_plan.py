@@ -113,11 +113,5 @@ def test_generic_claim_plan_reads_ready_rows_through_ix_jobs_ready(
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: LIMIT is a bound parameter, so the generic plan guesses 10% of the "
-    "ready rows and joins the UPDATE to them with a Hash Join over a Seq Scan on all "
-    "of jobs; rendering the limit as a literal gives a Nested Loop on jobs_pkey",
-)
 def test_generic_claim_plan_never_scans_the_whole_jobs_table(generic_claim_plan: str) -> None:
     assert "Seq Scan on jobs" not in generic_claim_plan

@@ -118,11 +118,6 @@ def test_check_schema_passes_on_a_migrated_database(store: Store) -> None:
     store.check_schema()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: only stores in Store.for_url's registry drop their pool after fork; a "
-    "Store built with Store(url) hands the parent's open connection to the child",
-)
 def test_a_store_built_directly_is_fork_safe_too(database_url: str) -> None:
     store = Store(database_url)
     try:

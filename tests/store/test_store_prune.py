@@ -194,11 +194,6 @@ def test_prunable_reports_exactly_what_prune_then_deletes(store: Store, db: Db) 
     assert predicted == pruned == PruneCounts(completed=3, cancelled=1, failed=2, logs=4)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: Store.prune(dry_run=True) runs one batch per step, so it reports at "
-    "most prune_batch_size rows per status (10 here, while the real run deletes 35)",
-)
 def test_prune_dry_run_counts_past_one_batch(make_store: Callable[..., Store], db: Db) -> None:
     store = make_store(prune_batch_size=10)
     jobs_in(store, db, 35, "completed", 1_000)
@@ -206,11 +201,6 @@ def test_prune_dry_run_counts_past_one_batch(make_store: Callable[..., Store], d
     assert store.prune(completed_retention=100, dry_run=True).completed == 35
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: Store.prune(dry_run=True) counts a log row that is both old and over "
-    "max_logs_per_job twice (prune_old and prune_excess each count it)",
-)
 def test_prune_dry_run_counts_each_log_once(store: Store, db: Db) -> None:
     logs_by_age_and_cap(store, db)
 

@@ -85,12 +85,6 @@ def test_settings_of_an_unknown_queue_raise_unknown_queue(store: Store) -> None:
         store.set_queue_priority("nope", 1)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: Store.ensure_queues remembers a queue as created even when the "
-    "caller's transaction (enqueue(conn=...)) rolls back; the next enqueue skips the "
-    "INSERT and fails on fk_jobs_queue_name with a raw IntegrityError",
-)
 def test_queue_created_in_a_rolled_back_transaction_is_created_again(store: Store, db: Db) -> None:
     with store.engine.connect() as conn:
         with conn.begin() as transaction:
