@@ -76,9 +76,11 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import os
 import re
 import sys
 import threading
+import weakref
 from collections.abc import Iterable, Iterator, Mapping
 from datetime import UTC, datetime
 from time import monotonic, sleep
@@ -160,6 +162,17 @@ signals.task_prerun.connect(_on_task_prerun, weak=False, dispatch_uid="celery_pg
 signals.task_postrun.connect(_on_task_postrun, weak=False, dispatch_uid="celery_pgqueue.postrun")
 
 
+_consumers: weakref.WeakSet[ResultConsumer] = weakref.WeakSet()
+
+
+def _reset_consumers_after_fork() -> None:
+    for consumer in list(_consumers):
+        consumer.on_after_fork()
+
+
+os.register_at_fork(after_in_child=_reset_consumers_after_fork)
+
+
 class ResultConsumer(BaseResultConsumer):  # type: ignore[misc]
     """Waits for results on behalf of one backend (one per thread, like Celery's).
 
@@ -178,18 +191,22 @@ class ResultConsumer(BaseResultConsumer):  # type: ignore[misc]
         self.drainer = Drainer(self)
         self._reset()
 
-    def _reset(self) -> None:
+    def _reset(self, resync: bool = False) -> None:
         # Reentrant: AsyncResult.__del__ (cancel_for) can run from the garbage collector
         # on a thread that already holds it.
         self._cond = threading.Condition(threading.RLock())
-        self._wanted: dict[str, str] = {}  # str(jobs.id) -> Celery task id
+        self._wanted: dict[str, str] = getattr(self, "_wanted", {})  # str(jobs.id) -> task id
         self._notified: set[str] = set()
-        self._resync_due = False
+        self._resync_due = resync
         self._generation = 0
         self._last_full_read = monotonic()
+        _consumers.add(self)
 
     def on_after_fork(self) -> None:
-        self._reset()
+        # The lock may have been held by a thread that did not survive the fork. What
+        # this consumer waits for stays: results inherited from the parent are still
+        # pending, and the first wait re-reads them.
+        self._reset(resync=True)
 
     # -- called by Celery ------------------------------------------------------------
 

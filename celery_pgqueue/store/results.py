@@ -11,6 +11,7 @@ creates it and opens/closes the attempt's log row itself, in the same statement.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -18,12 +19,12 @@ from typing import Any
 from uuid import UUID
 
 import sqlalchemy as sa
-from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlalchemy.dialects.postgresql import UUID as PG_UUID
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
 from celery_pgqueue.states import FINISHED, JobStatus, LogStatus
-from celery_pgqueue.store.tables import job_logs, job_queues, jobs
+from celery_pgqueue.store.tables import TZ, job_logs, job_queues, jobs
 
 SECOND = sa.text("interval '1 second'")
 MAX_ERROR = 255  # jobs.last_error_message is varchar(255)
@@ -78,13 +79,13 @@ def _status(status: JobStatus) -> sa.BindParameter[str]:
     return sa.literal(status.value, literal_execute=True)
 
 
-def next_run_at(write: StateWrite) -> sa.ColumnElement[Any] | None:
-    """RETRY's ``run_at`` by the database's clock (or the producer's explicit eta)."""
-    if write.retry_at is not None:
-        return sa.literal(write.retry_at, jobs.c.run_at.type)
-    if write.retry_in is not None:
-        return sa.func.now() + sa.literal(float(write.retry_in)) * SECOND
-    return None
+def _param(name: str, type_: Any) -> sa.BindParameter[Any]:
+    return sa.bindparam(name, type_=type_)
+
+
+JOB_ID = _param("p_job_id", PG_UUID(as_uuid=True))
+ATTEMPT = _param("p_attempt", sa.Integer)
+STARTED_AT = sa.func.coalesce(_param("p_started_at", TZ), sa.func.now())
 
 
 def upsert_state(conn: sa.Connection, *, write: StateWrite, channel: str | None) -> bool:
@@ -99,32 +100,64 @@ def upsert_state(conn: sa.Connection, *, write: StateWrite, channel: str | None)
     clients are notified at commit.
     """
     w = write
+    retry = None
+    if w.status is JobStatus.QUEUED:
+        retry = "at" if w.retry_at is not None else "in" if w.retry_in is not None else None
+    stmt = _upsert_statement(
+        w.status,
+        w.log_status if w.attempt is not None else None,
+        w.attempt is not None,
+        channel if w.ready else None,
+        retry,
+    )
+    params = {
+        "p_job_id": w.job_id,
+        "p_queue": w.queue_name,
+        "p_attempt": w.attempt or 0,
+        "p_max_attempts": w.max_attempts,
+        "p_result": w.document,
+        "p_error": (w.error_message or "")[:MAX_ERROR] or None,
+        "p_log_message": w.log_message,
+        "p_started_at": w.started_at,
+        "p_retry_in": w.retry_in,
+        "p_retry_at": w.retry_at,
+    }
+    row = conn.execute(stmt, params).first()
+    return bool(row and row[0])
+
+
+@functools.lru_cache(maxsize=128)
+def _upsert_statement(
+    status: JobStatus,
+    log_status: LogStatus | None,
+    with_attempt: bool,
+    channel: str | None,
+    retry: str | None,
+) -> sa.Select[Any]:
+    """The upsert for one shape of write, built once: only values vary per call."""
     now = sa.func.now()
+    queue = _param("p_queue", sa.String)
     default_priority = (
-        sa.select(job_queues.c.default_priority)
-        .where(job_queues.c.name == w.queue_name)
-        .scalar_subquery()
+        sa.select(job_queues.c.default_priority).where(job_queues.c.name == queue).scalar_subquery()
     )
-    run_at = next_run_at(w) if w.status is JobStatus.QUEUED else None
-    attempt_started = (
-        sa.func.coalesce(sa.literal(w.started_at, jobs.c.started_at.type), now)
-        if w.attempt is not None
-        else None
-    )
-    error = (w.error_message or "")[:MAX_ERROR] or None
+    run_at: sa.ColumnElement[Any] | None = None
+    if retry == "at":
+        run_at = _param("p_retry_at", TZ)
+    elif retry == "in":
+        run_at = now + _param("p_retry_in", sa.Float) * SECOND
     insert = pg_insert(jobs).values(
-        id=w.job_id,
-        queue_name=w.queue_name,
-        status=w.status.value,
+        id=JOB_ID,
+        queue_name=queue,
+        status=status.value,
         priority=sa.func.coalesce(default_priority, 100),
-        attempt_count=w.attempt or 0,
-        max_attempts=w.max_attempts,
-        result=w.document,
+        attempt_count=ATTEMPT,
+        max_attempts=_param("p_max_attempts", sa.Integer),
+        result=_param("p_result", JSONB),
         run_at=run_at if run_at is not None else now,
-        started_at=attempt_started,
-        completed_at=now if w.status is JobStatus.COMPLETED else None,
-        failed_at=now if w.status is JobStatus.FAILED else None,
-        last_error_message=error if w.status is JobStatus.FAILED else None,
+        started_at=STARTED_AT if with_attempt else None,
+        completed_at=now if status is JobStatus.COMPLETED else None,
+        failed_at=now if status is JobStatus.FAILED else None,
+        last_error_message=_param("p_error", sa.String) if status is JobStatus.FAILED else None,
     )
     new = insert.excluded
     changes: dict[str, Any] = {
@@ -134,45 +167,45 @@ def upsert_state(conn: sa.Connection, *, write: StateWrite, channel: str | None)
         "max_attempts": sa.func.coalesce(new.max_attempts, jobs.c.max_attempts),
         "updated_at": now,
     }
-    if w.attempt is not None:
+    if with_attempt:
         # A new attempt starts the clock again; the same attempt keeps its start.
         changes["started_at"] = sa.case(
             (jobs.c.attempt_count < new.attempt_count, new.started_at),
             else_=sa.func.coalesce(jobs.c.started_at, new.started_at),
         )
-    if w.status is JobStatus.COMPLETED:
+    if status is JobStatus.COMPLETED:
         changes["completed_at"] = now
-    elif w.status is JobStatus.FAILED:
+    elif status is JobStatus.FAILED:
         changes.update(failed_at=now, last_error_message=new.last_error_message)
-    elif w.status is JobStatus.QUEUED and run_at is not None:
+    elif status is JobStatus.QUEUED and run_at is not None:
         changes["run_at"] = new.run_at
-    if w.status in (*FINISHED, JobStatus.QUEUED):
+    if status in (*FINISHED, JobStatus.QUEUED):
         changes.update(lease_owner=None, lease_expires_at=None)
     fence = [jobs.c.status != _status(JobStatus.COMPLETED)]
-    if w.attempt is not None:
-        fence.append(jobs.c.attempt_count <= w.attempt)
+    if with_attempt:
+        fence.append(jobs.c.attempt_count <= ATTEMPT)
     written = (
         insert.on_conflict_do_update(index_elements=["id"], set_=changes, where=sa.and_(*fence))
         .returning(jobs.c.id)
         .cte("written")
     )
-    count = sa.select(sa.func.count()).select_from(written).scalar_subquery()
-    columns: list[sa.ColumnElement[Any]] = [count]
-    if channel is not None and w.ready:
+    columns: list[sa.ColumnElement[Any]] = [
+        sa.select(sa.func.count()).select_from(written).scalar_subquery()
+    ]
+    if channel is not None:
         columns.append(
             sa.select(sa.func.count(sa.func.pg_notify(channel, sa.cast(written.c.id, sa.Text))))
             .select_from(written)
             .scalar_subquery()
         )
     stmt = sa.select(*columns)
-    if w.attempt is not None:
-        for cte in _attempt_log(w):
+    if with_attempt:
+        for cte in _attempt_log(log_status):
             stmt = stmt.add_cte(cte)
-    row = conn.execute(stmt).first()
-    return bool(row and row[0])
+    return stmt
 
 
-def _attempt_log(w: StateWrite) -> list[sa.CTE]:
+def _attempt_log(log_status: LogStatus | None) -> list[sa.CTE]:
     """Open, or close (opening it first if it was never opened), this attempt's log row.
 
     Written even when the job row was fenced out: a newer attempt that already finished
@@ -180,48 +213,41 @@ def _attempt_log(w: StateWrite) -> list[sa.CTE]:
     (inserted by ``written`` or there before), which is when the foreign key is
     checked. Data-modifying CTEs run even when the main query does not read them.
     """
-    assert w.attempt is not None
-    this_attempt = sa.and_(job_logs.c.job_id == w.job_id, job_logs.c.attempt_number == w.attempt)
+    this_attempt = sa.and_(job_logs.c.job_id == JOB_ID, job_logs.c.attempt_number == ATTEMPT)
     absent = ~sa.exists().where(this_attempt)
-    started = sa.func.coalesce(sa.literal(w.started_at, job_logs.c.started_at.type), sa.func.now())
-    job = sa.literal(w.job_id, PG_UUID(as_uuid=True))
-    ctes: list[sa.CTE] = []
-    if w.log_status is None:
+    if log_status is None:
         opened = sa.select(
-            job,
-            sa.literal(w.attempt),
-            sa.literal(LogStatus.ATTEMPTING.value),
-            started,
+            JOB_ID, ATTEMPT, sa.literal(LogStatus.ATTEMPTING.value), STARTED_AT
         ).where(absent)
-        ctes.append(
+        return [
             sa.insert(job_logs)
             .from_select(["job_id", "attempt_number", "status", "started_at"], opened)
             .cte("opened")
-        )
-        return ctes
-    ctes.append(
+        ]
+    message = _param("p_log_message", sa.Text)
+    closed = (
         sa.update(job_logs)
         .where(this_attempt, job_logs.c.status == LogStatus.ATTEMPTING.value)
         .values(
-            status=w.log_status.value,
+            status=log_status.value,
             finished_at=sa.func.now(),
             duration=sa.func.now() - job_logs.c.started_at,
-            log_message=w.log_message,
+            log_message=message,
         )
         .cte("closed")
     )
     # Never opened (no STARTED write): record the whole attempt at once. Both CTEs see
     # the same snapshot, so exactly one of them acts.
     whole = sa.select(
-        job,
-        sa.literal(w.attempt),
-        sa.literal(w.log_status.value),
-        started,
+        JOB_ID,
+        ATTEMPT,
+        sa.literal(log_status.value),
+        STARTED_AT,
         sa.func.now(),
-        sa.func.now() - started,
-        sa.literal(w.log_message, sa.Text),
+        sa.func.now() - STARTED_AT,
+        message,
     ).where(absent)
-    ctes.append(
+    recorded = (
         sa.insert(job_logs)
         .from_select(
             [
@@ -237,7 +263,7 @@ def _attempt_log(w: StateWrite) -> list[sa.CTE]:
         )
         .cte("recorded")
     )
-    return ctes
+    return [closed, recorded]
 
 
 def read(
@@ -257,6 +283,12 @@ def read(
     """
     if not job_ids:
         return []
+    stmt = _read_statement(ready_only, with_payload, with_failure_log)
+    return [StoredResult(**row._mapping) for row in conn.execute(stmt, {"ids": list(job_ids)})]
+
+
+@functools.lru_cache(maxsize=8)
+def _read_statement(ready_only: bool, with_payload: bool, with_failure_log: bool) -> sa.Select[Any]:
     finished_at = sa.case(
         (jobs.c.status == JobStatus.COMPLETED.value, jobs.c.completed_at),
         (jobs.c.status == JobStatus.FAILED.value, jobs.c.failed_at),
@@ -282,8 +314,8 @@ def read(
             .scalar_subquery()
             .label("failure_log")
         )
-    ids = sa.bindparam("ids", list(job_ids), type_=ARRAY(PG_UUID(as_uuid=True)))
+    ids = sa.bindparam("ids", type_=ARRAY(PG_UUID(as_uuid=True)))
     query = sa.select(*columns).where(jobs.c.id == sa.func.any(ids))
     if ready_only:
         query = query.where(jobs.c.status.in_([s.value for s in FINISHED]))
-    return [StoredResult(**row._mapping) for row in conn.execute(query)]
+    return query

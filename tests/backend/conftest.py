@@ -58,57 +58,64 @@ def define_tasks(app: Celery, database_url: str, broker: str) -> Tasks:
     """Register the tasks every backend test uses on ``app``."""
     tasks = Tasks(app, database_url, broker)
 
-    @app.task(name="t.add")
+    @app.task(name="t.add", shared=False)
     def add(x: int, y: int) -> int:
         return x + y
 
-    @app.task(name="t.tsum")
+    @app.task(name="t.tsum", shared=False)
     def tsum(values: list[int]) -> int:
         return sum(values)
 
-    @app.task(name="t.echo")
+    @app.task(name="t.echo", shared=False)
     def echo(value: Any) -> Any:
         return value
 
-    @app.task(name="t.timed")
+    @app.task(name="t.timed", shared=False)
     def timed(key: Any) -> Any:
         tasks.finished_at[key] = time.monotonic()
         return key
 
-    @app.task(name="t.fail")
+    @app.task(name="t.gated", shared=False)
+    def gated(key: Any) -> Any:
+        if not tasks.gate.wait(30):
+            raise TimeoutError("the test never opened the gate")
+        tasks.finished_at[key] = time.monotonic()
+        return key
+
+    @app.task(name="t.fail", shared=False)
     def fail(message: str = "boom") -> None:
         raise ValueError(message)
 
-    @app.task(name="t.flaky", bind=True, max_retries=5)
+    @app.task(name="t.flaky", shared=False, bind=True, max_retries=5)
     def flaky(self: Any, times: int) -> int:
         if self.request.retries < times:
             raise self.retry(exc=KeyError(f"try {self.request.retries}"), countdown=0)
         return int(self.request.retries)
 
-    @app.task(name="t.unlimited", bind=True, max_retries=None)
+    @app.task(name="t.unlimited", shared=False, bind=True, max_retries=None)
     def unlimited(self: Any) -> str:
         return "ok"
 
-    @app.task(name="t.progress", bind=True)
+    @app.task(name="t.progress", shared=False, bind=True)
     def progress(self: Any, total: int) -> str:
         self.update_state(state="PROGRESS", meta={"done": 1, "total": total})
         if not tasks.gate.wait(30):
             raise TimeoutError("the test never opened the gate")
         return "finished"
 
-    @app.task(name="t.big")
+    @app.task(name="t.big", shared=False)
     def big(size: int) -> str:
         return "x" * size
 
-    @app.task(name="t.unencodable")
+    @app.task(name="t.unencodable", shared=False)
     def unencodable() -> Any:
         return object()
 
-    @app.task(name="t.nan")
+    @app.task(name="t.nan", shared=False)
     def nan() -> float:
         return float("nan")
 
-    @app.task(name="t.on_error")
+    @app.task(name="t.on_error", shared=False)
     def on_error(request: Any, exc: BaseException, traceback: Any) -> None:
         tasks.errbacks.append((request.id, f"{type(exc).__name__}: {exc}"))
 

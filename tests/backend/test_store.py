@@ -132,7 +132,7 @@ def test_ready_states_notify_waiters_at_commit_with_the_job_id(
         listener.execute(f'LISTEN "{store.result_channel}"')
         store.write_state(write(job_id, "STARTED", 1), notify=True)
         store.write_state(write(job_id, "SUCCESS", 1), notify=True)
-        received = [n.payload for n in listener.notifies(timeout=2.0, stop_after=2)]
+        received = [n.payload for n in listener.notifies(timeout=0.5, stop_after=2)]
     assert received == [str(job_id)], "one NOTIFY, for the ready state only"
 
 
