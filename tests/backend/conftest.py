@@ -25,7 +25,21 @@ from celery_pgqueue.ids import job_id_for
 from celery_pgqueue.store import Store
 from celery_pgqueue.store.notify import ResultListener
 
-BROKERS = ("pgqueue", "memory")
+BROKERS = ("pgqueue", "memory", "redis")
+REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+def redis_missing() -> str | None:
+    """Why Redis can't be used here, or None when it answers at 127.0.0.1:6379."""
+    try:
+        import redis
+    except ImportError:
+        return "the redis package is not installed"
+    try:
+        redis.Redis.from_url(REDIS_URL, socket_connect_timeout=0.5).ping()
+    except Exception as exc:
+        return f"no Redis at {REDIS_URL} ({type(exc).__name__}: {exc})"
+    return None
 
 
 def pgqueue_url(database_url: str) -> str:
@@ -136,6 +150,9 @@ def make_app(
         broker_url, transport_options = pgqueue_url(database_url), {"polling_interval": 0.5}
     elif broker == "memory":
         broker_url, transport_options = "memory://", {"polling_interval": 0.01}
+    elif broker == "redis":
+        # A key prefix per app: other tests (and people) may use the same Redis.
+        broker_url, transport_options = REDIS_URL, {"global_keyprefix": f"cpq-test-{token}:"}
     else:
         broker_url, transport_options = broker, conf.pop("broker_transport_options", {})
     app.conf.update(
@@ -175,6 +192,8 @@ def release_database_clients() -> None:
 @pytest.fixture(scope="module", params=BROKERS)
 def worker_tasks(request: pytest.FixtureRequest, module_database_url: str) -> Iterator[Tasks]:
     """One worker per module and broker, shared by that module's tests."""
+    if request.param == "redis" and (reason := redis_missing()):
+        pytest.skip(f"redis broker + pgqueue backend not tested: {reason}")
     tasks = make_app(module_database_url, request.param)
     try:
         with running_worker(tasks.app, concurrency=8):
@@ -182,6 +201,18 @@ def worker_tasks(request: pytest.FixtureRequest, module_database_url: str) -> It
     finally:
         tasks.app.close()
         release_database_clients()
+        if request.param == "redis":
+            forget_redis_keys(tasks.app.conf.broker_transport_options["global_keyprefix"])
+
+
+def forget_redis_keys(prefix: str) -> None:
+    """Delete what one test app left in Redis (its keys share a unique prefix)."""
+    import redis
+
+    client = redis.Redis.from_url(REDIS_URL)
+    keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
+    if keys:
+        client.delete(*keys)
 
 
 @pytest.fixture
