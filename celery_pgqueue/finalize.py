@@ -39,12 +39,20 @@ def _backend_settles(task: Any, request: Any) -> bool:
     return is_pgqueue_backend(task.backend) and not ignored
 
 
+_stores: dict[tuple[int, str], Store | None] = {}
+
+
 def _store_for(app: Any) -> Store | None:
-    url = app.conf.broker_url or ""
-    if not str(url).startswith("pgqueue://"):
-        return None
-    options = PgQueueOptions.parse(app.conf.broker_transport_options or {})
-    return Store.for_url(DatabaseURL.parse(str(url)), options)
+    """The store behind an app's pgqueue broker (None for other brokers), cached."""
+    url = str(app.conf.broker_url or "")
+    key = (id(app), url)
+    if key not in _stores:
+        store = None
+        if url.startswith("pgqueue://"):
+            options = PgQueueOptions.parse(app.conf.broker_transport_options or {})
+            store = Store.for_url(DatabaseURL.parse(url), options)
+        _stores[key] = store
+    return _stores[key]
 
 
 def _on_task_postrun(sender: Any = None, task_id: str = "", state: str = "", **kwargs: Any) -> None:

@@ -9,6 +9,7 @@ kind of bug that surfaces months later. Durations are seconds as ``float``.
 from __future__ import annotations
 
 import difflib
+import functools
 import re
 import types
 import typing
@@ -128,10 +129,14 @@ class PgQueueOptions:
             raise ConfigurationError("pgqueue option 'max_overflow' must be >= 0")
 
 
+@functools.cache
+def _hints() -> dict[str, Any]:
+    return typing.get_type_hints(PgQueueOptions)
+
+
 def _coerce(name: str, value: Any) -> Any:
     """Accept the obvious spellings (``"2.5"`` for a float, ``"false"`` for a bool)."""
-    hints = typing.get_type_hints(PgQueueOptions)
-    kind = hints[name]
+    kind = _hints()[name]
     optional = False
     if isinstance(kind, types.UnionType):
         args = [a for a in typing.get_args(kind) if a is not type(None)]

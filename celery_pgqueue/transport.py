@@ -135,6 +135,10 @@ class QoS(virtual.QoS):  # type: ignore[misc]
             return [(exc, m) for m in messages]
         return []
 
+    def has_unacked(self) -> bool:
+        """Whether deliveries are still waiting for their ack (work in hand)."""
+        return len(self._delivered) > len(self._dirty)
+
     def held(self) -> list[tuple[uuid.UUID, int]]:
         """Deliveries not yet acked, read safely from another thread."""
         for _ in range(3):
@@ -284,8 +288,16 @@ class Channel(virtual.Channel):  # type: ignore[misc]
         return self.transport.to_message(claimed[0])
 
     def claim_into(self, queue: str, limit: int) -> int:
-        """Claim up to ``limit`` rows of ``queue`` and hand each to its consumer."""
-        claimed = self.store.claim(queue, limit, self.transport.owner)
+        """Claim up to ``limit`` rows of ``queue`` and hand each to its consumer.
+
+        Deferred acks are written by the same statement.
+        """
+        acked = self.transport.take_acks()
+        try:
+            claimed = self.store.claim(queue, limit, self.transport.owner, acked)
+        except Exception:
+            self.transport.return_acks(acked)
+            raise
         for job in claimed:
             self.connection._deliver(self.transport.to_message(job), queue)
         return len(claimed)
@@ -503,19 +515,33 @@ class Transport(virtual.Transport):  # type: ignore[misc]
         with self._ack_lock:
             (self._pending_deletes if transient else self._pending_acks).append(held)
 
+    def take_acks(self) -> list[tuple[uuid.UUID, int]]:
+        """Hand the deferred task acks to a statement that will write them."""
+        if not self._pending_acks:
+            return []
+        with self._ack_lock:
+            acks, self._pending_acks = self._pending_acks, []
+        return acks
+
+    def return_acks(self, acks: list[tuple[uuid.UUID, int]]) -> None:
+        """Put acks back after the statement that was to write them failed."""
+        if acks:
+            with self._ack_lock:
+                self._pending_acks[:0] = acks
+
     def flush_acks(self) -> None:
         """Write deferred acks: ``acked_at`` for tasks, delete consumed transient rows."""
         if not (self._pending_acks or self._pending_deletes):
             return
+        acks = self.take_acks()
         with self._ack_lock:
-            acks, self._pending_acks = self._pending_acks, []
             deletes, self._pending_deletes = self._pending_deletes, []
         try:
             self.store.mark_acked(acks)
             self.store.delete_held(deletes)
         except Exception:
+            self.return_acks(acks)
             with self._ack_lock:
-                self._pending_acks[:0] = acks
                 self._pending_deletes[:0] = deletes
             raise
 
@@ -525,7 +551,6 @@ class Transport(virtual.Transport):  # type: ignore[misc]
         Sets ``_wanted`` when more may be waiting (a full batch, or no room yet), so the
         event loop's tick comes back without waiting for a NOTIFY or the poll timer.
         """
-        self.flush_acks()
         delivered = 0
         wanted = False
         for channel in list(self.channels):
@@ -541,11 +566,17 @@ class Transport(virtual.Transport):  # type: ignore[misc]
                     wanted = True
                     break
                 room = qos.can_consume_max_estimate()
+                if room and qos.has_unacked() and room < max(1, qos.prefetch_count // 2):
+                    # Work is still in hand: wait until half the prefetch is free and
+                    # claim those together, instead of one commit per finished task.
+                    wanted = True
+                    break
                 limit = min(room, MAX_BATCH) if room else MAX_BATCH
                 got = channel.claim_into(queue, limit)
                 delivered += got
                 if got >= limit:
                     wanted = True
+        self.flush_acks()
         self._wanted = wanted
         return delivered
 

@@ -278,8 +278,17 @@ class Store:
             with self.single() as c:
                 return job_sql.insert(c, new_jobs=new_jobs, channel=channel)
 
-    def claim(self, queue_name: str, limit: int, owner: str) -> list[ClaimedJob]:
-        """Take up to ``limit`` due jobs of an active queue under a lease for ``owner``."""
+    def claim(
+        self,
+        queue_name: str,
+        limit: int,
+        owner: str,
+        acked: Sequence[tuple[UUID, int]] = (),
+    ) -> list[ClaimedJob]:
+        """Take up to ``limit`` due jobs of an active queue under a lease for ``owner``.
+
+        ``acked`` deliveries are marked acked in the same statement.
+        """
         with self.single() as conn:
             return job_sql.claim(
                 conn,
@@ -287,6 +296,7 @@ class Store:
                 limit=limit,
                 owner=owner,
                 lease_seconds=self.options.lease_seconds,
+                acked=acked,
             )
 
     def mark_acked(self, held: Sequence[tuple[UUID, int]]) -> int:

@@ -155,7 +155,7 @@ def insert(conn: sa.Connection, *, new_jobs: Sequence[NewJob], channel: str | No
 
 
 @functools.cache
-def _claim_statement() -> sa.Executable:
+def _claim_statement(with_acks: bool = False) -> sa.Executable:
     active = sa.exists().where(
         job_queues.c.name == sa.bindparam("p_queue_name"), job_queues.c.is_active
     )
@@ -212,7 +212,7 @@ def _claim_statement() -> sa.Executable:
         )
         .cte("opened")
     )
-    return (
+    stmt = (
         sa.select(
             claimed.c.id,
             claimed.c.queue_name,
@@ -224,6 +224,18 @@ def _claim_statement() -> sa.Executable:
         .add_cte(opened)
         .order_by(claimed.c.priority, claimed.c.run_at, claimed.c.created_at)
     )
+    if with_acks:
+        # Pending early acks ride along: they touch running rows, the claim queued
+        # ones, so the two updates never meet the same row.
+        pairs = _held_pairs()
+        acked = (
+            sa.update(jobs)
+            .where(IS_RUNNING, _is_held(pairs), jobs.c.acked_at.is_(None))
+            .values(acked_at=sa.func.now())
+            .cte("acked")
+        )
+        stmt = stmt.add_cte(acked)
+    return stmt
 
 
 def claim(
@@ -233,13 +245,15 @@ def claim(
     limit: int,
     owner: str,
     lease_seconds: float,
+    acked: Sequence[tuple[UUID, int]] = (),
 ) -> list[ClaimedJob]:
     """Take up to ``limit`` due jobs of an active queue, lowest priority number first.
 
     The locking SELECT is a CTE so ``LIMIT`` and ``SKIP LOCKED`` apply before the
     update: concurrent claimers pass over each other's rows instead of waiting, and
     each row is claimed by exactly one of them. Opening the attempt's ``job_logs`` row
-    rides in the same statement: a claim is one round trip.
+    rides in the same statement: a claim is one round trip. ``acked`` records
+    deferred early acks (see :func:`mark_acked`) in the same statement.
     """
     params = {
         "p_queue_name": queue_name,
@@ -247,7 +261,9 @@ def claim(
         "p_owner": owner,
         "p_lease": lease_seconds,
     }
-    return [ClaimedJob(*row) for row in conn.execute(_claim_statement(), params)]
+    if acked:
+        params.update(_held_params(acked))
+    return [ClaimedJob(*row) for row in conn.execute(_claim_statement(bool(acked)), params)]
 
 
 @functools.cache
@@ -613,23 +629,47 @@ def prune_finished(
 ) -> int:
     """Delete up to ``limit`` finished jobs older than ``older_than`` seconds.
 
-    Bounded per call so each transaction stays short; the caller loops.
+    Bounded per call so each transaction stays short; the caller loops. Maintenance
+    runs this every few seconds, usually to find nothing, so it must stay an index
+    probe under a generic plan: see :func:`_delete_jobs` and :func:`fixed`.
     """
     victims = (
         sa.select(jobs.c.id)
         .where(
             jobs.c.status == _status(status),
-            jobs.c.updated_at < sa.func.now() - sa.literal(older_than) * SECOND,
+            jobs.c.updated_at < sa.func.now() - fixed(older_than) * SECOND,
         )
-        .limit(limit)
+        .limit(fixed(limit))
     )
     if dry_run:
         return int(
             conn.execute(sa.select(sa.func.count()).select_from(victims.subquery())).scalar_one()
         )
-    locked = victims.with_for_update(skip_locked=True).cte("victims")
-    deleted = sa.delete(jobs).where(jobs.c.id == locked.c.id).returning(jobs.c.id).cte("deleted")
-    return int(conn.execute(sa.select(sa.func.count()).select_from(deleted)).scalar_one())
+    return _delete_jobs(conn, victims)
+
+
+def fixed(value: float) -> sa.BindParameter[Any]:
+    """A per-process constant (a retention, a batch size) rendered into the SQL text.
+
+    As a bound parameter, a generic plan can't see it: ``updated_at < now() - $1``
+    is then guessed to match a third of the table, and ``LIMIT $2`` a tenth, and the
+    planner picks a sequential scan, which a pass with nothing to delete reads to
+    the end. As a literal the planner estimates from the histogram; the SQL text
+    stays the same for the life of the process, so it is still prepared once.
+    """
+    return sa.literal(value, literal_execute=True)
+
+
+def _delete_jobs(conn: sa.Connection, victims: sa.Select[Any]) -> int:
+    """Delete the (locked, skipped if busy) rows ``victims`` selects; return how many.
+
+    ``id = ANY(ARRAY(…))`` rather than a join: the ids are collected first, then each
+    is one primary-key probe, whatever the planner guesses about their number (a
+    join to a CTE can turn into a hash join over a scan of all of jobs).
+    """
+    chosen = sa.func.array(victims.with_for_update(skip_locked=True).scalar_subquery())
+    deleted = sa.delete(jobs).where(jobs.c.id == sa.any_(chosen)).returning(jobs.c.id)
+    return len(conn.execute(deleted).all())
 
 
 # -- operations (CLI, maintenance) -------------------------------------------------
@@ -681,7 +721,7 @@ def count_prunable(conn: sa.Connection, *, status: JobStatus, older_than: float)
         conn.execute(
             sa.select(sa.func.count()).where(
                 jobs.c.status == _status(status),
-                jobs.c.updated_at < sa.func.now() - sa.literal(older_than) * SECOND,
+                jobs.c.updated_at < sa.func.now() - fixed(older_than) * SECOND,
             )
         ).scalar_one()
     )
@@ -694,15 +734,12 @@ def drop_expired(conn: sa.Connection, *, limit: int) -> int:
     consumed in time is never delivered, so it is deleted rather than kept as history.
     ``ix_jobs_expiring`` holds only such rows: with none expired this is one probe.
     """
-    expired = (
+    return _delete_jobs(
+        conn,
         sa.select(jobs.c.id)
         .where(IS_QUEUED, jobs.c.expires_at.is_not(None), jobs.c.expires_at < sa.func.now())
-        .limit(limit)
-        .with_for_update(skip_locked=True)
-        .cte("expired")
+        .limit(fixed(limit)),
     )
-    deleted = sa.delete(jobs).where(jobs.c.id == expired.c.id).returning(jobs.c.id).cte("deleted")
-    return int(conn.execute(sa.select(sa.func.count()).select_from(deleted)).scalar_one())
 
 
 def drop_in_expired_queues(conn: sa.Connection, *, limit: int) -> int:
@@ -712,16 +749,16 @@ def drop_in_expired_queues(conn: sa.Connection, *, limit: int) -> int:
     more (consumers keep pushing ``expires_at`` forward), so they would wait forever
     and keep the queue row alive through the foreign key.
     """
-    expired = (
+    # The (few) expired queue names first, then ix_jobs_ready per name: never a join
+    # the planner could turn into a scan of every waiting job.
+    expired = sa.select(job_queues.c.name).where(job_queues.c.expires_at < sa.func.now())
+    names = sa.func.array(expired.scalar_subquery())
+    return _delete_jobs(
+        conn,
         sa.select(jobs.c.id)
-        .join(job_queues, job_queues.c.name == jobs.c.queue_name)
-        .where(IS_QUEUED, job_queues.c.expires_at < sa.func.now())
-        .limit(limit)
-        .with_for_update(of=jobs, skip_locked=True)
-        .cte("expired")
+        .where(IS_QUEUED, jobs.c.queue_name == sa.any_(names))
+        .limit(fixed(limit)),
     )
-    deleted = sa.delete(jobs).where(jobs.c.id == expired.c.id).returning(jobs.c.id).cte("deleted")
-    return int(conn.execute(sa.select(sa.func.count()).select_from(deleted)).scalar_one())
 
 
 def is_prunable(*, completed_retention: float, failed_retention: float) -> sa.ColumnElement[bool]:
