@@ -161,6 +161,7 @@ class Channel(virtual.Channel):  # type: ignore[misc]
         super().__init__(connection, **kwargs)
         self.transport = connection
         self.store: Store = connection.store
+        self._no_ack_queues: set[str] = set()
 
     # -- publishing ------------------------------------------------------------------
 
@@ -287,6 +288,12 @@ class Channel(virtual.Channel):  # type: ignore[misc]
             raise Empty()
         return self.transport.to_message(claimed[0])
 
+    def basic_get(self, queue: str, no_ack: bool = False, **kwargs: Any) -> Any:
+        message = super().basic_get(queue, no_ack=no_ack, **kwargs)
+        if message is not None and no_ack:
+            self.transport.defer_ack(held_of(message), transient=not is_task(message.headers))
+        return message
+
     def claim_into(self, queue: str, limit: int) -> int:
         """Claim up to ``limit`` rows of ``queue`` and hand each to its consumer.
 
@@ -298,9 +305,26 @@ class Channel(virtual.Channel):  # type: ignore[misc]
         except Exception:
             self.transport.return_acks(acked)
             raise
+        settle_now = queue in self._no_ack_queues
         for job in claimed:
-            self.connection._deliver(self.transport.to_message(job), queue)
+            message = self.transport.to_message(job)
+            if settle_now:
+                # A no_ack consumer (remote-control mailboxes) never acks: the
+                # delivery itself settles the row.
+                self.transport.defer_ack(
+                    (job.id, job.attempt), transient=not is_task(message["headers"])
+                )
+            self.connection._deliver(message, queue)
         return len(claimed)
+
+    def basic_consume(
+        self, queue: str, no_ack: bool, callback: Any, consumer_tag: str, **kwargs: Any
+    ) -> Any:
+        if no_ack:
+            self._no_ack_queues.add(queue)
+        else:
+            self._no_ack_queues.discard(queue)
+        return super().basic_consume(queue, no_ack, callback, consumer_tag, **kwargs)
 
     def _settle_ack(self, message: Any) -> None:
         self.transport.defer_ack(held_of(message), transient=not is_task(message.headers))

@@ -62,18 +62,41 @@ def celery(url: str, *args: str, check: bool = True) -> subprocess.CompletedProc
     env = {**os.environ, "CELERY_PGQUEUE_URL": url, "PYTHONPATH": str(HERE)}
     return subprocess.run(
         [sys.executable, "-m", "celery", "-A", "tasks", *args],
-        cwd=HERE, env=env, text=True, check=check, capture_output=True,
+        cwd=HERE,
+        env=env,
+        text=True,
+        check=check,
+        capture_output=True,
     )
 
 
 @contextlib.contextmanager
 def worker(url: str) -> Iterator[None]:
     env = {**os.environ, "CELERY_PGQUEUE_URL": url, "PYTHONPATH": str(HERE)}
+    log = open(HERE / "worker.log", "w")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "tasks", "worker", "-c", "1", "-l", "warning",
-         "-n", "demo@%h"],
-        cwd=HERE, env=env,
+        [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "tasks",
+            "worker",
+            "-c",
+            "1",
+            "-l",
+            "warning",
+            "-n",
+            "demo@%h",
+            "-Q",
+            "celery,paused-queue",
+        ],
+        cwd=HERE,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
+    print("  worker started (its log: examples/quickstart/worker.log)")
     try:
         yield
     finally:
@@ -82,6 +105,7 @@ def worker(url: str) -> Iterator[None]:
             proc.wait(20)
         except subprocess.TimeoutExpired:
             proc.kill()
+        log.close()
 
 
 def main() -> None:
@@ -100,8 +124,10 @@ def main() -> None:
         from celery_pgqueue.api import pause, resume
 
         say("priorities: sent before any worker runs; lower number runs sooner")
-        sent = [tasks.send_receipt.apply_async((n,), priority=p) for n, p in
-                [(1, 9), (2, 0), (3, None), (4, 5)]]
+        sent = [
+            tasks.send_receipt.apply_async((n,), priority=p)
+            for n, p in [(1, 9), (2, 0), (3, None), (4, 5)]
+        ]
         later = tasks.add.apply_async((20, 22), countdown=3)
         say("a countdown task waits in the database (run_at), not in worker memory")
         print("queued:", [r.id[:8] for r in sent], "scheduled:", later.id[:8])
@@ -110,23 +136,26 @@ def main() -> None:
 
         with worker(url):
             for r in sent:
-                print(" ", r.get(timeout=30))
+                r.get(timeout=30)
+            ran = sorted(sent, key=lambda r: r.date_done)
+            print("  ran in this order:", ", ".join(r.result for r in ran))
             say("a retry that succeeds on a later attempt")
             print(" ", tasks.charge_card.delay(7).get(timeout=30))
             say("a chord: header tasks counted in the database, body runs once")
-            print("  sum of squares:", chord(tasks.add.s(i, i) for i in range(10))(
-                tasks.total.s()).get(timeout=30))
+            print(
+                "  sum of squares:",
+                chord(tasks.add.s(i, i) for i in range(10))(tasks.total.s()).get(timeout=30),
+            )
             print("  countdown task:", later.get(timeout=30))
             say("paused queue: its task waits until resumed")
             print("  state while paused:", held.state)
             resume(tasks.app, "paused-queue")
-            consume = celery(url, "control", "add_consumer", "paused-queue", check=False)
-            print(" ", consume.stdout.strip() or consume.stderr.strip())
             print("  after resume:", held.get(timeout=30))
             say("the tier, as an operator sees it: celery -A tasks pgqueue status")
             print(celery(url, "pgqueue", "status").stdout)
             say("celery -A tasks pgqueue jobs --limit 5")
             print(celery(url, "pgqueue", "jobs", "--limit", "5").stdout)
+        tasks.app.close()
     say(f"done in {time.monotonic() - started:.1f}s; worker stopped, database dropped")
 
 
