@@ -617,7 +617,8 @@ class Store:
 
     # -- results (backend) ----------------------------------------------------------
     # Celery's result backend: task state in the job's own row, attempts in job_logs,
-    # groups and chord counters in job_groups. Each method is one short transaction.
+    # groups and chord counters in job_groups. Each method is one autocommit statement,
+    # or one short transaction where two statements must commit together.
 
     def write_state(self, write: StateWrite, *, notify: bool) -> bool:
         """Record one state transition of a task; False when fenced out.
@@ -628,7 +629,10 @@ class Store:
         NOTIFY on :attr:`result_channel`, sent at commit of this same transaction.
         """
         if write.transport_owned:
-            with self.begin() as conn:
+            # The NOTIFY must commit with the state it announces: a transaction, unless
+            # there is nothing to announce.
+            announce = notify and write.ready
+            with self.begin() if announce else self.single() as conn:
                 changed = job_sql.finish(
                     conn,
                     job_id=write.job_id,
@@ -640,11 +644,11 @@ class Store:
                     result=write.document,
                     max_attempts=write.max_attempts,
                 )
-                if changed and notify and write.ready:
+                if changed and announce:
                     schema_sql.notify(conn, channel=self.result_channel, payload=str(write.job_id))
             return changed
         self.ensure_queues([write.queue_name])
-        with self.begin() as conn:
+        with self.single() as conn:
             return result_sql.upsert_state(
                 conn, write=write, channel=self.result_channel if notify else None
             )
@@ -658,7 +662,7 @@ class Store:
         with_failure_log: bool = False,
     ) -> list[StoredResult]:
         """The stored state of several tasks in one round trip; unknown ids are absent."""
-        with self.begin() as conn:
+        with self.single() as conn:
             return result_sql.read(
                 conn,
                 job_ids=job_ids,
@@ -669,7 +673,7 @@ class Store:
 
     def notify_results(self, payload: str) -> None:
         """Send one NOTIFY on the results channel (the listener's self-probe)."""
-        with self.begin() as conn:
+        with self.single() as conn:
             schema_sql.notify(conn, channel=self.result_channel, payload=payload)
 
     def result_listener(self) -> ResultListener:
@@ -683,27 +687,27 @@ class Store:
 
     def save_group(self, group_id: UUID, result: Any) -> None:
         """Store a group's result tuple (a JSON value)."""
-        with self.begin() as conn:
+        with self.single() as conn:
             group_sql.save(conn, group_id=group_id, result=result)
 
     def group(self, group_id: UUID) -> str | None:
         """A saved group's result tuple as JSON text, or None."""
-        with self.begin() as conn:
+        with self.single() as conn:
             return group_sql.get(conn, group_id=group_id)
 
     def delete_group(self, group_id: UUID) -> int:
         """Remove a group with its chord counter and parts."""
-        with self.begin() as conn:
+        with self.single() as conn:
             return group_sql.delete(conn, group_id=group_id)
 
     def set_chord_size(self, group_id: UUID, size: int) -> None:
         """How many header parts the chord on ``group_id`` waits for."""
-        with self.begin() as conn:
+        with self.single() as conn:
             group_sql.set_chord_size(conn, group_id=group_id, size=size)
 
     def add_to_chord(self, group_id: UUID, count: int = 1) -> None:
         """Wait for ``count`` more header parts."""
-        with self.begin() as conn:
+        with self.single() as conn:
             group_sql.add_to_chord(conn, group_id=group_id, count=count)
 
     def count_chord_part(
@@ -725,12 +729,12 @@ class Store:
 
     def chord_parts(self, group_id: UUID) -> list[ChordPart]:
         """The counted parts of a chord in header order, with their stored results."""
-        with self.begin() as conn:
+        with self.single() as conn:
             return group_sql.parts(conn, group_id=group_id)
 
     def forget_chord_parts(self, group_id: UUID) -> int:
         """Drop a started chord's parts; its group row stays as the "started" marker."""
-        with self.begin() as conn:
+        with self.single() as conn:
             return group_sql.forget_parts(conn, group_id=group_id)
 
     def prune_groups(self, *, older_than: float, max_batches: int = 10_000) -> int:

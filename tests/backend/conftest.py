@@ -96,6 +96,18 @@ def define_tasks(app: Celery, database_url: str, broker: str) -> Tasks:
         tasks.finished_at[key] = time.monotonic()
         return key
 
+    @app.task(name="t.tracked", shared=False, track_started=True)
+    def tracked() -> str:
+        if not tasks.gate.wait(30):
+            raise TimeoutError("the test never opened the gate")
+        return "tracked"
+
+    @app.task(name="t.later", shared=False, bind=True, max_retries=1)
+    def later(self: Any) -> int:
+        if not self.request.retries:
+            raise self.retry(exc=KeyError("not yet"), countdown=1.5)
+        return int(self.request.retries)
+
     @app.task(name="t.fail", shared=False)
     def fail(message: str = "boom") -> None:
         raise ValueError(message)

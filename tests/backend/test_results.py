@@ -245,6 +245,15 @@ def test_extended_fields_with_another_broker_are_stored_in_the_result(
     assert (result.name, result.args, result.kwargs) == ("t.add", [1, 2], {"fast": True})
 
 
+def test_broker_and_backend_on_one_database_share_one_pool(
+    backend_tasks: Callable[..., Tasks],
+) -> None:
+    tasks = backend_tasks("pgqueue")
+    with tasks.app.connection_for_write() as connection:
+        transport_store = connection.transport.store
+    assert tasks.app.backend.store is transport_store
+
+
 def test_configuration_is_the_transports(backend_tasks: Callable[..., Tasks]) -> None:
     tasks = backend_tasks()
     tasks.app.conf.result_backend = tasks.app.conf.result_backend.replace(

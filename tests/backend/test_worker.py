@@ -89,6 +89,37 @@ def test_max_retries_none_leaves_max_attempts_empty(worker_tasks: Tasks) -> None
     assert job is not None and job["max_attempts"] is None
 
 
+def test_track_started_marks_the_job_running_with_an_open_attempt(worker_tasks: Tasks) -> None:
+    t = worker_tasks
+    t.gate.clear()
+    result = t.tracked.delay()
+    try:
+        wait_until(lambda: result.state == "STARTED", timeout=10)
+        assert result.info["hostname"], "Celery's STARTED meta (pid, hostname)"
+        job = t.job(result.id)
+        assert job is not None and job["status"] == "running" and job["started_at"]
+        assert [(a["attempt_number"], a["status"]) for a in t.attempts(result.id)] == [
+            (1, "attempting")
+        ]
+    finally:
+        t.gate.set()
+    assert result.get(timeout=10) == "tracked"
+    assert [a["status"] for a in t.attempts(result.id)] == ["success"]
+
+
+def test_retry_puts_the_job_back_in_line_until_its_next_run(worker_tasks: Tasks) -> None:
+    t = worker_tasks
+    result = t.later.delay()
+
+    wait_until(lambda: result.state == "RETRY", timeout=10)
+    assert isinstance(result.info, KeyError)
+    job = t.job(result.id)
+    assert job is not None and job["status"] == "queued"
+    assert job["run_at"] > job["updated_at"], "run_at is the retry's countdown ahead"
+    assert result.get(timeout=10) == 1
+    assert [a["status"] for a in t.attempts(result.id)] == ["retry", "success"]
+
+
 def test_custom_state_and_meta_are_kept_and_read_back(worker_tasks: Tasks) -> None:
     t = worker_tasks
     t.gate.clear()
@@ -195,6 +226,18 @@ def test_a_failed_header_task_fails_the_chord_and_calls_its_errback(worker_tasks
     wait_until(lambda: any(task_id == result.id for task_id, _ in t.errbacks), timeout=10)
     [(_, message)] = [e for e in t.errbacks if e[0] == result.id]
     assert "header broke" in message
+
+
+def test_a_failed_header_fails_every_task_of_a_group_body(worker_tasks: Tasks) -> None:
+    t = worker_tasks
+    body = group(t.tsum.s(), t.tsum.s())
+    result = chord([t.fail.s("no header"), t.add.s(1, 1)], body).delay()
+
+    with pytest.raises(ValueError, match="no header"):
+        result.get(timeout=15)  # each body task failed with the header's error
+    for member in result.results:
+        job = t.job(member.id)
+        assert job is not None and job["status"] == "failed", "no body task left hanging"
 
 
 def test_link_error_runs_the_errback_of_a_failed_task(worker_tasks: Tasks) -> None:
