@@ -580,7 +580,12 @@ class Store:
         """
         batch = limit or self.options.prune_batch_size
         with self.begin() as conn:
-            messages = job_sql.drop_in_expired_queues(conn, limit=batch)
+            expired = queue_sql.expired(conn, limit=batch)
+            if not expired:  # the usual pass: one look at the small job_queues table
+                return 0, 0
+            messages = 0
+            for name in expired:
+                messages += job_sql.drop_waiting(conn, queue_name=name, limit=batch)
             names = queue_sql.drop_expired(conn, limit=batch)
         self._known_queues.difference_update(names)
         return len(names), messages

@@ -742,21 +742,19 @@ def drop_expired(conn: sa.Connection, *, limit: int) -> int:
     )
 
 
-def drop_in_expired_queues(conn: sa.Connection, *, limit: int) -> int:
-    """Delete up to ``limit`` waiting messages of queues past their ``x-expires``.
+def drop_waiting(conn: sa.Connection, *, queue_name: str, limit: int) -> int:
+    """Delete up to ``limit`` waiting messages of one queue (its expiry has passed).
 
     As in RabbitMQ, an expired queue goes with its messages: nobody consumes it any
     more (consumers keep pushing ``expires_at`` forward), so they would wait forever
-    and keep the queue row alive through the foreign key.
+    and keep the queue row alive through the foreign key. Ordered as the claim reads
+    them, so even a generic plan walks ``ix_jobs_ready`` for this one queue.
     """
-    # The (few) expired queue names first, then ix_jobs_ready per name: never a join
-    # the planner could turn into a scan of every waiting job.
-    expired = sa.select(job_queues.c.name).where(job_queues.c.expires_at < sa.func.now())
-    names = sa.func.array(expired.scalar_subquery())
     return _delete_jobs(
         conn,
         sa.select(jobs.c.id)
-        .where(IS_QUEUED, jobs.c.queue_name == sa.any_(names))
+        .where(jobs.c.queue_name == queue_name, IS_QUEUED)
+        .order_by(jobs.c.priority, jobs.c.run_at, jobs.c.created_at)
         .limit(fixed(limit)),
     )
 

@@ -7,6 +7,7 @@ from uuid import UUID
 
 import sqlalchemy as sa
 
+from celery_pgqueue.store.jobs import fixed
 from celery_pgqueue.store.tables import job_logs, jobs
 
 SECOND = sa.text("interval '1 second'")
@@ -38,9 +39,9 @@ def prune_old(conn: sa.Connection, *, older_than: float, limit: int, dry_run: bo
         sa.select(job_logs.c.id)
         .where(
             job_logs.c.finished_at.is_not(None),
-            job_logs.c.started_at < sa.func.now() - sa.literal(older_than) * SECOND,
+            job_logs.c.started_at < sa.func.now() - fixed(older_than) * SECOND,
         )
-        .limit(limit)
+        .limit(fixed(limit))
     )
     return _delete(conn, victims, dry_run)
 
@@ -59,7 +60,7 @@ def prune_excess(conn: sa.Connection, *, keep: int, limit: int, dry_run: bool) -
         sa.select(job_logs.c.id)
         .join(jobs, jobs.c.id == job_logs.c.job_id)
         .where(*_over_cap(keep))
-        .limit(limit)
+        .limit(fixed(limit))
     )
     return _delete(conn, victims, dry_run)
 
@@ -84,7 +85,7 @@ def count_prunable(
     """
     old = sa.and_(
         job_logs.c.finished_at.is_not(None),
-        job_logs.c.started_at < sa.func.now() - sa.literal(older_than) * SECOND,
+        job_logs.c.started_at < sa.func.now() - fixed(older_than) * SECOND,
     )
     return int(
         conn.execute(
@@ -100,8 +101,7 @@ def _delete(conn: sa.Connection, victims: sa.Select[Any], dry_run: bool) -> int:
         return int(
             conn.execute(sa.select(sa.func.count()).select_from(victims.subquery())).scalar_one()
         )
-    chosen = victims.cte("victims")
-    deleted = (
-        sa.delete(job_logs).where(job_logs.c.id == chosen.c.id).returning(job_logs.c.id)
-    ).cte("deleted")
-    return int(conn.execute(sa.select(sa.func.count()).select_from(deleted)).scalar_one())
+    # As in jobs._delete_jobs: ids first, then one primary-key probe each.
+    chosen = sa.func.array(victims.with_for_update(of=job_logs, skip_locked=True).scalar_subquery())
+    deleted = sa.delete(job_logs).where(job_logs.c.id == sa.any_(chosen)).returning(job_logs.c.id)
+    return len(conn.execute(deleted).all())

@@ -71,6 +71,18 @@ def active_among(conn: sa.Connection, *, names: Sequence[str]) -> list[str]:
     )
 
 
+def expired(conn: sa.Connection, *, limit: int) -> list[str]:
+    """Up to ``limit`` queues past their ``x-expires`` (``job_queues`` is small)."""
+    return list(
+        conn.execute(
+            sa.select(job_queues.c.name)
+            .where(job_queues.c.expires_at < sa.func.now())
+            .order_by(job_queues.c.expires_at)
+            .limit(limit)
+        ).scalars()
+    )
+
+
 def drop_expired(conn: sa.Connection, *, limit: int) -> list[str]:
     """Delete up to ``limit`` queues past their ``x-expires`` that no job references,
     returning their names.
