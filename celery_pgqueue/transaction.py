@@ -31,7 +31,11 @@ def enqueue_in(connection: Any) -> Iterator[sa.Connection]:
 
 
 def connection_for(store: Any) -> sa.Connection | None:
-    """The caller's connection for ``store``'s database, if inside ``enqueue_in``."""
+    """The caller's connection for ``store``'s database, if inside ``enqueue_in``.
+
+    Raises TransactionError when the transaction has ended or the connection is to
+    another database than the broker's: a task must never be published half-way.
+    """
     conn = _current.get()
     if conn is None:
         return None
@@ -40,6 +44,17 @@ def connection_for(store: Any) -> sa.Connection | None:
             "enqueue_in(): the caller's transaction has already ended; publish inside "
             "an open transaction or outside enqueue_in()"
         )
+    key = id(store)
+    checked = conn.info.setdefault("celery_pgqueue_checked", set())
+    if key not in checked:
+        theirs, ours = store.identity(conn), store.identity()
+        if theirs != ours:
+            raise TransactionError(
+                f"enqueue_in(): the connection is to database {theirs[0]!r}, but the broker "
+                f"uses {store.url.masked()}; enqueue in the broker's database, or publish "
+                "outside enqueue_in()"
+            )
+        checked.add(key)
     return conn
 
 

@@ -189,6 +189,11 @@ class Store:
                 f"{_first_line(exc.orig) if exc.orig else exc}"
             ) from exc
 
+    def identity(self, conn: sa.Connection | None = None) -> tuple[str, str]:
+        """Which database a connection (ours if None) is on: name and server start."""
+        with self.begin(conn) as c:
+            return schema_sql.server_identity(c)
+
     def check_schema(self) -> None:
         """Fail fast, naming the migrate command, when the tables are missing or old."""
         if self._schema_checked:
@@ -623,22 +628,21 @@ class Store:
     # -- results (backend) ----------------------------------------------------------
     # Celery's result backend: task state in the job's own row, attempts in job_logs,
     # groups and chord counters in job_groups. Each method is one autocommit statement,
-    # or one short transaction where two statements must commit together.
+    # or one short transaction where two statements must commit together (a chord's
+    # count and its claim).
 
     def write_state(self, write: StateWrite, *, notify: bool) -> bool:
         """Record one state transition of a task; False when fenced out.
 
         A row the pgqueue transport made is updated only at the attempt it delivered
         (:func:`jobs.finish`); otherwise the row and its attempt's log row are created
-        or updated here. ``notify`` and a ready state: waiting clients are woken by a
-        NOTIFY on :attr:`result_channel`, sent at commit of this same transaction.
+        or updated here; either way in one statement. ``notify`` and a ready state:
+        waiting clients are woken by a NOTIFY on :attr:`result_channel` sent by that
+        statement, so it fires at its commit and only if the row changed.
         """
         if write.transport_owned:
-            # The NOTIFY must commit with the state it announces: a transaction, unless
-            # there is nothing to announce.
-            announce = notify and write.ready
-            with self.begin() if announce else self.single() as conn:
-                changed = job_sql.finish(
+            with self.single() as conn:
+                return job_sql.finish(
                     conn,
                     job_id=write.job_id,
                     attempt=write.attempt,
@@ -648,10 +652,8 @@ class Store:
                     log_message=write.log_message,
                     result=write.document,
                     max_attempts=write.max_attempts,
+                    result_channel=self.result_channel if notify and write.ready else None,
                 )
-                if changed and announce:
-                    schema_sql.notify(conn, channel=self.result_channel, payload=str(write.job_id))
-            return changed
         self.ensure_queues([write.queue_name])
         with self.single() as conn:
             return result_sql.upsert_state(

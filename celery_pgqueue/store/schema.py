@@ -25,3 +25,11 @@ def current_revision(conn: sa.Connection, *, schema: str) -> str | None:
 def notify(conn: sa.Connection, *, channel: str, payload: str) -> None:
     """Send a NOTIFY, delivered when the transaction commits."""
     conn.execute(sa.select(sa.func.pg_notify(channel, payload)))
+
+
+def server_identity(conn: sa.Connection) -> tuple[str, str]:
+    """``(database, server start time)``: equal only for the same database on one server."""
+    row = conn.execute(
+        sa.select(sa.func.current_database(), sa.func.pg_postmaster_start_time().cast(sa.Text))
+    ).one()
+    return str(row[0]), str(row[1])
