@@ -343,6 +343,7 @@ def _finish_statement(
     with_result: bool,
     with_max_attempts: bool,
     with_run_at: bool,
+    announce: bool = False,
 ) -> sa.Executable:
     values: dict[str, Any] = {"status": status.value, "updated_at": sa.func.now()}
     if with_result:
@@ -368,6 +369,12 @@ def _finish_statement(
         sa.update(jobs).where(*conditions).values(**values).returning(jobs.c.id).cte("updated")
     )
     stmt = sa.select(sa.func.count()).select_from(updated)
+    if announce:
+        # The result backend's waiters: woken at commit, and only if the row changed.
+        channel = sa.bindparam("p_result_channel", type_=sa.String)
+        stmt = stmt.add_columns(
+            sa.func.count(sa.func.pg_notify(channel, sa.cast(updated.c.id, sa.Text)))
+        )
     if log_status is None:
         return stmt
     # The attempt's log row is closed even when the job row has moved on (a retry
@@ -407,12 +414,15 @@ def finish(
     result: Any = None,
     max_attempts: int | None = None,
     run_at: Any = None,
+    result_channel: str | None = None,
 ) -> bool:
     """Move a job to ``status`` and close its current attempt's log row.
 
     ``attempt`` fences the write to the delivery that ran it; ``None`` accepts any
     attempt (result-backend writes for tasks that arrived through another broker).
-    A finished success is never overwritten.
+    A finished success is never overwritten. ``result_channel``: NOTIFY it with the
+    job id when the row changed, in this same statement (the result backend's
+    ready states).
     """
     stmt = _finish_statement(
         status,
@@ -421,6 +431,7 @@ def finish(
         result is not None,
         max_attempts is not None,
         run_at is not None,
+        result_channel is not None,
     )
     params: dict[str, Any] = {
         "p_job_id": job_id,
@@ -430,6 +441,7 @@ def finish(
         "p_run_at": run_at,
         "p_error_message": (error_message or "")[:255] or None,
         "p_log_message": log_message,
+        "p_result_channel": result_channel,
     }
     row = conn.execute(stmt, params).first()
     return bool(row and row[0])
