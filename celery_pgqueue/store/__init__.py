@@ -627,9 +627,7 @@ class Store:
 
     # -- results (backend) ----------------------------------------------------------
     # Celery's result backend: task state in the job's own row, attempts in job_logs,
-    # groups and chord counters in job_groups. Each method is one autocommit statement,
-    # or one short transaction where two statements must commit together (a chord's
-    # count and its claim).
+    # groups and chord counters in job_groups. Each method is one autocommit statement.
 
     def write_state(self, write: StateWrite, *, notify: bool) -> bool:
         """Record one state transition of a task; False when fenced out.
@@ -720,19 +718,11 @@ class Store:
     def count_chord_part(
         self, group_id: UUID, task_id: UUID, group_index: int | None, state: str
     ) -> bool:
-        """Count one finished header part; True for the one caller that must start the body.
-
-        Counting and claiming share one transaction: the counter's row lock makes the
-        parts that finish together queue up, and only the part that completes the count
-        sees the body unclaimed.
-        """
-        with self.begin() as conn:
-            count = group_sql.count_part(
+        """Count one finished header part; True for the one caller that must start the body."""
+        with self.single() as conn:
+            return group_sql.count_part(
                 conn, group_id=group_id, task_id=task_id, group_index=group_index, state=state
             )
-            if count.started or not count.complete:
-                return False
-            return group_sql.claim_body(conn, group_id=group_id)
 
     def chord_parts(self, group_id: UUID) -> list[ChordPart]:
         """The counted parts of a chord in header order, with their stored results."""

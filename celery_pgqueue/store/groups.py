@@ -22,20 +22,6 @@ NO_INDEX = -1  # job_chord_parts.group_index when Celery gives none
 
 
 @dataclass(frozen=True, slots=True)
-class ChordCount:
-    """A group's chord counter right after one part was counted."""
-
-    done: int
-    size: int | None
-    added: int
-    started: bool
-
-    @property
-    def complete(self) -> bool:
-        return self.size is not None and self.done >= self.size + self.added
-
-
-@dataclass(frozen=True, slots=True)
 class ChordPart:
     """One counted header part, with its job's stored result (None if it has no row)."""
 
@@ -108,13 +94,15 @@ def add_to_chord(conn: sa.Connection, *, group_id: UUID, count: int) -> None:
 
 def count_part(
     conn: sa.Connection, *, group_id: UUID, task_id: UUID, group_index: int | None, state: str
-) -> ChordCount:
-    """Count one finished header part, once, and return the counter.
+) -> bool:
+    """Count one finished header part, once; True for the part that must start the body.
 
-    The part's row is the dedupe key (task id and header index, as Redis keys it): a
-    part that runs twice (redelivered, or rescued after its lease ran out) adds nothing
-    the second time. The counter's update locks the group row until commit, so the
-    caller may claim the body in the same transaction without a race.
+    One statement, so the group row is locked only while it runs (every part of a big
+    chord queues on that row). The part's row is the dedupe key (task id and header
+    index, as Redis keys it): a part that runs twice (redelivered, or rescued after its
+    lease ran out) adds nothing the second time. The counter only ever grows by one,
+    so exactly one part moves it onto ``chord_size + chord_added``: that part claims
+    the body, recording ``chord_started_at`` in the same update.
     """
     part = (
         pg_insert(job_chord_parts)
@@ -128,35 +116,35 @@ def count_part(
         .returning(job_chord_parts.c.task_id)
         .cte("part")
     )
-    counted = sa.select(
-        sa.literal(group_id, PG_UUID(as_uuid=True)),
-        sa.select(sa.func.count()).select_from(part).scalar_subquery(),
+    counted = sa.select(sa.func.count()).select_from(part).scalar_subquery()
+    insert = pg_insert(job_groups).from_select(
+        ["id", "chord_done"], sa.select(sa.literal(group_id, PG_UUID(as_uuid=True)), counted)
     )
-    insert = pg_insert(job_groups).from_select(["id", "chord_done"], counted)
-    bump = insert.on_conflict_do_update(
-        index_elements=["id"],
-        set_={
-            "chord_done": job_groups.c.chord_done + insert.excluded.chord_done,
-            "updated_at": sa.func.now(),
-        },
-    ).returning(
-        job_groups.c.chord_done,
-        job_groups.c.chord_size,
-        job_groups.c.chord_added,
-        job_groups.c.chord_started_at.is_not(None),
+    g = job_groups.c
+    done = g.chord_done + insert.excluded.chord_done
+    reaches = sa.and_(
+        g.chord_started_at.is_(None),
+        g.chord_size.is_not(None),
+        done >= g.chord_size + g.chord_added,
     )
-    row = conn.execute(bump.add_cte(part)).one()
-    return ChordCount(done=row[0], size=row[1], added=row[2], started=bool(row[3]))
-
-
-def claim_body(conn: sa.Connection, *, group_id: UUID) -> bool:
-    """Mark the chord's body started; True for the one transaction that did it."""
-    result = conn.execute(
-        sa.update(job_groups)
-        .where(job_groups.c.id == group_id, job_groups.c.chord_started_at.is_(None))
-        .values(chord_started_at=sa.func.now(), updated_at=sa.func.now())
+    bump = (
+        insert.on_conflict_do_update(
+            index_elements=["id"],
+            set_={
+                "chord_done": done,
+                "chord_started_at": sa.case((reaches, sa.func.now()), else_=g.chord_started_at),
+                "updated_at": sa.func.now(),
+            },
+        )
+        .returning(g.chord_done, g.chord_size, g.chord_added, g.chord_started_at)
+        .cte("bump")
     )
-    return result.rowcount == 1
+    claimed = sa.and_(
+        counted == 1,
+        bump.c.chord_started_at.is_not(None),
+        bump.c.chord_done == bump.c.chord_size + bump.c.chord_added,
+    )
+    return bool(conn.execute(sa.select(claimed).select_from(bump).add_cte(part)).scalar())
 
 
 def parts(conn: sa.Connection, *, group_id: UUID) -> list[ChordPart]:
