@@ -260,7 +260,7 @@ class ResultConsumer(BaseResultConsumer):  # type: ignore[misc]
                 on_interval()
 
     def drain_events(self, timeout: float | None = None) -> None:
-        """Sleep until a awaited job is notified (or ``timeout``), then read it."""
+        """Sleep until an awaited job is notified (or ``timeout``), then read it."""
         backend = self.backend
         listener = self._listener()
         listening = listener is not None and listener.listening
@@ -782,23 +782,13 @@ class PgQueueBackend(Backend, AsyncBackendMixin):  # type: ignore[misc]
             return values
         values = []
         for part in self.store.chord_parts(job_id_for(group_id)):
-            meta = None
-            if part.result_json:
-                meta = self._meta(
-                    StoredResult(
-                        id=part.task_id,
-                        status=job_status_for(part.state).value,
-                        result_json=part.result_json,
-                        last_error_message=None,
-                        finished_at=None,
-                        queue_name="",
-                    ),
-                    str(part.task_id),
-                )
-            value = meta["result"] if meta else None
+            # A header task that ignored its result has no document: its value is None.
+            document = self._decode_document(part.result_json) if part.result_json else {}
+            value = document.get("result")
             if part.state in states.PROPAGATE_STATES:
+                cause = self.exception_to_python(value) if value else ChordError(part.state)
                 raise _create_chord_error_with_cause(
-                    message=f"Dependency {part.task_id} raised {value!r}", original_exc=value
+                    message=f"Dependency {part.task_id} raised {cause!r}", original_exc=cause
                 )
             values.append(value)
         return values
