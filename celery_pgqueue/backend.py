@@ -346,6 +346,7 @@ class PgQueueBackend(Backend, AsyncBackendMixin):  # type: ignore[misc]
         if self._store is None:
             store = Store.for_url(self.database_url, self.options)
             store.check_schema()
+            _warn_if_options_differ(store.options, self.options)
             self._store = store
         return self._store
 
@@ -795,6 +796,36 @@ class PgQueueBackend(Backend, AsyncBackendMixin):  # type: ignore[misc]
 
 
 # -- helpers ---------------------------------------------------------------------------
+
+
+# Options the shared Store applies itself (its pool, queue defaults and retention).
+_STORE_OPTIONS = (
+    "pool_size",
+    "max_overflow",
+    "pool_timeout",
+    "connect_timeout",
+    "default_priority",
+    "failed_retention",
+    "log_retention",
+    "max_logs_per_job",
+    "prune_batch_size",
+)
+
+
+def _warn_if_options_differ(shared: PgQueueOptions, ours: PgQueueOptions) -> None:
+    """One pool per database: the transport's options may already have made it.
+
+    The store's own settings are then the transport's; the backend's decisions
+    (notify, polling, limits, tracebacks, completed retention) still follow ``ours``.
+    """
+    differ = [name for name in _STORE_OPTIONS if getattr(ours, name) != getattr(shared, name)]
+    if differ:
+        logger.warning(
+            "pgqueue: result_backend_transport_options differ from the options the shared "
+            "connection pool was made with (%s); broker and backend on one database share "
+            "one pool, so those follow broker_transport_options. Give both the same mapping.",
+            ", ".join(differ),
+        )
 
 
 def _delivered_attempt(request: Any) -> int | None:

@@ -254,6 +254,17 @@ def test_broker_and_backend_on_one_database_share_one_pool(
     assert tasks.app.backend.store is transport_store
 
 
+def test_options_the_shared_pool_cannot_follow_are_named_in_a_warning(
+    backend_tasks: Callable[..., Tasks], caplog: pytest.LogCaptureFixture
+) -> None:
+    tasks = backend_tasks("pgqueue", backend_options={"prune_batch_size": 50})
+    with tasks.app.connection_for_write() as connection:
+        connection.transport.store  # the transport makes the pool first  # noqa: B018
+    with caplog.at_level("WARNING", logger="celery_pgqueue"):
+        tasks.app.backend.store  # noqa: B018
+    assert "(prune_batch_size)" in caplog.text
+
+
 def test_configuration_is_the_transports(backend_tasks: Callable[..., Tasks]) -> None:
     tasks = backend_tasks()
     tasks.app.conf.result_backend = tasks.app.conf.result_backend.replace(
