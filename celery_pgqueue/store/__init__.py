@@ -411,13 +411,17 @@ class Store:
     def rescue_expired(self, limit: int = 1000) -> tuple[int, int]:
         """Requeue (or fail, if acked early) running jobs whose lease ran out."""
         channel = self.channel if self.options.use_notify else None
+        results = self.result_channel if self.options.use_notify else None
         with self.begin() as conn:
-            return job_sql.rescue_expired(conn, limit=limit, channel=channel)
+            return job_sql.rescue_expired(
+                conn, limit=limit, channel=channel, result_channel=results
+            )
 
     def cancel(self, job_ids: Sequence[UUID]) -> int:
-        """Durably cancel jobs that have not started."""
+        """Durably cancel jobs that have not started; waiting ``get()`` calls wake up."""
+        results = self.result_channel if self.options.use_notify else None
         with self.begin() as conn:
-            return job_sql.cancel(conn, job_ids=job_ids)
+            return job_sql.cancel(conn, job_ids=job_ids, result_channel=results)
 
     def retry(self, job_ids: Sequence[UUID]) -> int:
         """Failed or cancelled jobs back to queued now."""

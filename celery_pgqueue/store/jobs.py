@@ -486,7 +486,9 @@ def delete_held(conn: sa.Connection, *, held: Sequence[tuple[UUID, int]]) -> int
     return conn.execute(_delete_held_statement(), _held_params(held)).rowcount
 
 
-def rescue_expired(conn: sa.Connection, *, limit: int, channel: str | None) -> tuple[int, int]:
+def rescue_expired(
+    conn: sa.Connection, *, limit: int, channel: str | None, result_channel: str | None = None
+) -> tuple[int, int]:
     """Take back running jobs whose lease ran out (their worker died or hung).
 
     Not yet acked (``acks_late``, or prefetched and never started): back to ``queued``
@@ -548,8 +550,14 @@ def rescue_expired(conn: sa.Connection, *, limit: int, channel: str | None) -> t
     requeued = sa.func.count().filter(updated.c.status == JobStatus.QUEUED.value)
     failed = sa.func.count().filter(updated.c.status == JobStatus.FAILED.value)
     back = sa.select(updated.c.queue_name).where(updated.c.status == JobStatus.QUEUED.value)
+    lost = sa.select(updated.c.id).where(updated.c.status == JobStatus.FAILED.value).cte("lost")
     row = conn.execute(
-        sa.select(requeued, failed, _notify_queues(back.cte("back"), channel is not None))
+        sa.select(
+            requeued,
+            failed,
+            _notify_queues(back.cte("back"), channel is not None),
+            _announce(lost, result_channel),
+        )
         .select_from(updated)
         .add_cte(closed),
         {"p_channel": channel},
@@ -557,16 +565,37 @@ def rescue_expired(conn: sa.Connection, *, limit: int, channel: str | None) -> t
     return (int(row[0]), int(row[1])) if row else (0, 0)
 
 
-def cancel(conn: sa.Connection, *, job_ids: Sequence[UUID]) -> int:
-    """Cancel jobs that have not started: durable, no worker will ever claim them."""
+def _announce(changed: sa.CTE, result_channel: str | None) -> sa.ColumnElement[Any]:
+    """NOTIFY each changed job id on the result backend's channel (woken ``get()``)."""
+    if result_channel is None:
+        return sa.literal(0)
+    return (
+        sa.select(sa.func.count(sa.func.pg_notify(result_channel, sa.cast(changed.c.id, sa.Text))))
+        .select_from(changed)
+        .scalar_subquery()
+    )
+
+
+def cancel(
+    conn: sa.Connection, *, job_ids: Sequence[UUID], result_channel: str | None = None
+) -> int:
+    """Cancel jobs that have not started: durable, no worker will ever claim them.
+
+    Clients already waiting in ``get()`` are woken (``result_channel``).
+    """
     if not job_ids:
         return 0
-    result = conn.execute(
+    cancelled = (
         sa.update(jobs)
         .where(jobs.c.id.in_(list(job_ids)), IS_QUEUED)
         .values(status=JobStatus.CANCELLED.value, updated_at=sa.func.now())
+        .returning(jobs.c.id)
+        .cte("cancelled")
     )
-    return result.rowcount
+    row = conn.execute(
+        sa.select(sa.func.count(), _announce(cancelled, result_channel)).select_from(cancelled)
+    ).first()
+    return int(row[0]) if row else 0
 
 
 def retry(conn: sa.Connection, *, job_ids: Sequence[UUID], channel: str | None) -> int:

@@ -309,3 +309,34 @@ def test_tasks_with_custom_ids_map_to_stable_rows(make_app, database_url):
     assert job(database_url, "order-42")["id"] == uuid.uuid5(
         uuid.UUID("5b0f3c9e-6a53-4c1e-9d7e-9a1c6f3d2b10"), "order-42"
     )
+
+
+def test_revoking_a_queued_task_wakes_a_client_waiting_on_its_result(make_app, broker_url):
+    import threading
+
+    from celery.exceptions import TaskRevokedError
+
+    app = make_app(
+        result_backend=broker_url,
+        result_backend_transport_options={"polling_interval": 60},
+    )
+
+    @app.task(name="t.never")
+    def never() -> None: ...
+
+    result = never.delay()
+    outcome: list[BaseException] = []
+
+    def wait() -> None:
+        try:
+            result.get(timeout=50)
+        except BaseException as exc:  # the test inspects whatever get() raised
+            outcome.append(exc)
+
+    waiter = threading.Thread(target=wait, daemon=True)
+    waiter.start()
+    time.sleep(0.5)  # the client is now waiting on its LISTEN connection
+    app.control.revoke(result.id)
+    # Far sooner than the 60 s poll or the backend's periodic re-read: NOTIFY woke it.
+    wait_until(lambda: outcome, timeout=8)
+    assert isinstance(outcome[0], TaskRevokedError)
