@@ -107,7 +107,7 @@ def test_scheduled_tasks_are_not_held_in_worker_memory(make_app, database_url):
             later.apply_async(countdown=3600)
         # Give the worker several polls to (wrongly) take them.
         sentinel = later.apply_async()
-        wait_until(lambda: job(database_url, sentinel.id)["status"] == "completed", timeout=15)
+        wait_until(lambda: job(database_url, sentinel.id)["status"] == "completed", timeout=40)
         assert worker.consumer.task_consumer.channel.qos.held() == []
     counts = dict(rows(database_url, "SELECT status, count(*) FROM jobs GROUP BY status"))
     assert counts == {"queued": 300, "completed": 1}
