@@ -1,0 +1,70 @@
+"""A prefork worker with work waiting never sleeps until its poll timer.
+
+The recommended setting for long tasks, ``task_acks_late=True`` with
+``worker_prefetch_multiplier=1``, means the worker claims the next row only after the
+previous task's ack. The claim happens in the event loop's tick; the job must then
+reach a pool process in the same wake-up, not after ``polling_interval``.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+from helpers import wait_until
+
+from .procs import Database, Workers, task_specs, write_app
+
+pytestmark = [pytest.mark.worker, pytest.mark.slow]
+
+POLLING_INTERVAL = 3.0
+PROCESSES = 8
+TASKS = 4
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "bug: Transport._on_tick (celery_pgqueue/transport.py) claims and delivers from "
+        "hub.on_tick, an unordered set it shares with AsynPool.on_poll_start; when ours "
+        "runs second, the new job sits in the pool's outbound buffer with no writer "
+        "registered and the hub sleeps until the next timer (polling_interval) - in "
+        "about 1 worker process in 3, every task waits polling_interval"
+    ),
+)
+def test_acks_late_prefetch_one_workers_run_a_backlog_without_poll_waits(
+    tmp_path: Path, broker_url: str, db: Database, workers: Workers, measure
+) -> None:
+    """Each of several worker processes in turn runs a 4-task backlog at once.
+
+    Whether the bug shows depends on the iteration order of a set in each process,
+    so several processes are tried, one at a time; a healthy worker runs each
+    backlog in well under one polling interval.
+    """
+    app = write_app(
+        tmp_path,
+        broker_url,
+        transport_options={"polling_interval": POLLING_INTERVAL},
+        task_acks_late=True,
+        worker_prefetch_multiplier=1,
+    )
+    queues = [f"backlog{i}" for i in range(PROCESSES)]
+    specs = {q: task_specs(TASKS, label=q, queue=q) for q in queues}
+    app.publish([spec for q in queues for spec in specs[q]])
+
+    took = []
+    for queue in queues:
+        worker = workers.start(app, queue, "-Q", queue)
+        started = time.monotonic()
+        ids = [s["id"] for s in specs[queue]]
+        try:
+            wait_until(
+                lambda ids=ids: all(db.status(t) == "completed" for t in ids),
+                timeout=POLLING_INTERVAL - 0.5,
+                message=f"worker {queue} runs its {TASKS}-task backlog",
+            )
+        finally:
+            took.append(round(time.monotonic() - started, 2))
+            measure(f"backlog run times per worker process so far: {took} s")
+        worker.reap(grace=1.0)

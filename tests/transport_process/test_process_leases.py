@@ -1,0 +1,185 @@
+"""Leases between real worker processes: ``kill -9`` rescue, and no rescue of live work.
+
+A claimed job is ``running`` under a lease its worker renews from a background thread.
+When the worker dies, the lease lapses and maintenance (in any other worker) takes the
+job back: requeued if it was never acked (``acks_late``), failed if it was acked early,
+because then the task may already have had its effects. A worker that is alive keeps
+renewing, so however long a task runs, nobody else starts it.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+from helpers import wait_until
+
+from .procs import Database, Worker, Workers, task_specs, write_app
+
+pytestmark = [pytest.mark.worker, pytest.mark.slow]
+
+LEASE = 3.0
+MAINTENANCE = 1.0
+TASK_SECONDS = 4.0
+# Beyond the lease and one maintenance pass: claim, NOTIFY, process start-up noise.
+SLACK = 3.0
+
+
+def _crash_app(tmp_path: Path, broker_url: str, *, acks_late: bool):  # type: ignore[no-untyped-def]
+    return write_app(
+        tmp_path,
+        broker_url,
+        transport_options={"lease_seconds": LEASE, "maintenance_interval": MAINTENANCE},
+        task_acks_late=acks_late,
+        worker_prefetch_multiplier=1,
+    )
+
+
+def _runner(pool: list[Worker], pgid: int) -> Worker:
+    [worker] = [w for w in pool if w.pid == pgid]
+    return worker
+
+
+def test_kill_9_of_an_acks_late_worker_mid_task_lets_another_worker_finish_it(
+    tmp_path: Path, broker_url: str, db: Database, workers: Workers, measure
+) -> None:
+    app = _crash_app(tmp_path, broker_url, acks_late=True)
+    pool = [workers.start(app, "a", wait=False), workers.start(app, "b", wait=False)]
+    restarts: list[float] = []
+    completions: list[float] = []
+
+    for trial in range(5):
+        workers.wait_ready(pool)
+        [spec] = task_specs(1, sleep=TASK_SECONDS, label=f"trial{trial}")
+        task_id = spec["id"]
+        app.publish([spec])
+        [first] = wait_until(lambda t=task_id: app.record.events(t, "start"), timeout=30)
+        victim = _runner(pool, first.pgid)
+
+        killed_at = time.monotonic()
+        victim.kill_group()
+        assert victim.wait(10) is not None
+        pool.remove(victim)
+        pool.append(workers.start(app, f"r{trial}", wait=False))  # two workers again
+
+        starts = wait_until(
+            lambda t=task_id: (
+                len(app.record.events(t, "start")) == 2 and app.record.events(t, "start")
+            ),
+            timeout=LEASE + MAINTENANCE + SLACK,
+            message=f"trial {trial}: a second worker starts the task",
+        )
+        restarts.append(time.monotonic() - killed_at)
+        wait_until(
+            lambda t=task_id: db.status(t) == "completed",
+            timeout=TASK_SECONDS + SLACK,
+            message=f"trial {trial}: the job completes",
+        )
+        completions.append(time.monotonic() - killed_at)
+
+        assert starts[1].pgid != victim.pid
+        assert [e.pgid for e in app.record.events(task_id, "done")] == [starts[1].pgid]
+        job = db.job(task_id)
+        assert job is not None
+        assert (job["status"], job["attempt_count"]) == ("completed", 2)
+        assert [(n, s) for n, s, _ in db.logs(task_id)] == [(1, "retry"), (2, "success")]
+
+    measure(
+        "kill -9 (acks_late, lease 3 s, maintenance 1 s) -> second start after "
+        + ", ".join(f"{s:.2f}" for s in restarts)
+        + " s; -> completed after "
+        + ", ".join(f"{s:.2f}" for s in completions)
+        + f" s (task {TASK_SECONDS:.0f} s)"
+    )
+
+
+def test_kill_9_of_an_early_ack_worker_mid_task_fails_the_job_and_never_reruns_it(
+    tmp_path: Path, broker_url: str, db: Database, workers: Workers, measure
+) -> None:
+    app = _crash_app(tmp_path, broker_url, acks_late=False)
+    pool = [workers.start(app, "a", wait=False), workers.start(app, "b", wait=False)]
+    settled: list[float] = []
+
+    for trial in range(3):
+        workers.wait_ready(pool)
+        [spec] = task_specs(1, sleep=TASK_SECONDS, label=f"trial{trial}")
+        task_id = spec["id"]
+        app.publish([spec])
+        [first] = wait_until(lambda t=task_id: app.record.events(t, "start"), timeout=30)
+        # The early ack happens when the pool accepts the task; only after it does a
+        # lost worker mean "may have run" rather than "never delivered".
+        wait_until(lambda t=task_id: (db.job(t) or {}).get("acked_at"), timeout=10)
+        victim = _runner(pool, first.pgid)
+
+        killed_at = time.monotonic()
+        victim.kill_group()
+        assert victim.wait(10) is not None
+        pool.remove(victim)
+
+        wait_until(
+            lambda t=task_id: db.status(t) == "failed",
+            timeout=LEASE + MAINTENANCE + SLACK,
+            message=f"trial {trial}: the job leaves 'running' as failed",
+        )
+        settled.append(time.monotonic() - killed_at)
+        job = db.job(task_id)
+        assert job is not None
+        assert "worker lost" in (job["last_error_message"] or "").lower(), job
+        assert job["attempt_count"] == 1
+        assert [(n, s) for n, s, _ in db.logs(task_id)] == [(1, "failed")]
+
+        # A task published after the failure runs on the survivor; the failed one
+        # stays as it is, started once.
+        [sentinel] = task_specs(1, label=f"sentinel{trial}")
+        app.publish([sentinel])
+        wait_until(lambda s=sentinel["id"]: db.status(s) == "completed", timeout=30)
+        assert len(app.record.events(task_id, "start")) == 1
+        assert db.status(task_id) == "failed"
+        pool.append(workers.start(app, f"r{trial}", wait=False))
+
+    measure(
+        "kill -9 (early ack) -> job failed after " + ", ".join(f"{s:.2f}" for s in settled) + " s"
+    )
+
+
+@pytest.mark.parametrize("acks_late", [False, True], ids=["early-ack", "acks-late"])
+def test_a_task_running_for_several_leases_is_never_started_twice(
+    tmp_path: Path, broker_url: str, db: Database, workers: Workers, acks_late: bool, measure
+) -> None:
+    """Lease 2 s, tasks 8 s, two workers (solo and prefork) ready to steal.
+
+    With early ack and prefetch 1 the prefork worker may also hold a second task
+    reserved, unstarted, while the first runs: its lease must be renewed as well.
+    """
+    app = write_app(
+        tmp_path,
+        broker_url,
+        transport_options={"lease_seconds": 2.0, "maintenance_interval": 0.5},
+        task_acks_late=acks_late,
+        worker_prefetch_multiplier=1,
+    )
+    pool = [
+        workers.start(app, "solo", pool="solo", wait=False),
+        workers.start(app, "prefork", pool="prefork", concurrency=1, wait=False),
+    ]
+    workers.wait_ready(pool)
+    specs = task_specs(3, sleep=8.0, label="long")
+    app.publish(specs)
+
+    ids = [s["id"] for s in specs]
+    wait_until(
+        lambda: all(db.status(t) == "completed" for t in ids),
+        timeout=45,
+        message="three 8-second tasks complete",
+    )
+
+    for task_id in ids:
+        assert [e.event for e in app.record.events(task_id)] == ["start", "done"], task_id
+        job = db.job(task_id)
+        assert job is not None
+        assert job["attempt_count"] == 1, task_id
+        assert [(n, s) for n, s, _ in db.logs(task_id)] == [(1, "success")]
+    names = {w.pid: w.name for w in pool}
+    ran_on = [names[app.record.events(t, "start")[0].pgid] for t in ids]
+    measure(f"8 s tasks under a 2 s lease ran once each, on {ran_on}")
