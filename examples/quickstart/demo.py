@@ -155,7 +155,11 @@ def main() -> None:
             print(celery(url, "pgqueue", "status").stdout)
             say("celery -A tasks pgqueue jobs --limit 5")
             print(celery(url, "pgqueue", "jobs", "--limit", "5").stdout)
+        # Let go of our connections before the scratch database is dropped.
+        from celery_pgqueue.store.notify import ResultListener
+
         tasks.app.close()
+        ResultListener.stop_all()
     say(f"done in {time.monotonic() - started:.1f}s; worker stopped, database dropped")
 
 
