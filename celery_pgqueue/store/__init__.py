@@ -601,19 +601,18 @@ class Store:
 
     @contextlib.contextmanager
     def advisory_lock(self, purpose: str) -> Iterator[bool]:
-        """Hold a session advisory lock for ``purpose`` in this schema, if it is free.
+        """Hold an advisory lock for ``purpose`` in this schema, if it is free.
 
         Yields whether this process got it; the caller does the work only then. The
-        lock sits on a pooled connection kept for the block (the work itself uses
-        other connections, in short transactions) and is released after. A lock that
-        can't be released (the connection broke) is discarded with its session, never
-        returned to the pool still held.
+        lock belongs to a transaction kept open on a pooled connection for the block
+        (the work itself uses other connections, in short transactions); the
+        rollback at the end releases it, even behind PgBouncer (see ``locks.py``).
         """
         key = lock_sql.key_for(purpose, self.options.schema)
         with self.translating():
             conn = self.engine.connect()
             try:
-                conn.execution_options(isolation_level="AUTOCOMMIT")
+                conn.begin()
                 held = lock_sql.try_lock(conn, key=key)
             except BaseException:
                 conn.close()
@@ -621,12 +620,9 @@ class Store:
         try:
             yield held
         finally:
-            try:
-                if held:
-                    lock_sql.unlock(conn, key=key)
-            except Exception:
-                conn.invalidate()
-            finally:
+            # Closing rolls the transaction back, which releases the lock. If that fails
+            # the connection broke, and the server ended the session and its lock.
+            with contextlib.suppress(sa.exc.DBAPIError):
                 conn.close()
 
     # -- results (backend) ----------------------------------------------------------

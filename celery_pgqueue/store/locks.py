@@ -1,8 +1,13 @@
-"""Session advisory locks: one process at a time for work every worker could do.
+"""Advisory locks: one process at a time for work every worker could do.
 
-A session lock (not a transaction lock) spans the several short transactions of a
-maintenance pass. It lives as long as the connection holding it: a process that dies
-mid-pass frees it with its socket, so no stale lock needs clearing.
+The lock is transaction-scoped (``pg_try_advisory_xact_lock``) and its transaction
+stays open on a connection of its own while the work runs on other connections, in
+short transactions of their own. A transaction pins its server connection even
+behind PgBouncer in transaction pooling, where a session lock would stay on a server
+connection handed to someone else and its unlock would run elsewhere. Ending the
+transaction (or losing the connection) releases it: there is no unlock to forget.
+The open transaction takes no snapshot between statements and no transaction id,
+so it does not hold back vacuum.
 """
 
 from __future__ import annotations
@@ -24,10 +29,5 @@ def key_for(purpose: str, schema: str) -> tuple[int, int]:
 
 
 def try_lock(conn: sa.Connection, *, key: tuple[int, int]) -> bool:
-    """Take the lock if free, without waiting."""
-    return bool(conn.execute(sa.select(sa.func.pg_try_advisory_lock(*key))).scalar_one())
-
-
-def unlock(conn: sa.Connection, *, key: tuple[int, int]) -> bool:
-    """Release a lock this session holds."""
-    return bool(conn.execute(sa.select(sa.func.pg_advisory_unlock(*key))).scalar_one())
+    """Take the lock for the rest of ``conn``'s transaction, if free, without waiting."""
+    return bool(conn.execute(sa.select(sa.func.pg_try_advisory_xact_lock(*key))).scalar_one())

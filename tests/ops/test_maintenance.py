@@ -27,6 +27,14 @@ def exists(store: Store, job_id: uuid.UUID) -> bool:
     return store.job(job_id) is not None
 
 
+def advisory_locks(sql: Callable[..., Any]) -> list[tuple[Any, ...]]:
+    """The state of each session holding an advisory lock in this database."""
+    return sql(
+        "SELECT a.state FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
+        "WHERE l.locktype = 'advisory' AND a.datname = current_database()"
+    )
+
+
 def test_a_pass_with_nothing_to_do_reports_zeros(store: Store) -> None:
     report = run_once(store, completed_retention=DAY)
     assert report.ran and report.finished
@@ -214,15 +222,19 @@ def test_two_concurrent_passes_only_one_does_the_work(
     leader.start()
     assert inside.wait(10)
     reports["b"] = run_once(second_store, completed_retention=DAY)
+    # The leader's lock belongs to an open transaction (so PgBouncer in transaction
+    # pooling keeps it on one server connection), not to a session.
+    assert advisory_locks(sql) == [("idle in transaction",)]
     release.set()
     leader.join(10)
     assert reports["b"].ran is False
     assert reports["a"].ran is True
     assert reports["a"].rescued == 1 and reports["a"].pruned.completed == 1
+    assert advisory_locks(sql) == []
 
 
 def test_the_lock_is_released_when_a_pass_fails(
-    store: Store, second_store: Store, monkeypatch: pytest.MonkeyPatch
+    store: Store, second_store: Store, sql: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     def broken(limit: int = 1000) -> tuple[int, int]:
         raise RuntimeError("boom")
@@ -230,6 +242,7 @@ def test_the_lock_is_released_when_a_pass_fails(
     monkeypatch.setattr(store, "rescue_expired", broken)
     with pytest.raises(RuntimeError):
         run_once(store, completed_retention=DAY)
+    assert advisory_locks(sql) == []
     assert run_once(second_store, completed_retention=DAY).ran
 
 
