@@ -11,7 +11,7 @@ from typing import Any
 
 from celery_pgqueue.errors import ConfigurationError
 from celery_pgqueue.ids import job_id_for
-from celery_pgqueue.options import URL_SCHEMES, DatabaseURL, PgQueueOptions
+from celery_pgqueue.options import DatabaseURL, PgQueueOptions, app_database
 from celery_pgqueue.store import Store
 
 
@@ -19,18 +19,13 @@ def store_for(app_or_url: Any) -> Store:
     """The process's store for an app's tier database (or for a URL)."""
     if isinstance(app_or_url, str):
         return Store.for_url(DatabaseURL.parse(app_or_url))
-    conf = app_or_url.conf
-    for key, options_key in (
-        ("broker_url", "broker_transport_options"),
-        ("result_backend", "result_backend_transport_options"),
-    ):
-        url = str(conf.get(key) or "")
-        if url.split("://", 1)[0].lower() in URL_SCHEMES:
-            options = PgQueueOptions.parse(conf.get(options_key) or {})
-            return Store.for_url(DatabaseURL.parse(url), options)
-    raise ConfigurationError(
-        "neither broker_url nor result_backend of this app is a pgqueue:// URL"
-    )
+    found = app_database(app_or_url)
+    if found is None:
+        raise ConfigurationError(
+            "neither broker_url nor result_backend of this app is a pgqueue:// URL"
+        )
+    url, raw_options = found
+    return Store.for_url(DatabaseURL.parse(url), PgQueueOptions.parse(raw_options or {}))
 
 
 def pause(app_or_url: Any, queue: str) -> None:

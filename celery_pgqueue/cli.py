@@ -38,6 +38,7 @@ from celery_pgqueue.errors import (
     UnknownJob,
     UnknownQueue,
 )
+from celery_pgqueue.options import app_database
 
 if TYPE_CHECKING:
     from celery_pgqueue.options import DatabaseURL, PgQueueOptions
@@ -105,7 +106,7 @@ class Runtime:
 
         url = self.url
         if url is None and self.app is not None:
-            found = _app_database(self.app)
+            found = app_database(self.app)
             if found is None:
                 conf = self.app.conf
                 raise UsageProblem(
@@ -125,7 +126,7 @@ class Runtime:
         """The app's transport options for its PostgreSQL URL, with ``--schema`` applied."""
         from celery_pgqueue.options import PgQueueOptions
 
-        found = _app_database(self.app) if self.app is not None else None
+        found = app_database(self.app) if self.app is not None else None
         raw = dict(found[1] or {}) if found is not None else {}
         if self.schema is not None:
             raw["schema"] = self.schema
@@ -155,38 +156,10 @@ class Runtime:
         return DAY
 
 
-def _app_database(app: Any) -> tuple[str, Any] | None:
-    """(URL, transport options) of the app's PostgreSQL broker, else result backend."""
-    conf = app.conf
-    for url_setting, options_setting in (
-        ("broker_url", "broker_transport_options"),
-        ("result_backend", "result_backend_transport_options"),
-    ):
-        url = _first_url(getattr(conf, url_setting, None))
-        if url is not None and _is_postgres(url):
-            return url, conf.get(options_setting)
-    return None
-
-
-def _first_url(value: Any) -> str | None:
-    # Kombu accepts a list or a ';'-separated string of failover URLs.
-    if isinstance(value, list | tuple):
-        value = value[0] if value else None
-    if not isinstance(value, str) or not value:
-        return None
-    return value.split(";", 1)[0].strip()
-
-
-def _is_postgres(url: str) -> bool:
-    from celery_pgqueue.options import URL_SCHEMES
-
-    return url.split("://", 1)[0].lower() in URL_SCHEMES
-
-
 def _shown(url: Any) -> str:
-    from celery_pgqueue.options import mask_password
+    from celery_pgqueue.options import first_url, mask_password
 
-    text = _first_url(url)
+    text = first_url(url)
     return repr(mask_password(text)) if text else "unset"
 
 

@@ -273,3 +273,30 @@ def _check_libpq_keys(query: tuple[tuple[str, str], ...], url: str) -> None:
                 "(the query string takes libpq parameters such as sslmode=require; "
                 "pgqueue options go in broker_transport_options)"
             )
+
+
+def first_url(value: Any) -> str | None:
+    """The first of Kombu's failover URLs (a list, or a ';'-separated string)."""
+    if isinstance(value, list | tuple):
+        value = value[0] if value else None
+    if not isinstance(value, str) or not value:
+        return None
+    return value.split(";", 1)[0].strip()
+
+
+def is_postgres_url(url: str) -> bool:
+    """Whether a URL names a PostgreSQL database we can use."""
+    return url.split("://", 1)[0].lower() in URL_SCHEMES
+
+
+def app_database(app: Any) -> tuple[str, Any] | None:
+    """(URL, transport options) of an app's PostgreSQL broker, else its result backend."""
+    conf = app.conf
+    for url_setting, options_setting in (
+        ("broker_url", "broker_transport_options"),
+        ("result_backend", "result_backend_transport_options"),
+    ):
+        url = first_url(getattr(conf, url_setting, None))
+        if url is not None and is_postgres_url(url):
+            return url, conf.get(options_setting)
+    return None
