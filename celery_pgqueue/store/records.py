@@ -78,21 +78,6 @@ class AttemptRecord:
 
 
 @dataclass(frozen=True, slots=True)
-class QueueCounts:
-    """One queue's state for ``status`` and the views."""
-
-    name: str
-    default_priority: int
-    is_active: bool
-    counts: dict[str, int] = field(default_factory=dict)
-    ready: int = 0
-    scheduled: int = 0
-    oldest_ready_seconds: float | None = None
-    oldest_lease_seconds: float | None = None
-    failed_last_hour: int = 0
-
-
-@dataclass(frozen=True, slots=True)
 class PruneCounts:
     """Rows removed (or, in a dry run, that would be) by one retention pass."""
 
