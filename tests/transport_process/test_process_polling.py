@@ -18,6 +18,8 @@ from .procs import Database, Workers, task_specs, with_port, write_app
 pytestmark = [pytest.mark.worker, pytest.mark.slow]
 
 POLLING = {"use_notify": False, "polling_interval": 0.5}
+# What the README prescribes behind PgBouncer in transaction pooling mode.
+BOUNCED = {**POLLING, "prepared_statements": False}
 
 
 def _listeners(db: Database, database: str) -> int:
@@ -50,23 +52,15 @@ needs_pgbouncer = pytest.mark.skipif(
     reason="pgbouncer is not installed (Debian: apt-get install pgbouncer); "
     "the transaction-pooling tests need /usr/sbin/pgbouncer",
 )
-PREPARED_STATEMENTS_BUG = (
-    "bug: Store's engine (celery_pgqueue/store/__init__.py, Store._connect_args) leaves "
-    "psycopg's prepare_threshold at 5; behind PgBouncer transaction pooling the named "
-    "statement _pg3_0 stays on the server connection after the client is gone, and the "
-    "next client's Parse fails with DuplicatePreparedStatement ('prepared statement "
-    '"_pg3_0" already exists\'), a ProgrammingError the publish does not retry'
-)
 
 
 @needs_pgbouncer
-@pytest.mark.xfail(strict=True, reason=PREPARED_STATEMENTS_BUG)
 def test_worker_and_producer_through_pgbouncer_in_transaction_pooling_mode(
     tmp_path: Path, broker_url: str, database_url: str, db: Database, workers: Workers, measure
 ) -> None:
     with pgbouncer.running(database_url) as (port, log):
         pooled = with_port(broker_url, "127.0.0.1", port)
-        app = write_app(tmp_path, pooled, transport_options=POLLING)
+        app = write_app(tmp_path, pooled, transport_options=BOUNCED)
         worker = workers.start(app, "bounced")
         specs = task_specs(40, label="bounced")
         app.publish(specs[:20])
@@ -86,21 +80,15 @@ def test_worker_and_producer_through_pgbouncer_in_transaction_pooling_mode(
 
 
 @needs_pgbouncer
-@pytest.mark.xfail(
-    strict=True,
-    reason=PREPARED_STATEMENTS_BUG
-    + "; and then: maintenance's session advisory lock (Store.advisory_lock, "
-    "celery_pgqueue/store/__init__.py) is taken in autocommit, so PgBouncer hands the "
-    "server session holding it to other clients and the unlock runs elsewhere: the lock "
-    "leaks and orphan rescue stops for every worker",
-)
 def test_kill_9_rescue_works_through_pgbouncer_and_leaves_no_lock_behind(
     tmp_path: Path, broker_url: str, database_url: str, db: Database, workers: Workers
 ) -> None:
-    """Other clients share the PgBouncer, as an application's would.
+    """Orphan rescue needs maintenance's lock to work through PgBouncer.
 
-    Their statements keep PgBouncer handing server connections around, so nothing
-    depends on one client happening to get the same server session back.
+    Other clients share the PgBouncer, as an application's would: their statements
+    keep it handing server connections around, so nothing depends on one client
+    happening to get the same server session back. (A session advisory lock taken in
+    autocommit leaked this way and stopped rescue in every worker, until d727924.)
     """
     with (
         pgbouncer.running(database_url) as (port, _log),
@@ -110,7 +98,7 @@ def test_kill_9_rescue_works_through_pgbouncer_and_leaves_no_lock_behind(
         app = write_app(
             tmp_path,
             pooled,
-            transport_options={**POLLING, "lease_seconds": 3.0, "maintenance_interval": 0.5},
+            transport_options={**BOUNCED, "lease_seconds": 3.0, "maintenance_interval": 0.5},
             task_acks_late=True,
             worker_prefetch_multiplier=1,
         )
