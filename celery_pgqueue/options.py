@@ -80,6 +80,9 @@ class PgQueueOptions:
     """Rows deleted per short transaction when pruning."""
     store_traceback: bool = False
     """Keep up to 1,000 characters of a failure's traceback in job_logs.log_message."""
+    prepared_statements: bool = True
+    """Let psycopg prepare repeated statements on the server; turn off behind PgBouncer
+    in transaction pooling mode (before 1.21, or without max_prepared_statements)."""
     synchronous_commit: bool = True
     """Wait for the WAL flush on every commit. Off: ~10x cheaper writes, but a crash of
     the PostgreSQL server (not a clean restart) can lose the last ~0.6 s of commits."""

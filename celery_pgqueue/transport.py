@@ -434,11 +434,19 @@ class Transport(virtual.Transport):  # type: ignore[misc]
     def __init__(self, client: Any, **kwargs: Any) -> None:
         self.options = PgQueueOptions.parse(client.transport_options)
         raw = client.hostname or ""
-        if "://" not in raw:
-            raise ConfigurationError(
-                "the pgqueue transport needs a URL such as pgqueue://user:password@host:5432/dbname"
+        if "://" in raw:
+            self.url = DatabaseURL.parse(raw)
+            # With can_parse_url Kombu leaves the port unset; report the real one.
+            client.port = client.port or self.url.port or self.default_port
+        else:
+            # Kombu's failover (Connection.switch) hands alternates over parsed.
+            self.url = DatabaseURL(
+                host=raw or None,
+                port=client.port,
+                user=client.userid,
+                password=client.password,
+                database=(client.virtual_host or "").strip("/") or None,
             )
-        self.url = DatabaseURL.parse(raw)
         super().__init__(client, **kwargs)
         self.polling_interval = self.options.polling_interval
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
@@ -449,6 +457,7 @@ class Transport(virtual.Transport):  # type: ignore[misc]
         self._wanted = True
         self._rotation = itertools.count()
         self._loop: Any = None
+        self._nudge: tuple[socket.socket, socket.socket] | None = None
         self._poll_timer: Any = None
         self._background: threading.Thread | None = None
         self._stopping = threading.Event()
@@ -629,6 +638,11 @@ class Transport(virtual.Transport):  # type: ignore[misc]
         self._loop = loop
         if self.options.use_notify:
             loop.add_reader(self.listener.fileno(), self._on_readable)
+        if self._nudge is None:
+            self._nudge = socket.socketpair()
+            for end in self._nudge:
+                end.setblocking(False)
+        loop.add_reader(self._nudge[0].fileno(), self._on_nudged)
         loop.on_tick.add(self._on_tick)
         self._poll_timer = loop.call_repeatedly(self.polling_interval, self._on_poll_timer)
         self._wanted = True
@@ -639,6 +653,9 @@ class Transport(virtual.Transport):  # type: ignore[misc]
             if self._listener is not None and self._listener.connected:
                 loop.remove_reader(self._listener.fileno())
         loop.on_tick.discard(self._on_tick)
+        if self._nudge is not None:
+            with contextlib.suppress(Exception):
+                loop.remove_reader(self._nudge[0].fileno())
         if self._poll_timer is not None:
             self._poll_timer.cancel()
             self._poll_timer = None
@@ -650,10 +667,20 @@ class Transport(virtual.Transport):  # type: ignore[misc]
             self.deliver_ready()
 
     def _on_tick(self) -> None:
-        if self._wanted:
-            self.deliver_ready()
-        else:
+        if not self._wanted:
             self.flush_acks()
+            return
+        if self.deliver_ready() and self._nudge is not None:
+            # on_tick callbacks run in no set order: the pool's own on_tick may already
+            # have registered its writers for this round, and the hub would then sleep
+            # until its next timer with our jobs unsent. Waking our socket makes the
+            # poll return at once, so the next round starts them.
+            with contextlib.suppress(BlockingIOError):
+                self._nudge[1].send(b"\0")
+
+    def _on_nudged(self, *args: Any) -> None:
+        with contextlib.suppress(BlockingIOError):
+            self._nudge[0].recv(4096)  # type: ignore[index]
 
     def _on_poll_timer(self) -> None:
         self.deliver_ready()

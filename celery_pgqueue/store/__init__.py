@@ -106,6 +106,10 @@ class Store:
             "connect_timeout": max(1, round(self.options.connect_timeout)),
             "application_name": "celery-pgqueue",
         }
+        if not self.options.prepared_statements:
+            # A pooler may hand the next transaction another server session, where
+            # a statement prepared on this one does not exist (or collides).
+            args["prepare_threshold"] = None
         if not self.options.synchronous_commit:
             # Only our own sessions: the application's connections keep their setting.
             args["options"] = "-c synchronous_commit=off"
