@@ -28,9 +28,11 @@ def test_acks_late_prefetch_one_workers_run_a_backlog_without_poll_waits(
 ) -> None:
     """Each of several worker processes in turn runs a 4-task backlog at once.
 
-    Whether the bug shows depends on the iteration order of a set in each process,
-    so several processes are tried, one at a time; a healthy worker runs each
-    backlog in well under one polling interval.
+    The claim runs in ``hub.on_tick``, an unordered set shared with the prefork pool's
+    ``on_poll_start``; when the pool's callback ran first, the new job waited for the
+    next timer (fixed in b2edfa4 by waking the poll). Which order a process gets
+    depends on hashes, so eight processes are tried, one at a time (before the fix
+    about 1 in 3 stalled); a healthy one runs its backlog in milliseconds.
     """
     app = write_app(
         tmp_path,

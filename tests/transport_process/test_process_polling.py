@@ -1,8 +1,10 @@
 """Without LISTEN/NOTIFY: polling mode, and PgBouncer in transaction pooling mode.
 
-``use_notify=False`` is the documented setting behind PgBouncer's transaction pooling,
-where a LISTEN connection cannot work (the server connection is handed to another
-client after each transaction). Workers must then find work by polling alone.
+``use_notify=False`` and ``prepared_statements=False`` are the documented settings
+behind PgBouncer's transaction pooling, where a server connection is handed to another
+client after each transaction: a LISTEN cannot work there, and a statement prepared on
+one session is missing (or collides: DuplicatePreparedStatement) on the next. Workers
+then find work by polling alone.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from .procs import Database, Workers, task_specs, with_port, write_app
 pytestmark = [pytest.mark.worker, pytest.mark.slow]
 
 POLLING = {"use_notify": False, "polling_interval": 0.5}
-# What the README prescribes behind PgBouncer in transaction pooling mode.
+# What the README prescribes behind PgBouncer in transaction pooling mode (before 1.21).
 BOUNCED = {**POLLING, "prepared_statements": False}
 
 
