@@ -342,3 +342,23 @@ def test_revoking_a_queued_task_wakes_a_client_waiting_on_its_result(make_app, b
     # Far sooner than the 60 s poll or the backend's periodic re-read: NOTIFY woke it.
     wait_until(lambda: outcome, timeout=8)
     assert isinstance(outcome[0], TaskRevokedError)
+
+
+def test_workers_prune_finished_jobs_by_themselves(make_app, database_url):
+    app = make_app(
+        broker_transport_options={
+            "polling_interval": 0.5,
+            "maintenance_interval": 0.3,
+            "completed_retention": 1.0,
+        }
+    )
+
+    @app.task(name="t.short_lived")
+    def short_lived() -> None: ...
+
+    with running_worker(app):
+        result = short_lived.delay()
+        wait_until(lambda: job(database_url, result.id)["status"] == "completed", timeout=15)
+        # No beat, no CLI: the worker's own maintenance step deletes it and its logs.
+        wait_until(lambda: rows(database_url, "SELECT count(*) FROM jobs") == [(0,)], timeout=15)
+    assert rows(database_url, "SELECT count(*) FROM job_logs") == [(0,)]
