@@ -52,8 +52,9 @@ class PgQueueOptions:
     """LISTEN/NOTIFY wake-ups; turn off behind PgBouncer in transaction pooling mode."""
     max_payload_bytes: int = 65_536
     """Largest message or result accepted; the tier carries ids and small config."""
-    lease_seconds: float = 30.0
-    """How long a claimed job stays ours without a heartbeat before rescue takes it back."""
+    lease_seconds: float = 20.0
+    """How long a claimed job stays ours without a heartbeat before rescue takes it back
+    (renewed every third of it; rescue then happens within this plus maintenance_interval)."""
     default_priority: int = 100
     """``default_priority`` given to a queue created on first use (lower runs sooner)."""
     pool_size: int = 5

@@ -37,7 +37,7 @@ def test_parse_of_nothing_gives_the_documented_defaults() -> None:
     assert options.polling_interval == 1.0
     assert options.use_notify is True
     assert options.max_payload_bytes == 65_536
-    assert options.lease_seconds == 30.0
+    assert options.lease_seconds == 20.0
     assert options.default_priority == 100
     assert options.completed_retention is None
     assert options.max_logs_per_job == 25
