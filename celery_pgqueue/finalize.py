@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from typing import Any
+from uuid import UUID
 
 from celery import signals
 
@@ -27,6 +28,12 @@ def _attempt(request: Any) -> int | None:
     properties = getattr(request, "properties", None) or {}
     attempt = properties.get("pgqueue_attempt")
     return int(attempt) if attempt is not None else None
+
+
+def _job_id(properties: Any, task_id: str) -> UUID:
+    """The delivered row: a task sent to several queues (broadcast) has one per queue."""
+    job = (properties or {}).get("pgqueue_job")
+    return UUID(job) if job else job_id_for(task_id)
 
 
 def _backend_settles(task: Any, request: Any) -> bool:
@@ -71,7 +78,7 @@ def _on_task_postrun(sender: Any = None, task_id: str = "", state: str = "", **k
         retval = kwargs.get("retval")
         error = f"{type(retval).__name__}: {retval}" if isinstance(retval, BaseException) else None
         store.finish(
-            job_id_for(task_id),
+            _job_id(getattr(request, "properties", None), task_id),
             attempt=attempt,
             status=job_status_for(state),
             log_status=CELERY_TO_LOG.get(state),
@@ -98,7 +105,7 @@ def _on_task_revoked(sender: Any = None, request: Any = None, **kwargs: Any) -> 
             return
         reason = "expired" if kwargs.get("expired") else "revoked"
         store.finish(
-            job_id_for(request.id),
+            _job_id(properties, request.id),
             attempt=int(attempt),
             status=job_status_for("REVOKED"),
             log_status=CELERY_TO_LOG["REVOKED"],

@@ -66,6 +66,8 @@ __all__ = ["Channel", "QoS", "Transport", "finalize"]
 
 # Most rows one claim takes when the consumer sets no prefetch limit.
 MAX_BATCH = 100
+# Seconds an auto-delete/exclusive queue outlives its last consumer.
+AUTO_DELETE_AFTER = 60.0
 # How long a process trusts its copy of an exchange's bindings.
 BINDINGS_TTL = 1.0
 # Mailbox exchanges (``<app>.pidbox``) carry ``revoke``; we cancel the rows too.
@@ -358,8 +360,13 @@ class Channel(virtual.Channel):  # type: ignore[misc]
         self.store.ensure_queues([queue])
         arguments = kwargs.get("arguments") or {}
         expires = arguments.get("x-expires")
-        if expires:
-            seconds = float(expires) / 1000.0
+        seconds = float(expires) / 1000.0 if expires else None
+        if seconds is None and (kwargs.get("auto_delete") or kwargs.get("exclusive")):
+            # AMQP drops these with their last consumer (a worker's Broadcast queue);
+            # here they expire a while after nobody keeps them alive, with their
+            # waiting messages and bindings, instead of collecting copies forever.
+            seconds = AUTO_DELETE_AFTER
+        if seconds:
             self.transport.queue_expiry[queue] = seconds
             self.store.touch_queues([(queue, seconds)])
 
