@@ -462,6 +462,7 @@ class Transport(virtual.Transport):  # type: ignore[misc]
         self._binding_types: dict[str, str | None] = {}
         self._listener: Listener | None = None
         self._wanted = True
+        self._drained: set[str] = set()
         self._rotation = itertools.count()
         self._loop: Any = None
         self._nudge: tuple[socket.socket, socket.socket] | None = None
@@ -601,6 +602,11 @@ class Transport(virtual.Transport):  # type: ignore[misc]
                 continue
             start = next(self._rotation) % len(queues)
             for queue in queues[start:] + queues[:start]:
+                if queue in self._drained:
+                    # It came back short last time: only a NOTIFY naming it or the poll
+                    # timer sends us there again (a worker's mailbox is nearly always
+                    # empty, and asking it every round doubled the statements per task).
+                    continue
                 qos = channel.qos
                 if not qos.can_consume():
                     wanted = True
@@ -616,6 +622,8 @@ class Transport(virtual.Transport):  # type: ignore[misc]
                 delivered += got
                 if got >= limit:
                     wanted = True
+                else:
+                    self._drained.add(queue)
         self.flush_acks()
         self._wanted = wanted
         return delivered
@@ -637,8 +645,13 @@ class Transport(virtual.Transport):  # type: ignore[misc]
     def _sleep(self, seconds: float) -> None:
         if not self.options.use_notify:
             self._stopping.wait(seconds)
+            self._drained.clear()
             return
-        self.listener.wait(seconds)
+        notes = self.listener.wait(seconds)
+        if notes:
+            self._drained.difference_update(queue for _, queue in notes)
+        else:
+            self._drained.clear()
 
     def register_with_event_loop(self, connection: Any, loop: Any) -> None:
         """Sleep on the LISTEN socket; tick and a poll timer cover the rest."""
@@ -670,6 +683,7 @@ class Transport(virtual.Transport):  # type: ignore[misc]
     def _on_readable(self, *args: Any) -> None:
         notes = self.listener.drain()
         if notes:
+            self._drained.difference_update(queue for _, queue in notes)
             self._wanted = True
             self.deliver_ready()
 
@@ -690,6 +704,7 @@ class Transport(virtual.Transport):  # type: ignore[misc]
             self._nudge[0].recv(4096)  # type: ignore[index]
 
     def _on_poll_timer(self) -> None:
+        self._drained.clear()  # scheduled jobs come due without a NOTIFY
         self.deliver_ready()
 
     # -- bindings cache --------------------------------------------------------------
