@@ -61,6 +61,25 @@ def _held_pairs() -> sa.TableValuedAlias:
     )
 
 
+def _close_attempts(changed: sa.CTE, status: Any, message: str) -> sa.CTE:
+    """Close the open log row of each changed job's current attempt (a CTE)."""
+    return (
+        sa.update(job_logs)
+        .where(
+            job_logs.c.job_id == changed.c.id,
+            job_logs.c.attempt_number == changed.c.attempt_count,
+            job_logs.c.status == LogStatus.ATTEMPTING.value,
+        )
+        .values(
+            status=status,
+            finished_at=sa.func.now(),
+            duration=sa.func.now() - job_logs.c.started_at,
+            log_message=message,
+        )
+        .cte("closed")
+    )
+
+
 def _held_params(held: Sequence[tuple[UUID, int]]) -> dict[str, Any]:
     return {"p_held_ids": [h[0] for h in held], "p_held_attempts": [int(h[1]) for h in held]}
 
@@ -299,21 +318,7 @@ def _requeue_statement(notify: bool) -> sa.Executable:
         .returning(jobs.c.id, jobs.c.attempt_count, jobs.c.queue_name)
         .cte("moved")
     )
-    closed = (
-        sa.update(job_logs)
-        .where(
-            job_logs.c.job_id == moved.c.id,
-            job_logs.c.attempt_number == moved.c.attempt_count,
-            job_logs.c.status == LogStatus.ATTEMPTING.value,
-        )
-        .values(
-            status=LogStatus.RETRY.value,
-            finished_at=sa.func.now(),
-            duration=sa.func.now() - job_logs.c.started_at,
-            log_message="requeued",
-        )
-        .cte("closed")
-    )
+    closed = _close_attempts(moved, LogStatus.RETRY.value, "requeued")
     return (
         sa.select(sa.func.count(), _notify_queues(moved, notify)).select_from(moved).add_cte(closed)
     )
@@ -529,23 +534,13 @@ def rescue_expired(
         .returning(jobs.c.id, jobs.c.attempt_count, jobs.c.status, jobs.c.queue_name)
         .cte("updated")
     )
-    closed = (
-        sa.update(job_logs)
-        .where(
-            job_logs.c.job_id == updated.c.id,
-            job_logs.c.attempt_number == updated.c.attempt_count,
-            job_logs.c.status == LogStatus.ATTEMPTING.value,
-        )
-        .values(
-            status=sa.case(
-                (updated.c.status == JobStatus.FAILED.value, LogStatus.FAILED.value),
-                else_=LogStatus.RETRY.value,
-            ),
-            finished_at=sa.func.now(),
-            duration=sa.func.now() - job_logs.c.started_at,
-            log_message="worker lost (lease expired)",
-        )
-        .cte("closed")
+    closed = _close_attempts(
+        updated,
+        sa.case(
+            (updated.c.status == JobStatus.FAILED.value, LogStatus.FAILED.value),
+            else_=LogStatus.RETRY.value,
+        ),
+        "worker lost (lease expired)",
     )
     requeued = sa.func.count().filter(updated.c.status == JobStatus.QUEUED.value)
     failed = sa.func.count().filter(updated.c.status == JobStatus.FAILED.value)
