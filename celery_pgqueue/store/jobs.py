@@ -246,14 +246,7 @@ def _claim_statement(with_acks: bool = False) -> sa.Executable:
     if with_acks:
         # Pending early acks ride along: they touch running rows, the claim queued
         # ones, so the two updates never meet the same row.
-        pairs = _held_pairs()
-        acked = (
-            sa.update(jobs)
-            .where(IS_RUNNING, _is_held(pairs), jobs.c.acked_at.is_(None))
-            .values(acked_at=sa.func.now())
-            .cte("acked")
-        )
-        stmt = stmt.add_cte(acked)
+        stmt = stmt.add_cte(_ack_update().cte("acked"))
     return stmt
 
 
@@ -285,14 +278,18 @@ def claim(
     return [ClaimedJob(*row) for row in conn.execute(_claim_statement(bool(acked)), params)]
 
 
-@functools.cache
-def _mark_acked_statement() -> sa.Executable:
-    pairs = _held_pairs()
+def _ack_update() -> sa.Update:
+    """``acked_at`` for the bound (id, attempt) pairs still running and not yet acked."""
     return (
         sa.update(jobs)
-        .where(IS_RUNNING, _is_held(pairs), jobs.c.acked_at.is_(None))
+        .where(IS_RUNNING, _is_held(_held_pairs()), jobs.c.acked_at.is_(None))
         .values(acked_at=sa.func.now())
     )
+
+
+@functools.cache
+def _mark_acked_statement() -> sa.Executable:
+    return _ack_update()
 
 
 def mark_acked(conn: sa.Connection, *, held: Sequence[tuple[UUID, int]]) -> int:
