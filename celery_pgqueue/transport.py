@@ -48,7 +48,8 @@ from typing import Any
 import psycopg
 from kombu.transport import virtual
 
-from celery_pgqueue import finalize, transaction
+from celery_pgqueue import batching, finalize, transaction
+from celery_pgqueue.batching import PublishBatch
 from celery_pgqueue.errors import (
     ConfigurationError,
     DatabaseUnavailable,
@@ -114,6 +115,7 @@ class QoS(virtual.QoS):  # type: ignore[misc]
         if message is not None:
             self.channel._settle_ack(message)
         super().ack(delivery_tag)
+        self.channel.transport.room_freed()
 
     def reject(self, delivery_tag: str, requeue: bool = False) -> None:
         message = self._delivered.get(delivery_tag)
@@ -123,6 +125,7 @@ class QoS(virtual.QoS):  # type: ignore[misc]
             else:
                 self.channel._settle_reject(message)
         self._quick_ack(delivery_tag)
+        self.channel.transport.room_freed()
 
     def restore_unacked(self) -> list[tuple[BaseException, Any]]:
         """Put every unacked delivery back in line in one statement (warm shutdown)."""
@@ -193,9 +196,26 @@ class Channel(virtual.Channel):  # type: ignore[misc]
         }
 
     def basic_publish(
-        self, message: dict[str, Any], exchange: str, routing_key: str, **kwargs: Any
+        self,
+        message: dict[str, Any],
+        exchange: str,
+        routing_key: str,
+        _publish_batch: PublishBatch | None = None,
+        **kwargs: Any,
     ) -> None:
-        """Route and insert in one statement, whatever the number of queues."""
+        """Route and insert in one statement, whatever the number of queues.
+
+        Inside a publish batch the rows are only built here (size and priority errors
+        raise at once) and inserted when the batch flushes.
+        """
+        jobs = self.route(message, exchange, routing_key)
+        if _publish_batch is not None:
+            _publish_batch.add(jobs)
+        elif jobs:
+            self.enqueue(jobs)
+
+    def route(self, message: dict[str, Any], exchange: str, routing_key: str) -> list[NewJob]:
+        """The rows ``message`` becomes: one per queue it is routed to (none if unroutable)."""
         if exchange and exchange.endswith(PIDBOX_SUFFIX):
             self._cancel_revoked(message)
         self._inplace_augment_message(message, exchange, routing_key)
@@ -205,22 +225,25 @@ class Channel(virtual.Channel):  # type: ignore[misc]
             queues = sorted({q for _, _, q in self.get_table(exchange)})
         else:
             queues = list(dict.fromkeys(self._lookup(exchange, routing_key)))
-        if not queues:
-            return  # unroutable, as on AMQP
-        jobs = [self._new_job(queue, message, shared=len(queues) > 1) for queue in queues]
+        return [self._new_job(queue, message, shared=len(queues) > 1) for queue in queues]
+
+    def enqueue(self, jobs: list[NewJob]) -> None:
+        """Insert rows in one statement, in the caller's transaction inside ``enqueue_in``."""
         self.store.enqueue(jobs, conn=transaction.connection_for(self.store))
 
+    def create_publish_batch(self, max_size: int) -> PublishBatch:
+        """Kombu's ``Producer.batch()``: many publishes, one INSERT per ``max_size`` rows."""
+        return PublishBatch(self, max_size)
+
     def _put(self, queue: str, message: dict[str, Any], **kwargs: Any) -> None:
-        self.store.enqueue(
-            [self._new_job(queue, message)], conn=transaction.connection_for(self.store)
-        )
+        self.enqueue([self._new_job(queue, message)])
 
     def _put_fanout(
         self, exchange: str, message: dict[str, Any], routing_key: str, **kw: Any
     ) -> None:
         queues = sorted({q for _, _, q in self.get_table(exchange)})
         if queues:
-            self.store.enqueue([self._new_job(q, message, shared=True) for q in queues])
+            self.enqueue([self._new_job(q, message, shared=True) for q in queues])
 
     def _new_job(self, queue: str, message: dict[str, Any], *, shared: bool = False) -> NewJob:
         """The row for ``message`` in ``queue``: size-checked, readable JSON payload."""
@@ -426,6 +449,7 @@ class Transport(virtual.Transport):  # type: ignore[misc]
         asynchronous=True,
         exchange_type=frozenset(["direct", "topic", "fanout"]),
         heartbeats=False,
+        batch_publish=True,
     )
 
     connection_errors = (
@@ -699,6 +723,17 @@ class Transport(virtual.Transport):  # type: ignore[misc]
             with contextlib.suppress(BlockingIOError):
                 self._nudge[1].send(b"\0")
 
+    def room_freed(self) -> None:
+        """An ack made room: if deliveries wait for it, have the event loop come back.
+
+        Celery runs acks as the hub's ready callbacks, after the tick that found no
+        room; without a wake-up the loop would sleep until the poll timer (a solo
+        pool, whose tasks run inside the loop, did one batch per poll interval).
+        """
+        if self._wanted and self._nudge is not None:
+            with contextlib.suppress(BlockingIOError):
+                self._nudge[1].send(b"\0")
+
     def _on_nudged(self, *args: Any) -> None:
         with contextlib.suppress(BlockingIOError):
             self._nudge[0].recv(4096)  # type: ignore[index]
@@ -801,3 +836,8 @@ def _result_expires(client: Any) -> float:
         if expires is not None:
             return float(expires.total_seconds() if hasattr(expires, "total_seconds") else expires)
     return 86_400.0
+
+
+# Without the interpreter-start hook (an editable install, say) groups are batched from
+# the moment the transport is first loaded.
+batching.install_group_batching()
