@@ -5,7 +5,8 @@ the dict ``kombu.transport.TRANSPORT_ALIASES``. The wheel installs
 ``celery_pgqueue.pth``, which imports this module at interpreter start. It adds the
 alias as soon as ``kombu.transport`` is imported (or at once, if it already is),
 without importing Kombu itself: processes that never use Celery pay nothing but
-this small finder.
+this small finder. When ``celery.canvas`` is imported it also lets groups published
+through pgqueue go out as one INSERT (:mod:`celery_pgqueue.batching`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ if TYPE_CHECKING:  # keep interpreter start cheap: no typing/importlib.abc at ru
 ALIAS = "pgqueue"
 TARGET = "celery_pgqueue.transport:Transport"
 WATCHED = "kombu.transport"
+CANVAS = "celery.canvas"
 
 
 def _register(module: ModuleType) -> None:
@@ -29,11 +31,23 @@ def _register(module: ModuleType) -> None:
         aliases.setdefault(ALIAS, TARGET)
 
 
+def _batch_groups(module: ModuleType) -> None:
+    try:
+        from celery_pgqueue.batching import install_group_batching
+    except ImportError:  # package half-installed: groups publish one by one, as before
+        return
+    install_group_batching(module)
+
+
+_AFTER_IMPORT = {WATCHED: _register, CANVAS: _batch_groups}
+
+
 class _Loader:
     """Runs Kombu's own loader, then adds the alias."""
 
-    def __init__(self, wrapped: Any) -> None:
+    def __init__(self, wrapped: Any, then: Any) -> None:
         self.wrapped = wrapped
+        self.then = then
 
     def create_module(self, spec: ModuleSpec) -> ModuleType | None:
         create = getattr(self.wrapped, "create_module", None)
@@ -41,34 +55,38 @@ class _Loader:
 
     def exec_module(self, module: ModuleType) -> None:
         self.wrapped.exec_module(module)
-        _register(module)
+        self.then(module)
 
 
 class _Finder:
-    """Waits for ``kombu.transport`` to be imported, then steps aside."""
+    """Waits for ``kombu.transport`` and ``celery.canvas`` to be imported."""
 
     def find_spec(
         self, fullname: str, path: Any = None, target: ModuleType | None = None
     ) -> ModuleSpec | None:
-        if fullname != WATCHED:
+        then = _AFTER_IMPORT.get(fullname)
+        if then is None:
             return None
         for finder in sys.meta_path:
             if finder is self or not hasattr(finder, "find_spec"):
                 continue
             spec = finder.find_spec(fullname, path, target)
             if spec is not None and spec.loader is not None:
-                spec.loader = _Loader(spec.loader)  # type: ignore[assignment]
+                spec.loader = _Loader(spec.loader, then)  # type: ignore[assignment]
                 return spec
         return None
 
 
 def install() -> None:
-    """Register now if Kombu is loaded, else when it is."""
-    module = sys.modules.get(WATCHED)
-    if module is not None:
-        _register(module)
-        return
-    if not any(isinstance(f, _Finder) for f in sys.meta_path):
+    """Act now on whichever module is loaded, else when it is."""
+    waiting = False
+    for name, then in _AFTER_IMPORT.items():
+        module = sys.modules.get(name)
+        if module is not None:
+            then(module)
+        else:
+            waiting = True
+    if waiting and not any(isinstance(f, _Finder) for f in sys.meta_path):
         sys.meta_path.insert(0, _Finder())
 
 
