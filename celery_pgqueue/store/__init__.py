@@ -38,6 +38,7 @@ from celery_pgqueue.store import queues as queue_sql
 from celery_pgqueue.store import results as result_sql
 from celery_pgqueue.store import schema as schema_sql
 from celery_pgqueue.store import views as view_sql
+from celery_pgqueue.store.borrowed import Lender
 from celery_pgqueue.store.groups import ChordPart
 from celery_pgqueue.store.notify import ResultListener
 from celery_pgqueue.store.records import (
@@ -83,6 +84,7 @@ class Store:
         self._known_queues: set[str] = set()
         Store._instances.add(self)
         self._schema_checked = False
+        self._lender: Lender | None = None
         execution_options: dict[str, Any] = {}
         if self.options.schema != "public":
             execution_options["schema_translate_map"] = {None: self.options.schema}
@@ -192,6 +194,19 @@ class Store:
                 f"PostgreSQL at {self.url.masked()} is unavailable: "
                 f"{_first_line(exc.orig) if exc.orig else exc}"
             ) from exc
+
+    def lend(self, raw: Any) -> sa.Connection:
+        """A Connection running on a caller's psycopg connection, inside its transaction.
+
+        Closing it leaves the caller's connection and transaction as they were.
+        """
+        with self._registry_lock:
+            if self._lender is None:
+                with self.translating():
+                    self._lender = Lender(
+                        self.url, self._connect_args(), self.engine.get_execution_options()
+                    )
+        return self._lender.lend(raw)
 
     def identity(self, conn: sa.Connection | None = None) -> tuple[str, str]:
         """Which database a connection (ours if None) is on: name and server start."""
