@@ -74,3 +74,11 @@ def test_quickstart_demo_runs_to_completion(database_url: str) -> None:
     assert "sum of squares: 90" in out
     assert "after resume: 2" in out
     assert "done in" in out
+
+
+def test_orders_example_confirms_an_order_committed_with_its_task(database_url: str) -> None:
+    call = (
+        "from shop import place_order, wait_confirmed; "
+        "place_order(42, 'ada@example.com'); print(wait_confirmed(42))"
+    )
+    assert _roundtrip(EXAMPLES / "orders", "shop", call, database_url) == "True"

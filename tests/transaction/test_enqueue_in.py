@@ -7,50 +7,18 @@ from typing import Any
 import psycopg
 import pytest
 import sqlalchemy as sa
-from celery import Celery
 from helpers import wait_until
+from tx_support import statuses
 
 from celery_pgqueue.errors import TransactionError
 from celery_pgqueue.ids import job_id_for
-from celery_pgqueue.store import Store
 from celery_pgqueue.transaction import enqueue_in
 
 pytestmark = pytest.mark.worker
 
 
-@pytest.fixture
-def urls(database_url: str) -> tuple[str, str]:
-    rest = database_url.split("://", 1)[1]
-    return f"pgqueue://{rest}", f"postgresql+psycopg://{rest}"
-
-
-@pytest.fixture
-def app(urls: tuple[str, str]) -> Any:
-    app = Celery("tx", broker=urls[0], set_as_current=False)
-    app.conf.broker_transport_options = {"polling_interval": 0.2}
-    yield app
-    app.close()
-    for store in list(Store._registry.values()):
-        store.dispose()
-    Store._registry.clear()
-
-
-@pytest.fixture
-def engine(urls: tuple[str, str]) -> Any:
-    engine = sa.create_engine(urls[1])
-    with engine.begin() as conn:
-        conn.exec_driver_sql("CREATE TABLE orders (id int PRIMARY KEY)")
-    yield engine
-    engine.dispose()
-
-
-def statuses(database_url: str) -> list[tuple[Any, ...]]:
-    with psycopg.connect(database_url, autocommit=True) as conn:
-        return conn.execute("SELECT id, status FROM jobs").fetchall()
-
-
 def test_rollback_leaves_no_job_and_commit_makes_it_visible(app, engine, database_url):
-    @app.task(name="tx.confirm")
+    @app.task(name="tx.confirm", shared=False)
     def confirm(order_id: int) -> None: ...
 
     with pytest.raises(RuntimeError), engine.begin() as conn:
@@ -73,7 +41,7 @@ def test_rollback_leaves_no_job_and_commit_makes_it_visible(app, engine, databas
 def test_a_thousand_task_group_inside_one_transaction_is_all_or_nothing(app, engine, database_url):
     from celery import group
 
-    @app.task(name="tx.n")
+    @app.task(name="tx.n", shared=False)
     def n(i: int) -> None: ...
 
     with pytest.raises(RuntimeError), engine.begin() as conn, enqueue_in(conn):
@@ -91,7 +59,7 @@ def test_the_task_runs_after_commit_and_sees_the_callers_data(app, engine, datab
 
     seen: list[Any] = []
 
-    @app.task(name="tx.check")
+    @app.task(name="tx.check", shared=False)
     def check(order_id: int) -> None:
         with psycopg.connect(database_url, autocommit=True) as c:
             seen.append(c.execute("SELECT id FROM orders WHERE id = %s", (order_id,)).fetchone())
@@ -106,7 +74,7 @@ def test_the_task_runs_after_commit_and_sees_the_callers_data(app, engine, datab
 
 
 def test_publishing_after_the_transaction_ended_is_a_clear_error(app, engine, database_url):
-    @app.task(name="tx.late")
+    @app.task(name="tx.late", shared=False)
     def late() -> None: ...
 
     with engine.connect() as conn:
@@ -135,7 +103,7 @@ def test_a_connection_to_another_database_is_refused(app, pg_server_url, databas
         base = pg_server_url.rsplit("/", 1)[0].split("://", 1)[1]
         engine = sa.create_engine(f"postgresql+psycopg://{base}/{other}")
 
-        @app.task(name="tx.elsewhere")
+        @app.task(name="tx.elsewhere", shared=False)
         def elsewhere() -> None: ...
 
         with engine.begin() as conn, enqueue_in(conn):
