@@ -80,7 +80,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--only",
         help="comma list of configurations; a name also selects its '-' variants "
-        "(pgqueue, pgqueue-noresult, redis, redis-noresult, amqp-rpc, sqla-db)",
+        "(pgqueue, pgqueue-noresult, pgqueue-async, redis, redis-noresult, amqp-rpc, sqla-db)",
     )
     opt("--measures", f"comma list of {', '.join(ALL_MEASURES)}")
     opt("--rounds", "rounds; configurations interleaved in each", type=int)

@@ -431,6 +431,24 @@ class Services:
                 waiting=pgqueue_waiting,
             ),
             Configuration(
+                # Redis here runs without fsync (appendonly no): this row shows pgqueue
+                # with the same durability, commits acknowledged before the WAL flush.
+                name="pgqueue-async",
+                label="pgqueue broker + backend, synchronous_commit off",
+                results=True,
+                services=[pg],
+                conf=lambda: {
+                    "broker_url": pgqueue_url(),
+                    "result_backend": pgqueue_url(),
+                    "broker_transport_options": {"synchronous_commit": False},
+                    "result_backend_transport_options": {"synchronous_commit": False},
+                },
+                reset=pgqueue_reset,
+                depth=pgqueue_depth,
+                waiting=pgqueue_waiting,
+                extra_unavailable=backend_missing,
+            ),
+            Configuration(
                 name="redis",
                 label="Redis broker + Redis backend",
                 results=True,
