@@ -67,6 +67,8 @@ __all__ = ["Channel", "QoS", "Transport", "finalize"]
 
 # Most rows one claim takes when the consumer sets no prefetch limit.
 MAX_BATCH = 100
+# Seconds an early ack may wait to ride on the next claim before it is written alone.
+ACK_DELAY = 0.1
 # Seconds an auto-delete/exclusive queue outlives its last consumer.
 AUTO_DELETE_AFTER = 60.0
 # How long a process trusts its copy of an exchange's bindings.
@@ -496,6 +498,7 @@ class Transport(virtual.Transport):  # type: ignore[misc]
         self._pid = os.getpid()
         self._ack_lock = threading.Lock()
         self._pending_acks: list[tuple[uuid.UUID, int]] = []
+        self._acks_since = 0.0
         self._pending_deletes: list[tuple[uuid.UUID, int]] = []
 
     # -- connection ------------------------------------------------------------------
@@ -522,7 +525,7 @@ class Transport(virtual.Transport):  # type: ignore[misc]
     def close_connection(self, connection: Any) -> None:
         self._stopping.set()
         with contextlib.suppress(Exception):
-            self.flush_acks()
+            self.flush_acks(force=True)
         super().close_connection(connection)
         if self._listener is not None:
             self._listener.close()
@@ -571,14 +574,21 @@ class Transport(virtual.Transport):  # type: ignore[misc]
         return message
 
     def defer_ack(self, held: tuple[uuid.UUID, int], *, transient: bool) -> None:
-        """Queue an ack for the next flush: one statement per loop tick, not per message.
+        """Queue an ack: it rides on the next claim, or is written within ``ACK_DELAY``.
 
-        The flush runs on the worker's next event-loop tick (milliseconds later). Until
-        then the row still reads as unacked, so a worker that dies in that window has
-        the task requeued rather than marked lost.
+        Most early acks of short tasks are written by the next claim statement, or
+        would find the row already finished; a statement of their own per tick was
+        mostly no-op updates. Until written the row still reads as unacked, so a
+        worker that dies in that window (at most ``ACK_DELAY``, or one poll interval
+        when idle) has the task requeued rather than marked lost.
         """
         with self._ack_lock:
-            (self._pending_deletes if transient else self._pending_acks).append(held)
+            if transient:
+                self._pending_deletes.append(held)
+                return
+            if not self._pending_acks:
+                self._acks_since = monotonic()
+            self._pending_acks.append(held)
 
     def take_acks(self) -> list[tuple[uuid.UUID, int]]:
         """Hand the deferred task acks to a statement that will write them."""
@@ -594,9 +604,15 @@ class Transport(virtual.Transport):  # type: ignore[misc]
             with self._ack_lock:
                 self._pending_acks[:0] = acks
 
-    def flush_acks(self) -> None:
-        """Write deferred acks: ``acked_at`` for tasks, delete consumed transient rows."""
+    def flush_acks(self, force: bool = False) -> None:
+        """Write deferred acks: ``acked_at`` for tasks, delete consumed transient rows.
+
+        Task acks younger than ``ACK_DELAY`` wait (for a claim to carry them) unless
+        ``force``.
+        """
         if not (self._pending_acks or self._pending_deletes):
+            return
+        if not force and not self._pending_deletes and monotonic() - self._acks_since < ACK_DELAY:
             return
         acks = self.take_acks()
         with self._ack_lock:
