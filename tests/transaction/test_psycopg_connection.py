@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import psycopg
@@ -109,3 +110,28 @@ def test_a_thousand_task_group_is_one_statement_on_the_callers_connection(
         assert statuses(orders) == []
         conn.rollback()
     assert statuses(orders) == []
+
+
+def test_workers_are_woken_by_the_commit_not_by_polling(app: Any, orders: str) -> None:
+    from celery.contrib.testing.worker import start_worker
+
+    app.conf.broker_transport_options = {"polling_interval": 60.0, "maintenance_interval": 5.0}
+    started: list[float] = []
+
+    @app.task(name="txp.woken", shared=False)
+    def woken() -> None:
+        started.append(time.monotonic())
+
+    with start_worker(
+        app, pool="solo", perform_ping_check=False, loglevel="WARNING", shutdown_timeout=20.0
+    ):
+        time.sleep(0.5)  # the worker is idle, asleep on LISTEN, next poll in a minute
+        with psycopg.connect(orders) as conn:
+            with enqueue_in(conn):
+                woken.delay()
+            time.sleep(1.0)
+            assert started == []  # not visible before the commit
+            conn.commit()
+            committed = time.monotonic()
+        wait_until(lambda: started, timeout=10, message="the task starts after the commit")
+    assert started[0] - committed < 5.0  # the NOTIFY sent at commit, not the 60 s poll
