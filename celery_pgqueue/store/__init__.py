@@ -104,10 +104,11 @@ class Store:
         self._autocommit = self.engine.execution_options(isolation_level="AUTOCOMMIT")
 
     def _connect_args(self) -> dict[str, Any]:
-        args: dict[str, Any] = {
-            "connect_timeout": max(1, round(self.options.connect_timeout)),
-            "application_name": "celery-pgqueue",
-        }
+        args: dict[str, Any] = {"connect_timeout": max(1, round(self.options.connect_timeout))}
+        if "application_name" not in dict(self.url.query):
+            # Keyword arguments override the URL's: set ours only as the default, so
+            # pg_stat_activity shows the name a user gave (to tell workers apart).
+            args["application_name"] = "celery-pgqueue"
         if not self.options.prepared_statements:
             # A pooler may hand the next transaction another server session, where
             # a statement prepared on this one does not exist (or collides).

@@ -32,6 +32,15 @@ class Listener:
         self._lock = threading.Lock()
 
     @property
+    def application_name(self) -> str:
+        """The URL's ``application_name`` (or ``celery-pgqueue``) plus ``-listen``.
+
+        Set explicitly because keyword arguments override the URL's; the suffix tells
+        this session apart from the pool's in ``pg_stat_activity``.
+        """
+        return dict(self.url.query).get("application_name", "celery-pgqueue") + "-listen"
+
+    @property
     def connected(self) -> bool:
         return self._conn is not None and not self._conn.closed
 
@@ -43,7 +52,7 @@ class Listener:
                 self.url.libpq_url(),
                 autocommit=True,
                 connect_timeout=max(1, round(self.connect_timeout)),
-                application_name="celery-pgqueue-listen",
+                application_name=self.application_name,
             )
             for channel in self.channels:
                 conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))

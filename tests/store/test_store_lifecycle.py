@@ -126,3 +126,36 @@ def test_a_store_built_directly_is_fork_safe_too(database_url: str) -> None:
         assert backend_pid_in_forked_child(store) != parent_pid
     finally:
         store.dispose()
+
+
+@pytest.mark.parametrize(
+    ("query", "pool_name", "listen_name"),
+    [
+        ("", "celery-pgqueue", "celery-pgqueue-listen"),
+        ("?application_name=billing-worker", "billing-worker", "billing-worker-listen"),
+    ],
+)
+def test_sessions_carry_the_url_application_name_or_ours(
+    database_url: str, db: Db, query: str, pool_name: str, listen_name: str
+) -> None:
+    """pg_stat_activity tells a deployment's workers apart only if the URL's name is kept."""
+    from celery_pgqueue.store.listener import Listener
+
+    url = DatabaseURL.parse(database_url + query)
+    store = Store(url)
+    listener = Listener(url, [store.channel])
+    try:
+        listener.connect()
+        store.check_schema()  # leaves a pooled session open
+        names = dict(
+            db.all(
+                "SELECT application_name, count(*) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                " GROUP BY 1"
+            )
+        )
+    finally:
+        listener.close()
+        store.dispose()
+    assert names.get(listen_name) == 1, names
+    assert names.get(pool_name), names
