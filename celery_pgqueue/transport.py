@@ -687,7 +687,11 @@ class Transport(virtual.Transport):  # type: ignore[misc]
             self._stopping.wait(seconds)
             self._drained.clear()
             return
-        notes = self.listener.wait(seconds)
+        try:
+            notes = self.listener.wait(seconds)
+        except DatabaseUnavailable:
+            self._listen_dropped()
+            raise
         if notes:
             self._drained.difference_update(queue for _, queue in notes)
         else:
@@ -720,8 +724,20 @@ class Transport(virtual.Transport):  # type: ignore[misc]
             self._poll_timer.cancel()
             self._poll_timer = None
 
+    def _listen_dropped(self) -> None:
+        """Whatever ended the LISTEN session (a restart, a failover, an administrator)
+        most likely ended the pool's idle sessions too: drop them now, so the consumer's
+        reconnect starts on fresh sessions instead of failing, and restarting, once more
+        on a stale one."""
+        with contextlib.suppress(Exception):
+            self.store.dispose()
+
     def _on_readable(self, *args: Any) -> None:
-        notes = self.listener.drain()
+        try:
+            notes = self.listener.drain()
+        except DatabaseUnavailable:
+            self._listen_dropped()
+            raise
         if notes:
             self._drained.difference_update(queue for _, queue in notes)
             self._wanted = True
