@@ -517,8 +517,14 @@ class Transport(virtual.Transport):  # type: ignore[misc]
         return self._listener
 
     def establish_connection(self) -> Transport:
-        """Fail fast: an unreachable server retries, missing tables stop with the fix."""
-        self.store.check_schema()
+        """Fail fast: an unreachable server retries, missing tables stop with the fix.
+
+        Always one round trip, even once the schema is known good: Kombu's reconnect
+        loops (a producer's publish retry, the consumer's reconnect) wait between
+        attempts only while this raises. Succeeding without asking the server made a
+        publish retry use up its attempts within milliseconds of a restart.
+        """
+        self.store.check_schema(round_trip=True)
         result: Transport = super().establish_connection()
         return result
 

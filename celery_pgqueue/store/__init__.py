@@ -214,9 +214,16 @@ class Store:
         with self.begin(conn) as c:
             return schema_sql.server_identity(c)
 
-    def check_schema(self) -> None:
-        """Fail fast, naming the migrate command, when the tables are missing or old."""
+    def check_schema(self, *, round_trip: bool = False) -> None:
+        """Fail fast, naming the migrate command, when the tables are missing or old.
+
+        Checked once per store; ``round_trip``: still ask the server something after
+        that, so an unreachable one raises DatabaseUnavailable (a reconnect's test).
+        """
         if self._schema_checked:
+            if round_trip:
+                with self.single() as conn:
+                    schema_sql.ping(conn)
             return
         with self.begin() as conn:
             current = schema_sql.current_revision(conn, schema=self.options.schema)

@@ -22,6 +22,11 @@ def current_revision(conn: sa.Connection, *, schema: str) -> str | None:
     return conn.execute(sa.select(version.c.version_num).limit(1)).scalar()
 
 
+def ping(conn: sa.Connection) -> None:
+    """The cheapest round trip: proves the server answers on this connection now."""
+    conn.execute(sa.select(sa.literal(1))).scalar_one()
+
+
 def notify(conn: sa.Connection, *, channel: str, payload: str) -> None:
     """Send a NOTIFY, delivered when the transaction commits."""
     conn.execute(sa.select(sa.func.pg_notify(channel, payload)))
