@@ -35,6 +35,7 @@ import contextlib
 import importlib
 import itertools
 import json
+import logging
 import os
 import socket
 import threading
@@ -64,6 +65,8 @@ from celery_pgqueue.store.listener import Listener
 
 # Imported for its signal handlers (settling rows the result backend won't).
 __all__ = ["Channel", "QoS", "Transport", "finalize"]
+
+logger = logging.getLogger("celery_pgqueue")
 
 # Most rows one claim takes when the consumer sets no prefetch limit.
 MAX_BATCH = 100
@@ -130,7 +133,14 @@ class QoS(virtual.QoS):  # type: ignore[misc]
         self.channel.transport.room_freed()
 
     def restore_unacked(self) -> list[tuple[BaseException, Any]]:
-        """Put every unacked delivery back in line in one statement (warm shutdown)."""
+        """Put every unacked delivery back in line in one statement (warm shutdown).
+
+        When the database is unreachable (why a worker's connection usually closes with
+        deliveries in hand) nothing is lost: the rows stay claimed under our lease and
+        rescue requeues them when it runs out. Kombu would log a panic and pickle the
+        messages, payloads included, into a file in /tmp on every restart of the
+        server; a warning says what happens instead.
+        """
         self._flush()
         messages = list(self._delivered.values())
         self._delivered.clear()
@@ -138,8 +148,14 @@ class QoS(virtual.QoS):  # type: ignore[misc]
             return []
         try:
             self.channel._requeue(messages)
-        except Exception as exc:  # reported by Kombu; leases still cover the rows
-            return [(exc, m) for m in messages]
+        except Exception as exc:
+            logger.warning(
+                "pgqueue could not put %d claimed messages back now (%s); they return to"
+                " their queue when their lease runs out (lease_seconds=%s)",
+                len(messages),
+                exc,
+                self.channel.transport.options.lease_seconds,
+            )
         return []
 
     def has_unacked(self) -> bool:
@@ -837,9 +853,6 @@ class Transport(virtual.Transport):  # type: ignore[misc]
         self._background.start()
 
     def _background_loop(self) -> None:
-        import logging
-
-        logger = logging.getLogger("celery_pgqueue")
         beat = max(0.2, self.options.lease_seconds / 3)
         last_maintenance = 0.0
         while not self._stopping.wait(min(beat, self.options.maintenance_interval)):
