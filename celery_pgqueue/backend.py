@@ -399,7 +399,12 @@ class PgQueueBackend(Backend, AsyncBackendMixin):  # type: ignore[misc]
             retry_at=retry_at,
             started_at=None if transport_owned else _attempt_starts.get(task_id),
         )
-        self.store.write_state(write, notify=self.options.use_notify)
+        # A task's outcome waits out a restart (and a pooled session the server closed)
+        # instead of failing the task and leaving its row to lease rescue.
+        self.store.retrying(
+            lambda: self.store.write_state(write, notify=self.options.use_notify),
+            what=f"the {state} state of task {task_id}",
+        )
         return result
 
     def _document(

@@ -11,14 +11,11 @@ by the delivery's attempt number, like every other write to a held job.
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import Callable
 from typing import Any
 from uuid import UUID
 
 from celery import signals
 
-from celery_pgqueue.errors import DatabaseUnavailable
 from celery_pgqueue.ids import job_id_for
 from celery_pgqueue.options import DatabaseURL, PgQueueOptions
 from celery_pgqueue.states import CELERY_TO_LOG, job_status_for
@@ -50,32 +47,6 @@ def _backend_settles(task: Any, request: Any) -> bool:
 
 
 _stores: dict[tuple[int, str], Store | None] = {}
-
-#: How long a finished task's settle keeps retrying while PostgreSQL is unreachable:
-#: about a restart or a failover. The task has run; if its row is not settled, the
-#: lease runs out and rescue reads the row as a lost worker (failed, or run again).
-SETTLE_RETRY_SECONDS = 30.0
-
-
-def _settle(write: Callable[[], object], task_id: str) -> None:
-    """Run ``write`` (a fenced, idempotent settle), retrying connection errors.
-
-    The first retry is immediate: after a server restart the pool still holds
-    connections the server closed, and the failure that reveals one discards them all.
-    """
-    deadline = time.monotonic() + SETTLE_RETRY_SECONDS
-    delay = 0.0
-    while True:
-        try:
-            write()
-            return
-        except DatabaseUnavailable as exc:
-            if time.monotonic() + delay > deadline:
-                raise
-            if delay:
-                logger.info("pgqueue retrying the settle of job %s: %s", task_id, exc)
-            time.sleep(delay)
-            delay = min(max(delay * 2, 0.1), 1.0)
 
 
 def _store_for(app: Any) -> Store | None:
@@ -109,7 +80,7 @@ def _on_task_postrun(sender: Any = None, task_id: str = "", state: str = "", **k
         job_id = _job_id(getattr(request, "properties", None), task_id)
         # Runs where the task ran (a pool child, a thread), before the worker acks, so
         # waiting out a restart here keeps the outcome instead of a "worker lost".
-        _settle(
+        store.retrying(
             lambda: store.finish(
                 job_id,
                 attempt=attempt,
@@ -119,7 +90,7 @@ def _on_task_postrun(sender: Any = None, task_id: str = "", state: str = "", **k
                 log_message=error[:1000] if error else None,
                 max_attempts=(task.max_retries + 1) if task.max_retries is not None else None,
             ),
-            task_id,
+            what=f"the settle of job {task_id}",
         )
     except Exception as exc:  # never fail the task because bookkeeping failed
         logger.warning("pgqueue could not settle job %s: %s", task_id, exc)

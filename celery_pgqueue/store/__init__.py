@@ -9,12 +9,14 @@ its own transaction). Driver errors become :mod:`celery_pgqueue.errors` here, on
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import threading
+import time
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 from uuid import UUID
 
 import sqlalchemy as sa
@@ -55,6 +57,14 @@ from celery_pgqueue.store.results import StateWrite, StoredResult
 __all__ = ["AttemptRecord", "ClaimedJob", "JobRecord", "NewJob", "PruneCounts", "Store"]
 
 MAX_QUEUE_NAME = 100
+
+#: How long the outcome of a finished task keeps retrying while PostgreSQL is
+#: unreachable: about a restart or a failover. If it still fails, the row stays
+#: running until its lease lapses and rescue reads it as a lost worker.
+SETTLE_RETRY_SECONDS = 30.0
+
+T = TypeVar("T")
+logger = logging.getLogger("celery_pgqueue")
 
 
 def check_queue_name(name: str) -> str:
@@ -208,6 +218,27 @@ class Store:
                         self.url, self._connect_args(), self.engine.get_execution_options()
                     )
         return self._lender.lend(raw)
+
+    def retrying(self, write: Callable[[], T], *, what: str) -> T:
+        """Run ``write`` (fenced and idempotent), retrying while the server is unreachable.
+
+        For the outcome of a task that has run: worth waiting out a restart or a
+        failover (:data:`SETTLE_RETRY_SECONDS`) rather than dropping. The first retry
+        is immediate: after a restart the pool still holds sessions the server closed,
+        and the failure that reveals one discards them all.
+        """
+        deadline = time.monotonic() + SETTLE_RETRY_SECONDS
+        delay = 0.0
+        while True:
+            try:
+                return write()
+            except DatabaseUnavailable as exc:
+                if time.monotonic() + delay > deadline:
+                    raise
+                if delay:
+                    logger.info("pgqueue retrying %s: %s", what, exc)
+                time.sleep(delay)
+                delay = min(max(delay * 2, 0.1), 1.0)
 
     def identity(self, conn: sa.Connection | None = None) -> tuple[str, str]:
         """Which database a connection (ours if None) is on: name and server start."""

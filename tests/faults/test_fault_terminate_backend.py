@@ -35,13 +35,14 @@ NAME = "fault-worker"
 RESTART_SPACING = 1.2
 
 
+@pytest.mark.parametrize("backend", [False, True], ids=["no-backend", "pgqueue-backend"])
 def test_terminated_sessions_are_replaced_and_a_lost_wakeup_costs_at_most_a_poll(
-    tmp_path: Path, workers: Workers, measure
+    tmp_path: Path, workers: Workers, measure, backend: bool
 ) -> None:
     with private_server() as pg:
         producers: list[OnDemandProducer] = []
         try:
-            _terminate_and_publish(tmp_path, pg, workers, producers, measure)
+            _terminate_and_publish(tmp_path, pg, workers, producers, measure, backend)
         finally:
             workers.reap_all()
             for producer in producers:
@@ -49,7 +50,12 @@ def test_terminated_sessions_are_replaced_and_a_lost_wakeup_costs_at_most_a_poll
 
 
 def _terminate_and_publish(  # type: ignore[no-untyped-def]
-    tmp_path: Path, pg, workers: Workers, producers: list[OnDemandProducer], measure
+    tmp_path: Path,
+    pg,
+    workers: Workers,
+    producers: list[OnDemandProducer],
+    measure,
+    backend: bool,
 ) -> None:
     db = Database(pg.url)
     options = {"polling_interval": POLL, "lease_seconds": LEASE, "maintenance_interval": 1.0}
@@ -57,11 +63,14 @@ def _terminate_and_publish(  # type: ignore[no-untyped-def]
     producer_dir = tmp_path / "producer"
     worker_dir.mkdir()
     producer_dir.mkdir()
+    worker_url = pgqueue_url(pg.url) + f"?application_name={NAME}"
     app = write_app(
         worker_dir,
-        pgqueue_url(pg.url) + f"?application_name={NAME}",
+        worker_url,
         name="workerapp",
         transport_options=options,
+        result_backend=worker_url if backend else None,
+        result_backend_transport_options=options,
     )
     add_timed_task(app)
     sender = write_app(producer_dir, pgqueue_url(pg.url), name="senderapp")
