@@ -73,29 +73,40 @@ def test_a_publish_retry_waits_out_a_restart_instead_of_spending_its_attempts_at
             Store.for_url(pgqueue_url(pg.url)).dispose()
 
 
-@pytest.mark.parametrize("mode", ["fast", "immediate"])
+@pytest.mark.parametrize(
+    ("mode", "backend"),
+    [("fast", False), ("immediate", True)],
+    ids=["fast-no-backend", "immediate-pgqueue-backend"],
+)
 def test_server_restart_mid_run_loses_nothing_and_reruns_only_in_flight_tasks(
-    tmp_path: Path, workers: Workers, measure, mode: str
+    tmp_path: Path, workers: Workers, measure, mode: str, backend: bool
 ) -> None:
     # synchronous_commit on: an acknowledged publish must survive an immediate stop too.
     with private_server({"synchronous_commit": "on"}) as pg:
         try:
-            _restart_mid_run(tmp_path, pg, workers, measure, mode)
+            _restart_mid_run(tmp_path, pg, workers, measure, mode, backend)
         finally:
             workers.reap_all()
 
 
-def _restart_mid_run(tmp_path: Path, pg, workers: Workers, measure, mode: str) -> None:  # type: ignore[no-untyped-def]
+def _restart_mid_run(  # type: ignore[no-untyped-def]
+    tmp_path: Path, pg, workers: Workers, measure, mode: str, backend: bool
+) -> None:
     db = Database(pg.url)
+    url = pgqueue_url(pg.url)
+    options = {
+        "lease_seconds": LEASE,
+        "maintenance_interval": MAINTENANCE,
+        "polling_interval": 0.5,
+    }
     app = write_app(
         tmp_path,
-        pgqueue_url(pg.url),
-        transport_options={
-            "lease_seconds": LEASE,
-            "maintenance_interval": MAINTENANCE,
-            "polling_interval": 0.5,
-        },
+        url,
+        transport_options=options,
         task_acks_late=True,
+        # The pgqueue backend writes each outcome itself (else the transport settles).
+        result_backend=url if backend else None,
+        result_backend_transport_options=options,
     )
     pool = [
         workers.start(app, "a", concurrency=2, wait=False),
@@ -194,7 +205,8 @@ def _restart_mid_run(tmp_path: Path, pg, workers: Workers, measure, mode: str) -
     if result["surfaced"]:
         retried += f"; {len(result['surfaced'])} errors reached the caller, which re-sent"
     measure(
-        f"{mode} restart after {done_before} of {TASKS} completed ({published_before} published):"
+        f"{mode} restart ({'pgqueue' if backend else 'no'} result backend) after"
+        f" {done_before} of {TASKS} completed ({published_before} published):"
         f" down {up - down:.2f} s (server clock {up_at - stopped_at:.2f} s);"
         f" first completion {first_completion} s"
         f" after the server was back (first claim {first_claim:.2f} s); total {total:.1f} s;"
