@@ -25,6 +25,13 @@ class PayloadNotSerializable(PgQueueError, TypeError):
     """A message or result cannot be encoded as JSON for the ``payload``/``result`` column."""
 
 
+class InvalidPayload(PgQueueError, ValueError):
+    """A ``jobs.payload`` is not a message a worker can take (edited by hand, say).
+
+    The worker marks such a row failed with this message and carries on with the rest.
+    """
+
+
 class InvalidQueueName(PgQueueError, ValueError):
     """A queue name does not fit ``job_queues.name`` (1 to 100 characters, no NUL)."""
 
