@@ -28,6 +28,9 @@ def _status(status: JobStatus) -> sa.BindParameter[str]:
     return sa.literal(status.value, literal_execute=True)
 
 
+# Running rows without any lease taken back per rescue pass (see rescue_expired).
+UNLEASED_PER_PASS = 10
+
 IS_QUEUED = jobs.c.status == _status(JobStatus.QUEUED)
 IS_RUNNING = jobs.c.status == _status(JobStatus.RUNNING)
 SECOND = sa.text("interval '1 second'")
@@ -545,7 +548,16 @@ def rescue_expired(
     Not yet acked (``acks_late``, or prefetched and never started): back to ``queued``
     for another attempt, unless ``max_attempts`` is spent. Acked early: the task may
     have run, so it is marked failed rather than run twice. Returns (requeued, failed).
+
+    A running row the transport made (it has a payload) with no lease at all was
+    edited by hand: no heartbeat will ever extend it, so it counts as expired rather
+    than staying ``running`` forever. Rows the result backend made for another broker
+    have no payload and no lease, and are left alone.
     """
+    # Two lookups, each an index condition on ix_jobs_lease (an OR of them would be
+    # a filter over every running row). Unleased rows are rare (hand edits): a few per
+    # pass, as a literal LIMIT, so the planner does not expect thousands (its guess
+    # for IS NULL comes from every row of jobs) and keeps to index probes.
     expired = (
         sa.select(jobs.c.id)
         .where(IS_RUNNING, jobs.c.lease_expires_at < sa.func.now())
@@ -553,13 +565,21 @@ def rescue_expired(
         .with_for_update(skip_locked=True)
         .cte("expired")
     )
+    unleased = (
+        sa.select(jobs.c.id)
+        .where(IS_RUNNING, jobs.c.lease_expires_at.is_(None), jobs.c.payload.is_not(None))
+        .limit(fixed(UNLEASED_PER_PASS))
+        .with_for_update(skip_locked=True)
+        .cte("unleased")
+    )
+    lapsed = sa.union_all(sa.select(expired.c.id), sa.select(unleased.c.id)).cte("lapsed")
     exhausted = sa.and_(
         jobs.c.max_attempts.is_not(None), jobs.c.attempt_count >= jobs.c.max_attempts
     )
     to_fail = sa.or_(jobs.c.acked_at.is_not(None), exhausted)
     updated = (
         sa.update(jobs)
-        .where(jobs.c.id == expired.c.id)
+        .where(jobs.c.id == lapsed.c.id)
         .values(
             status=sa.case((to_fail, JobStatus.FAILED.value), else_=JobStatus.QUEUED.value),
             failed_at=sa.case((to_fail, sa.func.now()), else_=None),

@@ -145,6 +145,7 @@ def test_rows_edited_into_nonsense_are_failed_and_logged_while_the_worker_carrie
     broker_url: str,
     db: Database,
     workers: Workers,
+    producer: Celery,
     measure,
 ) -> None:
     lease, maintenance = 2.0, 0.5
@@ -169,14 +170,28 @@ def test_rows_edited_into_nonsense_are_failed_and_logged_while_the_worker_carrie
         )
         broken[name] = job_id
 
+    # Two valid messages whose rows say "running" without any lease: no worker holds
+    # them and no heartbeat will ever extend them. Published to a queue nobody reads,
+    # then moved by hand.
+    unleased = task_specs(2, label="unleased")
+    for spec in unleased:
+        producer.send_task("proc.record", kwargs=spec["kwargs"], task_id=spec["id"], queue="parked")
+    db.rows(
+        "UPDATE jobs SET queue_name = 'celery', status = 'running', attempt_count = 1,"
+        " lease_owner = 'ghost', lease_expires_at = NULL,"
+        " acked_at = CASE WHEN id = %s THEN now() END"
+        " WHERE id = ANY(%s::uuid[]) RETURNING id",
+        uuid.UUID(unleased[1]["id"]),
+        [s["id"] for s in unleased],
+    )
     after = task_specs(3, label="after")
     app.send(after)
     app.close()
 
     good = [s["id"] for s in before + after]
     expected = {
-        **dict.fromkeys(good, "completed"),
-        **dict.fromkeys(broken.values(), "failed"),
+        **dict.fromkeys([*good, unleased[0]["id"]], "completed"),
+        **dict.fromkeys([*broken.values(), unleased[1]["id"]], "failed"),
     }
 
     def settled() -> bool:
@@ -208,7 +223,13 @@ def test_rows_edited_into_nonsense_are_failed_and_logged_while_the_worker_carrie
     for task_id in good:
         assert [e.event for e in app.record.events(task_id)] == ["run"], task_id
 
+    requeued, lost = unleased[0]["id"], unleased[1]["id"]
+    assert [e.event for e in app.record.events(requeued)] == ["run"]
+    assert (db.status(requeued), (db.job(requeued) or {})["attempt_count"]) == ("completed", 2)
+    assert app.record.events(lost) == [], "acked before it lost its lease: never run again"
+    assert "worker lost" in ((db.job(lost) or {})["last_error_message"] or "").lower()
     measure(
         f"{len(broken)} rows edited into nonsense: all failed with the reason, each once; "
+        f"2 running rows without a lease: rescued (requeued and run / failed 'worker lost'); "
         f"{len(good)} good tasks ran once; the worker never stopped"
     )
