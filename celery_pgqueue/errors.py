@@ -17,6 +17,14 @@ class ConfigurationError(PgQueueError, ValueError):
     """A URL or option is unknown, mistyped or out of range."""
 
 
+class AuthenticationFailed(ConfigurationError):
+    """PostgreSQL refused the URL's user name or password.
+
+    Not a connection error: retrying cannot help, so ``.delay()`` raises it at once and
+    a worker stops at start-up instead of reconnecting forever.
+    """
+
+
 class PayloadTooLarge(PgQueueError, ValueError):
     """A message or result is larger than ``max_payload_bytes``: the tier holds IDs, not blobs."""
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import base64
 import json
+import subprocess
+import sys
 import time
 import traceback
 import uuid
@@ -18,18 +20,26 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 from celery import Celery
-from helpers import wait_until
+from helpers import wait_until, with_database
 from transport_process.procs import (
     App,
     Database,
     Worker,
     Workers,
+    libpq_url,
+    pgqueue_url,
     task_specs,
     write_app,
 )
 
+from celery_pgqueue import migrate
+from celery_pgqueue.devserver import EmbeddedPostgres
+from celery_pgqueue.errors import (
+    AuthenticationFailed,
+)
 from celery_pgqueue.store import Store
 
 pytestmark = [pytest.mark.worker]
@@ -74,6 +84,121 @@ def _worker_fails_to_start(app: App, *args: str, timeout: float = 45.0) -> tuple
 def _full_text(exc: BaseException) -> str:
     """An exception as a user would see it logged: the whole chain, with causes."""
     return "".join(traceback.format_exception(exc))
+
+
+# -- credentials -----------------------------------------------------------------------
+
+RIGHT_PASSWORD = "right-Pass-8c1d"
+WRONG_PASSWORD = "Wr0ng-Secret-5e7a"
+
+
+@pytest.fixture(scope="module")
+def password_server() -> Iterator[str]:
+    """A private server that checks passwords (scram-sha-256 over TCP), migrated.
+
+    Yields the URL of its migrated database, without a password.
+    """
+    with EmbeddedPostgres() as server:
+        admin = server.url()
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute("SET password_encryption = 'scram-sha-256'")
+            conn.execute(f"ALTER ROLE postgres PASSWORD '{RIGHT_PASSWORD}'")
+            conn.execute("CREATE DATABASE app")
+        app_url = with_database(admin, "app")
+        migrate.upgrade(app_url)
+        (server.datadir / "pg_hba.conf").write_text(
+            "local all all trust\nhost all all 127.0.0.1/32 scram-sha-256\n"
+        )
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute("SELECT pg_reload_conf()")
+        wait_until(lambda: _refused(app_url), timeout=10, message="the server asks for a password")
+        yield app_url
+
+
+def _refused(url: str) -> bool:
+    try:
+        psycopg.connect(url, connect_timeout=5).close()
+    except psycopg.OperationalError as exc:
+        return "password" in str(exc)
+    return False
+
+
+def _with_password(url: str, password: str) -> str:
+    return pgqueue_url(url, password=password)
+
+
+def test_a_wrong_password_fails_delay_and_the_worker_at_once_without_showing_it(
+    tmp_path: Path, password_server: str
+) -> None:
+    app_url = password_server
+    wrong = _with_password(app_url, WRONG_PASSWORD)
+
+    producer = Celery("producer", broker=wrong, set_as_current=False)
+    producer.conf.result_backend = None
+    try:
+        started = time.monotonic()
+        with pytest.raises(AuthenticationFailed) as caught:
+            producer.send_task("proc.record", kwargs={"label": "never"})
+        refused_after = time.monotonic() - started
+    finally:
+        producer.close()
+    text = _full_text(caught.value)
+    assert "password authentication failed" in str(caught.value)
+    assert "fix the user name or password in the URL" in str(caught.value)
+    assert WRONG_PASSWORD not in text
+    assert refused_after < 5.0, "a refused login is not retried as if the server were down"
+
+    app = write_app(tmp_path, wrong)
+    code, log = _worker_fails_to_start(app)
+    assert code != 0
+    assert "AuthenticationFailed" in log and "password authentication failed" in log, log[-3000:]
+    assert WRONG_PASSWORD not in log
+
+    cli = app.celery("pgqueue", "status")
+    assert cli.returncode == 2, cli
+    assert "authentication failed" in cli.stderr
+    assert WRONG_PASSWORD not in cli.stdout + cli.stderr
+
+    with psycopg.connect(libpq_url(_with_password(app_url, RIGHT_PASSWORD))) as conn:
+        assert conn.execute("SELECT count(*) FROM jobs").fetchone() == (0,)
+
+
+def test_the_right_password_works_end_to_end_and_never_shows_in_the_log(
+    tmp_path: Path, password_server: str, workers: Workers
+) -> None:
+    app_url = password_server
+    right = _with_password(app_url, RIGHT_PASSWORD)
+    app = write_app(tmp_path, right, result_backend=right)
+    worker = workers.start(app, "right", "--loglevel", "DEBUG")
+    [spec] = task_specs(1, label="with-a-password")
+    try:
+        app.send([spec])
+    finally:
+        app.close()
+    db = Database(_with_password(app_url, RIGHT_PASSWORD))
+    wait_until(lambda: db.status(spec["id"]) == "completed", timeout=30)
+    worker.reap()
+    log = worker.log()
+    assert "pgqueue://postgres:**@" in log
+    assert RIGHT_PASSWORD not in log
+
+
+def test_no_password_leaks_from_the_cli_with_a_wrong_password(
+    tmp_path: Path, password_server: str
+) -> None:
+    """``celery-pgqueue --url`` (no Celery app) says authentication failed, exit 2."""
+    app_url = password_server
+    wrong = _with_password(app_url, WRONG_PASSWORD)
+    done = subprocess.run(
+        [sys.executable, "-m", "celery_pgqueue", "--url", wrong, "status"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 2, done
+    assert "authentication failed" in done.stderr
+    assert WRONG_PASSWORD not in done.stdout + done.stderr
 
 
 # -- rows edited by hand ---------------------------------------------------------------
