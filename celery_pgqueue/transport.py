@@ -55,7 +55,6 @@ from celery_pgqueue.errors import (
     ConfigurationError,
     DatabaseUnavailable,
     InvalidPayload,
-    PayloadNotSerializable,
 )
 from celery_pgqueue.ids import job_id_for
 from celery_pgqueue.options import DatabaseURL, PgQueueOptions, mask_password
@@ -522,7 +521,6 @@ class Transport(virtual.Transport):  # type: ignore[misc]
         ConnectionError,
         OSError,
     )
-    channel_errors = (*virtual.Transport.channel_errors, PayloadNotSerializable)
 
     def __init__(self, client: Any, **kwargs: Any) -> None:
         self.options = PgQueueOptions.parse(client.transport_options)

@@ -39,6 +39,7 @@ from celery_pgqueue import migrate
 from celery_pgqueue.devserver import EmbeddedPostgres
 from celery_pgqueue.errors import (
     AuthenticationFailed,
+    PayloadNotSerializable,
 )
 from celery_pgqueue.store import Store
 
@@ -84,6 +85,20 @@ def _worker_fails_to_start(app: App, *args: str, timeout: float = 45.0) -> tuple
 def _full_text(exc: BaseException) -> str:
     """An exception as a user would see it logged: the whole chain, with causes."""
     return "".join(traceback.format_exception(exc))
+
+
+# -- publishing ------------------------------------------------------------------------
+
+
+def test_headers_that_are_not_json_raise_payload_not_serializable_at_once(
+    producer: Celery, db: Database
+) -> None:
+    started = time.monotonic()
+    with pytest.raises(PayloadNotSerializable) as caught:
+        producer.tasks["proc.record"].apply_async(headers={"when": object()})
+    assert time.monotonic() - started < 2.0, "not retried as if the broker were down"
+    assert "pass ids and plain values" in str(caught.value)
+    assert db.task_counts() == {}
 
 
 # -- credentials -----------------------------------------------------------------------
