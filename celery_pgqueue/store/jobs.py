@@ -419,6 +419,12 @@ def _finish_statement(
     conditions = [jobs.c.id == job_id, jobs.c.status != _status(JobStatus.COMPLETED)]
     if fenced:
         conditions.append(jobs.c.attempt_count == sa.bindparam("p_attempt", type_=sa.Integer))
+        if status is JobStatus.QUEUED:
+            # RETRY only records the state: Task.retry() re-published the message
+            # first, which put the row back in line. A row still running was never
+            # re-published (Celery's cold shutdown cancels early-acked tasks as
+            # "RETRY"): requeueing it here would run an acked task twice.
+            conditions.append(IS_QUEUED)
     updated = (
         sa.update(jobs).where(*conditions).values(**values).returning(jobs.c.id).cte("updated")
     )
@@ -474,9 +480,10 @@ def finish(
 
     ``attempt`` fences the write to the delivery that ran it; ``None`` accepts any
     attempt (result-backend writes for tasks that arrived through another broker).
-    A finished success is never overwritten. ``result_channel``: NOTIFY it with the
-    job id when the row changed, in this same statement (the result backend's
-    ready states).
+    A finished success is never overwritten. A fenced ``queued`` (RETRY) only updates
+    a row its retry already re-queued; it never requeues a running one itself.
+    ``result_channel``: NOTIFY it with the job id when the row changed, in this same
+    statement (the result backend's ready states).
     """
     stmt = _finish_statement(
         status,
