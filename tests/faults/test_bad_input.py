@@ -22,8 +22,9 @@ from typing import Any
 
 import psycopg
 import pytest
-from celery import Celery
+from celery import Celery, group
 from helpers import wait_until, with_database
+from kombu.exceptions import EncodeError
 from transport_process.procs import (
     App,
     Database,
@@ -39,9 +40,13 @@ from celery_pgqueue import migrate
 from celery_pgqueue.devserver import EmbeddedPostgres
 from celery_pgqueue.errors import (
     AuthenticationFailed,
+    InvalidQueueName,
     PayloadNotSerializable,
+    PayloadTooLarge,
+    SchemaMissing,
 )
 from celery_pgqueue.store import Store
+from celery_pgqueue.transaction import enqueue_in
 
 pytestmark = [pytest.mark.worker]
 
@@ -90,6 +95,35 @@ def _full_text(exc: BaseException) -> str:
 # -- publishing ------------------------------------------------------------------------
 
 
+def test_an_oversized_task_in_a_group_leaves_no_row_of_any_member(
+    producer: Celery, db: Database, database_url: str
+) -> None:
+    """A group is one batch: the oversized member is refused before anything is written."""
+    producer.conf.broker_transport_options = {"max_payload_bytes": 1024}
+    record = producer.tasks["proc.record"]
+    members = [record.s(label="small"), record.s(label="x" * 5000), record.s(label="after")]
+
+    with pytest.raises(PayloadTooLarge) as caught:
+        group(members).apply_async()
+    text = str(caught.value)
+    assert "'proc.record'" in text and "1,024-byte limit" in text and "max_payload_bytes" in text
+    assert db.task_counts() == {}
+
+    engine = Store.for_url(pgqueue_url(database_url)).engine
+    with pytest.raises(PayloadTooLarge), engine.begin() as conn, enqueue_in(conn):
+        record.delay(label="in the same transaction")
+        group(members).apply_async()
+    assert db.task_counts() == {}, "inside enqueue_in the caller's whole transaction rolls back"
+
+
+def test_arguments_that_are_not_json_are_refused_by_kombu_and_leave_no_row(
+    producer: Celery, db: Database
+) -> None:
+    with pytest.raises(EncodeError, match="Object of type object is not JSON serializable"):
+        producer.tasks["proc.record"].delay(when=object())
+    assert db.task_counts() == {}
+
+
 def test_headers_that_are_not_json_raise_payload_not_serializable_at_once(
     producer: Celery, db: Database
 ) -> None:
@@ -99,6 +133,96 @@ def test_headers_that_are_not_json_raise_payload_not_serializable_at_once(
     assert time.monotonic() - started < 2.0, "not retried as if the broker were down"
     assert "pass ids and plain values" in str(caught.value)
     assert db.task_counts() == {}
+
+
+ODD_QUEUES = [
+    "it's; DROP TABLE jobs; --",
+    "\"; DELETE FROM job_queues WHERE ''='",
+    "Robert'); DROP TABLE job_logs;--",
+    "%s %(name)s $1 \\N \\\\ ?",
+    "unicode ✓ очередь 队列 🚀",
+    "é" * 100,  # 100 characters, 200 bytes: the limit counts characters
+]
+
+
+def test_queue_names_with_quotes_semicolons_and_unicode_round_trip_through_a_worker(
+    tmp_path: Path, broker_url: str, db: Database, workers: Workers, producer: Celery
+) -> None:
+    """Queue names are values, never SQL: odd ones are stored as given and consumed."""
+    app = write_app(tmp_path, broker_url)
+    worker = workers.start(app, "odd", "-Q", ",".join(ODD_QUEUES))
+    specs = {queue: task_specs(1, label=f"q{n}")[0] for n, queue in enumerate(ODD_QUEUES)}
+    for queue, spec in specs.items():
+        producer.send_task("proc.record", kwargs=spec["kwargs"], task_id=spec["id"], queue=queue)
+    db.wait_for_counts({"completed": len(specs)}, timeout=60, workers=[worker])
+
+    for queue, spec in specs.items():
+        job = db.job(spec["id"])
+        assert job is not None and job["queue_name"] == queue
+        assert [e.event for e in app.record.events(spec["id"])] == ["run"]
+    names = {name for (name,) in db.rows("SELECT name FROM job_queues")}
+    assert set(ODD_QUEUES) <= names
+    tables = db.rows(
+        "SELECT count(*) FROM pg_tables WHERE schemaname = 'public'"
+        " AND tablename IN ('jobs', 'job_queues', 'job_logs')"
+    )
+    assert tables == [(3,)]
+
+
+@pytest.mark.parametrize("queue", ["q" * 101, "nul\x00inside"], ids=["101-characters", "nul"])
+def test_queue_names_that_do_not_fit_are_refused_before_anything_is_written(
+    producer: Celery, db: Database, queue: str
+) -> None:
+    with pytest.raises(InvalidQueueName, match="use 1 to 100 characters without NUL"):
+        producer.tasks["proc.record"].apply_async(queue=queue)
+    assert db.task_counts() == {}
+    assert db.rows("SELECT name FROM job_queues WHERE name <> 'celery'") == []
+
+
+# -- worker configuration --------------------------------------------------------------
+
+
+WORKER_CONFIG_ERRORS: dict[str, tuple[dict[str, Any], str, str]] = {
+    # id: (config override, broker URL suffix, expected text in the log)
+    "mistyped-option": (
+        {"broker_transport_options": {"lease_second": 3}},
+        "",
+        "unknown pgqueue option 'lease_second'; did you mean 'lease_seconds'?",
+    ),
+    "option-of-the-wrong-type": (
+        {"broker_transport_options": {"lease_seconds": "soon"}},
+        "",
+        "pgqueue option 'lease_seconds' expects float, got 'soon'",
+    ),
+    "mistyped-url-parameter": (
+        {},
+        "?sslmod=require",
+        "unknown connection parameter 'sslmod'",
+    ),
+}
+
+
+@pytest.mark.parametrize(
+    ("config", "suffix", "expected"),
+    list(WORKER_CONFIG_ERRORS.values()),
+    ids=list(WORKER_CONFIG_ERRORS),
+)
+def test_celery_worker_with_a_configuration_mistake_exits_naming_it(
+    tmp_path: Path, broker_url: str, config: dict[str, Any], suffix: str, expected: str
+) -> None:
+    app = write_app(tmp_path, broker_url + suffix, **config)
+    code, log = _worker_fails_to_start(app)
+    assert code != 0
+    assert "ConfigurationError" in log and expected in log, log[-3000:]
+
+
+def test_celery_worker_refuses_a_queue_name_over_100_characters(
+    tmp_path: Path, broker_url: str
+) -> None:
+    app = write_app(tmp_path, broker_url)
+    code, log = _worker_fails_to_start(app, "-Q", "q" * 101)
+    assert code != 0
+    assert "InvalidQueueName" in log and "1 to 100 characters" in log, log[-3000:]
 
 
 # -- credentials -----------------------------------------------------------------------
@@ -214,6 +338,49 @@ def test_no_password_leaks_from_the_cli_with_a_wrong_password(
     assert done.returncode == 2, done
     assert "authentication failed" in done.stderr
     assert WRONG_PASSWORD not in done.stdout + done.stderr
+
+
+# -- schema ----------------------------------------------------------------------------
+
+
+@pytest.fixture(params=["missing", "outdated"])
+def unmigrated_url(request: pytest.FixtureRequest) -> tuple[str, str]:
+    """A database without the tables, or with them at revision 0002; and the wording."""
+    if request.param == "missing":
+        return request.getfixturevalue("empty_database_url"), "tables are missing"
+    url = request.getfixturevalue("database_url")
+    migrate.downgrade(url, "0002")
+    return url, "at revision 0002, this version needs 0003"
+
+
+def test_publishing_to_a_database_without_the_current_tables_names_the_migrate_command(
+    unmigrated_url: tuple[str, str],
+) -> None:
+    url, wording = unmigrated_url
+    producer = Celery("producer", broker=pgqueue_url(url), set_as_current=False)
+    producer.conf.result_backend = None
+    try:
+        with pytest.raises(SchemaMissing) as caught:
+            producer.send_task("proc.record", kwargs={"label": "never"})
+    finally:
+        producer.close()
+    text = str(caught.value)
+    assert wording in text and all(command in text for command in MIGRATE_COMMANDS), text
+    with psycopg.connect(url) as conn:
+        jobs = conn.execute("SELECT to_regclass('jobs') IS NOT NULL").fetchone()
+        if jobs == (True,):
+            assert conn.execute("SELECT count(*) FROM jobs").fetchone() == (0,)
+
+
+def test_a_worker_on_a_database_without_the_current_tables_stops_naming_the_command(
+    tmp_path: Path, unmigrated_url: tuple[str, str]
+) -> None:
+    url, wording = unmigrated_url
+    app = write_app(tmp_path, pgqueue_url(url))
+    code, log = _worker_fails_to_start(app)
+    assert code != 0
+    assert "SchemaMissing" in log and wording in log, log[-3000:]
+    assert all(command in log for command in MIGRATE_COMMANDS), log[-3000:]
 
 
 # -- rows edited by hand ---------------------------------------------------------------
