@@ -6,8 +6,10 @@ Importing the package registers the ``pgqueue://`` transport alias with Kombu.
 from __future__ import annotations
 
 from celery_pgqueue.errors import (
+    AuthenticationFailed,
     ConfigurationError,
     DatabaseUnavailable,
+    InvalidPayload,
     InvalidQueueName,
     PayloadNotSerializable,
     PayloadTooLarge,
@@ -33,8 +35,10 @@ def register_transport() -> None:
 register_transport()
 
 __all__ = [
+    "AuthenticationFailed",
     "ConfigurationError",
     "DatabaseUnavailable",
+    "InvalidPayload",
     "InvalidQueueName",
     "PayloadNotSerializable",
     "PayloadTooLarge",

@@ -17,12 +17,27 @@ class ConfigurationError(PgQueueError, ValueError):
     """A URL or option is unknown, mistyped or out of range."""
 
 
+class AuthenticationFailed(ConfigurationError):
+    """PostgreSQL refused the URL's user name or password.
+
+    Not a connection error: retrying cannot help, so ``.delay()`` raises it at once and
+    a worker stops at start-up instead of reconnecting forever.
+    """
+
+
 class PayloadTooLarge(PgQueueError, ValueError):
     """A message or result is larger than ``max_payload_bytes``: the tier holds IDs, not blobs."""
 
 
 class PayloadNotSerializable(PgQueueError, TypeError):
     """A message or result cannot be encoded as JSON for the ``payload``/``result`` column."""
+
+
+class InvalidPayload(PgQueueError, ValueError):
+    """A ``jobs.payload`` is not a message a worker can take (edited by hand, say).
+
+    The worker marks such a row failed with this message and carries on with the rest.
+    """
 
 
 class InvalidQueueName(PgQueueError, ValueError):

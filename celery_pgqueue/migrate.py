@@ -16,8 +16,9 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 
-from celery_pgqueue.errors import ConfigurationError, DatabaseUnavailable
+from celery_pgqueue.errors import AuthenticationFailed, ConfigurationError, DatabaseUnavailable
 from celery_pgqueue.options import DatabaseURL, PgQueueOptions
+from celery_pgqueue.store import connection_failure
 
 VERSION_TABLE = "celery_pgqueue_version"
 
@@ -60,6 +61,9 @@ def _run(url: str, schema: str, action: str, revision: str) -> None:
             cfg.attributes["connection"] = conn
             getattr(command, action)(cfg, revision)
     except sa.exc.OperationalError as exc:
+        failure = connection_failure(exc.orig or exc, DatabaseURL.parse(url))
+        if isinstance(failure, AuthenticationFailed):
+            raise failure from exc
         raise DatabaseUnavailable(
             f"cannot migrate {DatabaseURL.parse(url).masked()}: {exc.orig}"
         ) from exc
@@ -87,6 +91,9 @@ def current(url: str, schema: str = "public") -> str | None:
             )
             return ctx.get_current_revision()
     except sa.exc.OperationalError as exc:
+        failure = connection_failure(exc.orig or exc, DatabaseURL.parse(url))
+        if isinstance(failure, AuthenticationFailed):
+            raise failure from exc
         raise DatabaseUnavailable(
             f"cannot reach {DatabaseURL.parse(url).masked()}: {exc.orig}"
         ) from exc

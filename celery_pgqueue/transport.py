@@ -54,7 +54,7 @@ from celery_pgqueue.batching import PublishBatch
 from celery_pgqueue.errors import (
     ConfigurationError,
     DatabaseUnavailable,
-    PayloadNotSerializable,
+    InvalidPayload,
 )
 from celery_pgqueue.ids import job_id_for
 from celery_pgqueue.options import DatabaseURL, PgQueueOptions, mask_password
@@ -90,9 +90,9 @@ def held_of(message: Any) -> tuple[uuid.UUID, int]:
     return uuid.UUID(props["pgqueue_job"]), int(props["pgqueue_attempt"])
 
 
-def is_task(headers: dict[str, Any] | None) -> bool:
+def is_task(headers: Any) -> bool:
     """Celery task messages keep history in ``jobs``; other messages are transient."""
-    return bool(headers) and "task" in headers and "id" in headers  # type: ignore[operator]
+    return isinstance(headers, dict) and "task" in headers and "id" in headers
 
 
 def _parse_eta(value: Any) -> datetime | None:
@@ -326,10 +326,14 @@ class Channel(virtual.Channel):  # type: ignore[misc]
     # -- consuming -------------------------------------------------------------------
 
     def _get(self, queue: str, timeout: float | None = None) -> dict[str, Any]:
-        claimed = self.store.claim(queue, 1, self.transport.owner)
-        if not claimed:
-            raise Empty()
-        return self.transport.to_message(claimed[0])
+        while True:
+            claimed = self.store.claim(queue, 1, self.transport.owner)
+            if not claimed:
+                raise Empty()
+            try:
+                return self.transport.to_message(claimed[0])
+            except InvalidPayload as exc:
+                self._fail_undeliverable(claimed[0], exc)
 
     def basic_get(self, queue: str, no_ack: bool = False, **kwargs: Any) -> Any:
         message = super().basic_get(queue, no_ack=no_ack, **kwargs)
@@ -350,15 +354,54 @@ class Channel(virtual.Channel):  # type: ignore[misc]
             raise
         settle_now = queue in self._no_ack_queues
         for job in claimed:
-            message = self.transport.to_message(job)
+            try:
+                message = self.transport.to_message(job)
+            except InvalidPayload as exc:
+                self._fail_undeliverable(job, exc)
+                continue
             if settle_now:
                 # A no_ack consumer (remote-control mailboxes) never acks: the
                 # delivery itself settles the row.
                 self.transport.defer_ack(
                     (job.id, job.attempt), transient=not is_task(message["headers"])
                 )
-            self.connection._deliver(message, queue)
+            try:
+                self.connection._deliver(message, queue)
+            except self.transport.connection_errors:
+                raise
+            except Exception as exc:
+                # Celery could not take it (a header it cannot parse, say). Raised
+                # out of here it would stop the event loop, and the row, rescued and
+                # claimed again, would stop the next worker too: settle it instead.
+                self.qos._delivered.pop(message["properties"]["delivery_tag"], None)
+                self._fail_undeliverable(job, exc)
         return len(claimed)
+
+    def _fail_undeliverable(self, job: ClaimedJob, exc: Exception) -> None:
+        """Mark a row no worker can take ``failed``, say so in the log, and carry on.
+
+        The log names the job (never its payload); the row keeps the reason, so
+        ``pgqueue jobs --status failed`` finds it, and ``pgqueue retry`` brings it
+        back once the payload is fixed.
+        """
+        reason = str(exc) if isinstance(exc, InvalidPayload) else f"{type(exc).__name__}: {exc}"
+        fix = f"fix jobs.payload, then `celery -A proj pgqueue retry {job.id}` (or delete the row)"
+        logger.error(
+            "pgqueue: job %s in queue %r cannot be delivered (%s); marked failed: %s",
+            job.id,
+            job.queue_name,
+            reason,
+            fix,
+            exc_info=not isinstance(exc, InvalidPayload),
+        )
+        self.store.finish(
+            job.id,
+            attempt=job.attempt,
+            status=JobStatus.FAILED,
+            log_status=LogStatus.FAILED,
+            error_message=f"InvalidPayload: {reason}",
+            log_message=f"not delivered: {reason}; {fix}",
+        )
 
     def basic_consume(
         self, queue: str, no_ack: bool, callback: Any, consumer_tag: str, **kwargs: Any
@@ -478,7 +521,6 @@ class Transport(virtual.Transport):  # type: ignore[misc]
         ConnectionError,
         OSError,
     )
-    channel_errors = (*virtual.Transport.channel_errors, PayloadNotSerializable)
 
     def __init__(self, client: Any, **kwargs: Any) -> None:
         self.options = PgQueueOptions.parse(client.transport_options)
@@ -573,8 +615,9 @@ class Transport(virtual.Transport):  # type: ignore[misc]
 
     def to_message(self, job: ClaimedJob) -> dict[str, Any]:
         """The Kombu message for a claimed row, stamped for this delivery."""
-        payload = job.payload or {}
-        message = from_payload(payload)
+        payload = job.payload
+        stored_headers = payload.get("headers") if isinstance(payload, dict) else None
+        message = from_payload(payload, json_body=is_task(stored_headers))
         headers = message["headers"]
         if headers.get("eta"):
             # The database already held the job until run_at: the worker runs it now
@@ -582,6 +625,8 @@ class Transport(virtual.Transport):  # type: ignore[misc]
             headers["eta"] = None
         properties = message["properties"]
         retries = headers.get("retries") or 0 if is_task(headers) else 0
+        if not isinstance(retries, int) or isinstance(retries, bool):
+            raise InvalidPayload("payload header 'retries' is not an integer")
         properties.update(
             delivery_tag=_tag(job.id, job.attempt),
             delivery_info={

@@ -28,6 +28,9 @@ def _status(status: JobStatus) -> sa.BindParameter[str]:
     return sa.literal(status.value, literal_execute=True)
 
 
+# Running rows without any lease taken back per rescue pass (see rescue_expired).
+UNLEASED_PER_PASS = 10
+
 IS_QUEUED = jobs.c.status == _status(JobStatus.QUEUED)
 IS_RUNNING = jobs.c.status == _status(JobStatus.RUNNING)
 SECOND = sa.text("interval '1 second'")
@@ -416,6 +419,12 @@ def _finish_statement(
     conditions = [jobs.c.id == job_id, jobs.c.status != _status(JobStatus.COMPLETED)]
     if fenced:
         conditions.append(jobs.c.attempt_count == sa.bindparam("p_attempt", type_=sa.Integer))
+        if status is JobStatus.QUEUED:
+            # RETRY only records the state: Task.retry() re-published the message
+            # first, which put the row back in line. A row still running was never
+            # re-published (Celery's cold shutdown cancels early-acked tasks as
+            # "RETRY"): requeueing it here would run an acked task twice.
+            conditions.append(IS_QUEUED)
     updated = (
         sa.update(jobs).where(*conditions).values(**values).returning(jobs.c.id).cte("updated")
     )
@@ -471,9 +480,10 @@ def finish(
 
     ``attempt`` fences the write to the delivery that ran it; ``None`` accepts any
     attempt (result-backend writes for tasks that arrived through another broker).
-    A finished success is never overwritten. ``result_channel``: NOTIFY it with the
-    job id when the row changed, in this same statement (the result backend's
-    ready states).
+    A finished success is never overwritten. A fenced ``queued`` (RETRY) only updates
+    a row its retry already re-queued; it never requeues a running one itself.
+    ``result_channel``: NOTIFY it with the job id when the row changed, in this same
+    statement (the result backend's ready states).
     """
     stmt = _finish_statement(
         status,
@@ -545,7 +555,16 @@ def rescue_expired(
     Not yet acked (``acks_late``, or prefetched and never started): back to ``queued``
     for another attempt, unless ``max_attempts`` is spent. Acked early: the task may
     have run, so it is marked failed rather than run twice. Returns (requeued, failed).
+
+    A running row the transport made (it has a payload) with no lease at all was
+    edited by hand: no heartbeat will ever extend it, so it counts as expired rather
+    than staying ``running`` forever. Rows the result backend made for another broker
+    have no payload and no lease, and are left alone.
     """
+    # Two lookups, each an index condition on ix_jobs_lease (an OR of them would be
+    # a filter over every running row). Unleased rows are rare (hand edits): a few per
+    # pass, as a literal LIMIT, so the planner does not expect thousands (its guess
+    # for IS NULL comes from every row of jobs) and keeps to index probes.
     expired = (
         sa.select(jobs.c.id)
         .where(IS_RUNNING, jobs.c.lease_expires_at < sa.func.now())
@@ -553,13 +572,21 @@ def rescue_expired(
         .with_for_update(skip_locked=True)
         .cte("expired")
     )
+    unleased = (
+        sa.select(jobs.c.id)
+        .where(IS_RUNNING, jobs.c.lease_expires_at.is_(None), jobs.c.payload.is_not(None))
+        .limit(fixed(UNLEASED_PER_PASS))
+        .with_for_update(skip_locked=True)
+        .cte("unleased")
+    )
+    lapsed = sa.union_all(sa.select(expired.c.id), sa.select(unleased.c.id)).cte("lapsed")
     exhausted = sa.and_(
         jobs.c.max_attempts.is_not(None), jobs.c.attempt_count >= jobs.c.max_attempts
     )
     to_fail = sa.or_(jobs.c.acked_at.is_not(None), exhausted)
     updated = (
         sa.update(jobs)
-        .where(jobs.c.id == expired.c.id)
+        .where(jobs.c.id == lapsed.c.id)
         .values(
             status=sa.case((to_fail, JobStatus.FAILED.value), else_=JobStatus.QUEUED.value),
             failed_at=sa.case((to_fail, sa.func.now()), else_=None),

@@ -2,7 +2,8 @@
 
 Every worker a test starts is killed at teardown, whatever the outcome. Figures a
 test measures (re-runs, recovery times, throughput) are printed in pytest's terminal
-summary under "fault measurements", so a plain ``pytest -q`` run shows them.
+summary under "fault measurements", so a plain ``pytest -q`` run shows them. Tests on
+the suite's server get a fresh database each: ``broker_url`` and ``db`` name it.
 """
 
 from __future__ import annotations
@@ -10,9 +11,19 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from transport_process.procs import Workers
+from transport_process.procs import Database, Workers, pgqueue_url
 
 _MEASUREMENTS: list[str] = []
+
+
+@pytest.fixture
+def broker_url(database_url: str) -> str:
+    return pgqueue_url(database_url)
+
+
+@pytest.fixture
+def db(database_url: str) -> Database:
+    return Database(database_url)
 
 
 @pytest.fixture

@@ -145,8 +145,14 @@ class Jobs:
     def __init__(self, store: Store) -> None:
         self.store = store
 
-    def queued(self, queue: str = "default", task: str = "proj.tasks.add", **kw: Any) -> uuid.UUID:
-        job_id = uuid.uuid4()
+    def queued(
+        self,
+        queue: str = "default",
+        task: str = "proj.tasks.add",
+        job_id: uuid.UUID | None = None,
+        **kw: Any,
+    ) -> uuid.UUID:
+        job_id = job_id or uuid.uuid4()
         payload = {"headers": {"task": task, "id": str(job_id)}, "body": [[1, 2], {}, {}]}
         self.store.enqueue([NewJob(id=job_id, queue_name=queue, payload=payload, **kw)])
         return job_id
@@ -173,6 +179,10 @@ class Jobs:
         for attempt in range(1, attempts + 1):
             assert self._claim(queue, job_id) == attempt
             last = attempt == attempts
+            if not last:
+                # As Task.retry() does: re-publish the same id (the row is queued
+                # again), then store RETRY for the attempt that ran.
+                self.queued(queue, task, job_id=job_id, priority=0)
             assert self.store.finish(
                 job_id,
                 attempt=attempt,

@@ -106,6 +106,48 @@ def test_celery_report_does_not_show_the_broker_password(tmp_path: Path, databas
     assert password not in output
 
 
+def test_a_worker_with_a_password_url_shows_it_nowhere(
+    tmp_path: Path, database_url: str, db: Database, workers: Workers
+) -> None:
+    """Not in its log at DEBUG, nor in ``inspect conf``, ``report`` or ``pgqueue status``.
+
+    The password is in the broker URL and the result backend URL, and a task fails so
+    the log also carries a traceback.
+    """
+    broker = _password_url(database_url)
+    password = _password_of(broker)
+    app = write_app(tmp_path, broker, result_backend=broker)
+    worker = workers.start(app, "secretive", "--loglevel", "DEBUG")
+    [ok] = task_specs(1, label="ok")
+    [boom] = task_specs(1, label="boom")
+    boom["kwargs"]["sleep"] = "not a number"  # time.sleep() raises TypeError in the task
+    app.publish([ok, boom])
+    wait_until(lambda: db.status(ok["id"]) == "completed", timeout=30)
+    wait_until(lambda: db.status(boom["id"]) == "failed", timeout=30)
+
+    def conf_answered() -> str | None:
+        done = app.celery("inspect", "conf", "--json")
+        return done.stdout if "broker_url" in done.stdout else None
+
+    conf = wait_until(conf_answered, timeout=30, interval=0.2, message="inspect conf answered")
+    outputs = {
+        "inspect conf": conf,
+        "report": app.celery("report").stdout,
+        "pgqueue status": app.celery("pgqueue", "status").stdout,
+    }
+    worker.reap()
+    outputs["worker log"] = worker.log()
+
+    assert "pgqueue://postgres:**@" in outputs["worker log"]
+    [settings] = json.loads(conf.strip().splitlines()[-1]).values()
+    assert settings["broker_url"].startswith("pgqueue://postgres:**@"), settings["broker_url"]
+    assert settings["result_backend"].startswith("pgqueue://postgres:***"), settings
+    assert "TypeError" in outputs["worker log"], "the failing task's traceback is logged"
+    for name, text in outputs.items():
+        assert text, f"{name} printed nothing"
+        assert password not in text, f"{name} shows the password"
+
+
 def test_inspect_ping_is_answered_by_two_workers(
     tmp_path: Path, broker_url: str, workers: Workers, measure
 ) -> None:

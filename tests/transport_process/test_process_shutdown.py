@@ -3,7 +3,7 @@
 A worker with concurrency 1 and prefetch multiplier 10 holds ten claimed rows while
 it runs one. On SIGTERM it finishes what it started and must hand the rest back as
 ``queued`` before it exits: not leave them ``running`` until their lease lapses
-(the lease here is 60 s, far longer than the test waits).
+(the lease here is 300 s, far longer than the test waits for anything).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ def test_sigterm_requeues_prefetched_tasks_at_once_and_another_worker_runs_them(
     app = write_app(
         tmp_path,
         broker_url,
-        transport_options={"lease_seconds": 60.0, "maintenance_interval": 1.0},
+        transport_options={"lease_seconds": 300.0, "maintenance_interval": 1.0},
         worker_prefetch_multiplier=10,
     )
     specs = task_specs(20, sleep=0.5, label="prefetched")
@@ -63,11 +63,15 @@ def test_sigterm_requeues_prefetched_tasks_at_once_and_another_worker_runs_them(
         requeued.append(task_id)
     assert len(requeued) >= 9, f"of {len(held)} held, only {len(requeued)} came back"
 
-    workers.start(app, "second", concurrency=1)
+    second = workers.start(app, "second", concurrency=1)
+    ready = time.time()  # the clock the tasks record their start with
     db.wait_for_counts({"completed": 20}, timeout=60)
+    rerun = min(e.at for t in requeued for e in app.record.events(t)) - ready
     runs = app.record.executions()
     assert {t: runs[t] for t in ids} == dict.fromkeys(ids, 1)
+    assert all(e.pgid == second.pid for t in requeued for e in app.record.events(t))
     measure(
-        f"SIGTERM while holding {len(held)} rows: exit after {shutdown:.2f} s, "
-        f"{len(held) - len(requeued)} finished, {len(requeued)} back to queued at exit"
+        f"SIGTERM while holding {len(held)} rows (lease 300 s): exit after {shutdown:.2f} s, "
+        f"{len(held) - len(requeued)} finished, {len(requeued)} back to queued at exit; the "
+        f"next worker started the first of them {rerun:+.2f} s from its 'ready'"
     )
