@@ -19,6 +19,7 @@ import psycopg
 import pytest
 from helpers import with_database
 from psycopg import sql
+from transport_process.procs import Database, Workers, pgqueue_url
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -128,3 +129,49 @@ def module_database_url(pg_server_url: str, template_database: str) -> Iterator[
 def empty_database_url(pg_server_url: str) -> Iterator[str]:
     """URL of a database with no migrations applied (for migration tests)."""
     yield from _fresh_database(pg_server_url, "template0", "empty")
+
+
+# -- real `celery worker` processes (tests/transport_process, tests/faults) -----------
+
+_MEASUREMENTS: list[str] = []
+
+
+@pytest.fixture
+def broker_url(database_url: str) -> str:
+    """The test database as a ``pgqueue://`` broker URL."""
+    return pgqueue_url(database_url)
+
+
+@pytest.fixture
+def db(database_url: str) -> Database:
+    """Reads of the test database's rows (tests/store has its own, finer ``db``)."""
+    return Database(database_url)
+
+
+@pytest.fixture
+def workers() -> Iterator[Workers]:
+    """Workers a test starts; every one is killed at teardown, whatever the outcome."""
+    started = Workers()
+    try:
+        yield started
+    finally:
+        started.reap_all()
+
+
+@pytest.fixture
+def measure(request: pytest.FixtureRequest):  # type: ignore[no-untyped-def]
+    """``measure("text")`` keeps a line for the terminal summary, named by the test."""
+
+    def add(text: str) -> None:
+        _MEASUREMENTS.append(f"{request.node.name}: {text}")
+        print(f"{request.node.name}: {text}")
+
+    return add
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):  # type: ignore[no-untyped-def]
+    """Figures the process and fault tests measured, so ``pytest -q`` shows them."""
+    if _MEASUREMENTS:
+        terminalreporter.section("measurements")
+        for line in _MEASUREMENTS:
+            terminalreporter.write_line(line)
