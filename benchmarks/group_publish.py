@@ -14,40 +14,17 @@ A measurement, not a test: it never fails, it reports.
 from __future__ import annotations
 
 import argparse
-import secrets
 import statistics
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any
 
 import psycopg
 import sqlalchemy as sa
+from backend_results import scratch_database
 from celery import Celery, group
-from psycopg import sql
 
-from celery_pgqueue.migrate import upgrade
-from celery_pgqueue.store import Store
 from celery_pgqueue.transaction import enqueue_in
-
-
-@contextmanager
-def scratch_database(url: str) -> Iterator[str]:
-    name = f"cpq_bench_{secrets.token_hex(4)}"
-    with psycopg.connect(url, autocommit=True) as admin:
-        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    db_url = url.rsplit("/", 1)[0] + "/" + name
-    try:
-        upgrade(db_url)
-        yield db_url
-    finally:
-        for store in list(Store._registry.values()):
-            store.dispose()
-        Store._registry.clear()
-        with psycopg.connect(url, autocommit=True) as admin:
-            admin.execute(
-                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
-            )
 
 
 def redis_up() -> bool:

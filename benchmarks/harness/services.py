@@ -10,6 +10,7 @@ started), and the RabbitMQ queue and exchanges we declared are deleted.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib
 import os
 import secrets
@@ -404,18 +405,20 @@ class Services:
                     total += int(client.llen(key))
             return total
 
+        pgqueue = Configuration(
+            name="pgqueue",
+            label="pgqueue broker + pgqueue backend",
+            results=True,
+            services=[pg],
+            conf=lambda: {"broker_url": pgqueue_url(), "result_backend": pgqueue_url()},
+            reset=pgqueue_reset,
+            depth=pgqueue_depth,
+            waiting=pgqueue_waiting,
+            extra_unavailable=backend_missing,
+        )
+        no_fsync = {"synchronous_commit": False}
         return [
-            Configuration(
-                name="pgqueue",
-                label="pgqueue broker + pgqueue backend",
-                results=True,
-                services=[pg],
-                conf=lambda: {"broker_url": pgqueue_url(), "result_backend": pgqueue_url()},
-                reset=pgqueue_reset,
-                depth=pgqueue_depth,
-                waiting=pgqueue_waiting,
-                extra_unavailable=backend_missing,
-            ),
+            pgqueue,
             Configuration(
                 name="pgqueue-noresult",
                 label="pgqueue broker, ignore_result",
@@ -430,23 +433,17 @@ class Services:
                 depth=pgqueue_depth,
                 waiting=pgqueue_waiting,
             ),
-            Configuration(
-                # Redis here runs without fsync (appendonly no): this row shows pgqueue
-                # with the same durability, commits acknowledged before the WAL flush.
+            # Redis here runs without fsync (appendonly no): this row shows pgqueue with
+            # the same durability, commits acknowledged before the WAL flush.
+            dataclasses.replace(
+                pgqueue,
                 name="pgqueue-async",
                 label="pgqueue broker + backend, synchronous_commit off",
-                results=True,
-                services=[pg],
                 conf=lambda: {
-                    "broker_url": pgqueue_url(),
-                    "result_backend": pgqueue_url(),
-                    "broker_transport_options": {"synchronous_commit": False},
-                    "result_backend_transport_options": {"synchronous_commit": False},
+                    **pgqueue.conf(),
+                    "broker_transport_options": no_fsync,
+                    "result_backend_transport_options": no_fsync,
                 },
-                reset=pgqueue_reset,
-                depth=pgqueue_depth,
-                waiting=pgqueue_waiting,
-                extra_unavailable=backend_missing,
             ),
             Configuration(
                 name="redis",
