@@ -550,6 +550,7 @@ class Transport(virtual.Transport):  # type: ignore[misc]
         self._rotation = itertools.count()
         self._loop: Any = None
         self._nudge: tuple[socket.socket, socket.socket] | None = None
+        self._nudge_pending = False
         self._poll_timer: Any = None
         self._background: threading.Thread | None = None
         self._stopping = threading.Event()
@@ -814,13 +815,12 @@ class Transport(virtual.Transport):  # type: ignore[misc]
         if not self._wanted:
             self.flush_acks()
             return
-        if self.deliver_ready() and self._nudge is not None:
+        if self.deliver_ready():
             # on_tick callbacks run in no set order: the pool's own on_tick may already
             # have registered its writers for this round, and the hub would then sleep
             # until its next timer with our jobs unsent. Waking our socket makes the
             # poll return at once, so the next round starts them.
-            with contextlib.suppress(BlockingIOError):
-                self._nudge[1].send(b"\0")
+            self._wake_loop()
 
     def room_freed(self) -> None:
         """An ack made room: if deliveries wait for it, have the event loop come back.
@@ -829,11 +829,19 @@ class Transport(virtual.Transport):  # type: ignore[misc]
         room; without a wake-up the loop would sleep until the poll timer (a solo
         pool, whose tasks run inside the loop, did one batch per poll interval).
         """
-        if self._wanted and self._nudge is not None:
-            with contextlib.suppress(BlockingIOError):
-                self._nudge[1].send(b"\0")
+        if self._wanted:
+            self._wake_loop()
+
+    def _wake_loop(self) -> None:
+        """Make the hub's poll return at once; one pending wake-up byte is enough."""
+        if self._nudge is None or self._nudge_pending:
+            return
+        self._nudge_pending = True
+        with contextlib.suppress(BlockingIOError):
+            self._nudge[1].send(b"\0")
 
     def _on_nudged(self, *args: Any) -> None:
+        self._nudge_pending = False
         with contextlib.suppress(BlockingIOError):
             self._nudge[0].recv(4096)  # type: ignore[index]
 

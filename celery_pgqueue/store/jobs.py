@@ -140,9 +140,7 @@ def _insert_statement(notify: bool, single: bool = False) -> sa.Executable:
                 sa.bindparam("p_max_attempts", type_=ARRAY(sa.Integer)),
                 sa.bindparam("p_ttls", type_=ARRAY(sa.Float)),
             )
-            .table_valued(
-                "id", "queue_name", "payload", "priority", "run_at", "max_attempts", "ttl"
-            )
+            .table_valued(*_INSERT_COLUMNS)
             .render_derived(name="v", with_types=False)
         )
     )
