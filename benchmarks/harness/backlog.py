@@ -38,6 +38,19 @@ def _vacuum(url: str, table: str) -> float:
     return time.perf_counter() - started
 
 
+def _claimed(rows: Any, done: int, elapsed: float, jobs: int, vacuum_s: float) -> dict[str, Any]:
+    """One level's figures, the same for either broker: rows, rate, extrapolated time."""
+    return {
+        "table_rows": rows[0] if rows else None,
+        "claimed": done,
+        "seconds": elapsed,
+        "rate": done / elapsed if elapsed else None,
+        "time_for_jobs": jobs * elapsed / done if done else None,
+        "capped": done < jobs,
+        "vacuum_seconds": vacuum_s,
+    }
+
+
 # -- pgqueue ---------------------------------------------------------------------------
 
 PG_FILL = """
@@ -107,14 +120,8 @@ def pgqueue_measure(url: str, jobs: int, batch: int, cap: float) -> dict[str, An
         conn.execute("DELETE FROM jobs WHERE id = ANY(%s)", ([d[0] for d in docs],))
     vacuum_s = _vacuum(url, "jobs")
     return {
-        "table_rows": rows[0] if rows else None,
-        "claimed": done,
-        "seconds": elapsed,
-        "rate": done / elapsed if elapsed else None,
-        "time_for_jobs": jobs * elapsed / done if done else None,
-        "capped": done < jobs,
+        **_claimed(rows, done, elapsed, jobs, vacuum_s),
         "enqueue_rate": singles / enqueue_s if enqueue_s else None,
-        "vacuum_seconds": vacuum_s,
     }
 
 
@@ -189,15 +196,7 @@ def sqla_measure(url: str, jobs: int, cap: float) -> dict[str, Any]:
         # The measured messages (and the warm-up's), consumed or not: ids above the filler's.
         pg.execute("DELETE FROM kombu_message WHERE id > %s", (before[0] if before else 0,))
     vacuum_s = _vacuum(url, "kombu_message")
-    return {
-        "table_rows": rows[0] if rows else None,
-        "claimed": done,
-        "seconds": elapsed,
-        "rate": done / elapsed if elapsed else None,
-        "time_for_jobs": jobs * elapsed / done if done else None,
-        "capped": done < jobs,
-        "vacuum_seconds": vacuum_s,
-    }
+    return _claimed(rows, done, elapsed, jobs, vacuum_s)
 
 
 def main(argv: list[str] | None = None) -> int:
