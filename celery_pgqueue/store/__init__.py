@@ -43,6 +43,7 @@ from celery_pgqueue.store import schema as schema_sql
 from celery_pgqueue.store import views as view_sql
 from celery_pgqueue.store.borrowed import Lender
 from celery_pgqueue.store.groups import ChordPart
+from celery_pgqueue.store.hot import Call, HotPath, Row
 from celery_pgqueue.store.notify import ResultListener
 from celery_pgqueue.store.records import (
     AttemptRecord,
@@ -113,6 +114,8 @@ class Store:
         # Single-statement methods run in autocommit: the statement is its own
         # transaction, which saves the BEGIN and COMMIT round trips.
         self._autocommit = self.engine.execution_options(isolation_level="AUTOCOMMIT")
+        # Per-task statements (publish, claim, finish) skip SQLAlchemy's per-call work.
+        self._hot = HotPath(self.engine, self._autocommit)
 
     def _connect_args(self) -> dict[str, Any]:
         args: dict[str, Any] = {"connect_timeout": max(1, round(self.options.connect_timeout))}
@@ -327,17 +330,30 @@ class Store:
         names = sorted({j.queue_name for j in new_jobs})
         self.ensure_queues(names, conn)
         channel = self.channel if self.options.use_notify else None
-        try:
+        if conn is not None:
             with self.single(conn) as c:
                 return job_sql.insert(c, new_jobs=new_jobs, channel=channel)
+        call = job_sql.insert_call(new_jobs=new_jobs, channel=channel)
+        try:
+            row = self.first(call)
         except sa.exc.IntegrityError as exc:
             # A queue we remembered was dropped by another process: create it again.
-            if conn is not None or "fk_jobs_queue_name" not in str(exc.orig):
+            if "fk_jobs_queue_name" not in str(exc.orig):
                 raise
             self._known_queues.difference_update(names)
             self.ensure_queues(names)
-            with self.single() as c:
-                return job_sql.insert(c, new_jobs=new_jobs, channel=channel)
+            row = self.first(call)
+        return int(row[0]) if row else 0
+
+    def rows(self, call: Call) -> list[Row]:
+        """Run one per-task statement on our own connection, in autocommit."""
+        with self.translating():
+            return self._hot.rows(call)
+
+    def first(self, call: Call) -> Row | None:
+        """The first row of :meth:`rows`, or None."""
+        rows = self.rows(call)
+        return rows[0] if rows else None
 
     def claim(
         self,
@@ -350,15 +366,14 @@ class Store:
 
         ``acked`` deliveries are marked acked in the same statement.
         """
-        with self.single() as conn:
-            return job_sql.claim(
-                conn,
-                queue_name=queue_name,
-                limit=limit,
-                owner=owner,
-                lease_seconds=self.options.lease_seconds,
-                acked=acked,
-            )
+        call = job_sql.claim_call(
+            queue_name=queue_name,
+            limit=limit,
+            owner=owner,
+            lease_seconds=self.options.lease_seconds,
+            acked=acked,
+        )
+        return [ClaimedJob(*row) for row in self.rows(call)]
 
     def mark_acked(self, held: Sequence[tuple[UUID, int]]) -> int:
         """Record that these deliveries were acked before their task finished."""
@@ -434,19 +449,23 @@ class Store:
         conn: sa.Connection | None = None,
     ) -> bool:
         """Move one job to ``status``, closing its attempt; False if fenced out."""
-        with self.single(conn) as c:
-            return job_sql.finish(
-                c,
-                job_id=job_id,
-                attempt=attempt,
-                status=status,
-                log_status=log_status,
-                error_message=error_message,
-                log_message=log_message,
-                result=result,
-                max_attempts=max_attempts,
-                run_at=run_at,
-            )
+        call = job_sql.finish_call(
+            job_id=job_id,
+            attempt=attempt,
+            status=status,
+            log_status=log_status,
+            error_message=error_message,
+            log_message=log_message,
+            result=result,
+            max_attempts=max_attempts,
+            run_at=run_at,
+        )
+        if conn is not None:
+            with self.single(conn) as c:
+                row = call.first(c)
+        else:
+            row = self.first(call)
+        return bool(row and row[0])
 
     def heartbeat(self, owner: str, job_ids: Sequence[UUID]) -> int:
         """Extend the leases ``owner`` holds on ``job_ids``."""
@@ -695,9 +714,8 @@ class Store:
         statement, so it fires at its commit and only if the row changed.
         """
         if write.transport_owned:
-            with self.single() as conn:
-                return job_sql.finish(
-                    conn,
+            row = self.first(
+                job_sql.finish_call(
                     job_id=write.job_id,
                     attempt=write.attempt,
                     status=write.status,
@@ -708,6 +726,8 @@ class Store:
                     max_attempts=write.max_attempts,
                     result_channel=self.result_channel if notify and write.ready else None,
                 )
+            )
+            return bool(row and row[0])
         self.ensure_queues([write.queue_name])
         with self.single() as conn:
             return result_sql.upsert_state(

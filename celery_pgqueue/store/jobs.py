@@ -18,6 +18,7 @@ from sqlalchemy.dialects.postgresql import UUID as PG_UUID
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
 from celery_pgqueue.states import JobStatus, LogStatus
+from celery_pgqueue.store.hot import Call
 from celery_pgqueue.store.records import ClaimedJob, NewJob
 from celery_pgqueue.store.tables import TZ, job_logs, job_queues, jobs
 
@@ -182,16 +183,15 @@ def _insert_statement(notify: bool, single: bool = False) -> sa.Executable:
     )
 
 
-def insert(conn: sa.Connection, *, new_jobs: Sequence[NewJob], channel: str | None) -> int:
+def insert_call(*, new_jobs: Sequence[NewJob], channel: str | None) -> Call:
     """Insert (or, for a re-published task id, re-queue) jobs in one statement.
 
     A task id already present goes back to ``queued`` with its new payload and
     ``run_at``; its ``attempt_count`` and logs stay (Celery's ``retry`` does this). A
     cancelled job stays cancelled: cancel is durable. ``channel`` set: workers are
-    notified at commit, once per queue with a job due now.
+    notified at commit, once per queue with a job due now. Returns one row: the
+    number of rows written.
     """
-    if not new_jobs:
-        return 0
     params: dict[str, Any]
     if len(new_jobs) == 1:
         [job] = new_jobs
@@ -206,8 +206,7 @@ def insert(conn: sa.Connection, *, new_jobs: Sequence[NewJob], channel: str | No
         }
         if channel is not None:
             params["p_channel"] = channel
-        row = conn.execute(_insert_statement(channel is not None, single=True), params).first()
-        return int(row[0]) if row else 0
+        return Call(_insert_statement(channel is not None, single=True), params)
     params = {
         "p_ids": [j.id for j in new_jobs],
         "p_queues": [j.queue_name for j in new_jobs],
@@ -219,7 +218,14 @@ def insert(conn: sa.Connection, *, new_jobs: Sequence[NewJob], channel: str | No
     }
     if channel is not None:
         params["p_channel"] = channel
-    row = conn.execute(_insert_statement(channel is not None), params).first()
+    return Call(_insert_statement(channel is not None), params)
+
+
+def insert(conn: sa.Connection, *, new_jobs: Sequence[NewJob], channel: str | None) -> int:
+    """:func:`insert_call` on ``conn``: the number of rows written."""
+    if not new_jobs:
+        return 0
+    row = insert_call(new_jobs=new_jobs, channel=channel).first(conn)
     return int(row[0]) if row else 0
 
 
@@ -300,22 +306,22 @@ def _claim_statement(with_acks: bool = False) -> sa.Executable:
     return stmt
 
 
-def claim(
-    conn: sa.Connection,
+def claim_call(
     *,
     queue_name: str,
     limit: int,
     owner: str,
     lease_seconds: float,
     acked: Sequence[tuple[UUID, int]] = (),
-) -> list[ClaimedJob]:
+) -> Call:
     """Take up to ``limit`` due jobs of an active queue, lowest priority number first.
 
     The locking SELECT is a CTE so ``LIMIT`` and ``SKIP LOCKED`` apply before the
     update: concurrent claimers pass over each other's rows instead of waiting, and
     each row is claimed by exactly one of them. Opening the attempt's ``job_logs`` row
     rides in the same statement: a claim is one round trip. ``acked`` records
-    deferred early acks (see :func:`mark_acked`) in the same statement.
+    deferred early acks (see :func:`mark_acked`) in the same statement. Rows are
+    :class:`ClaimedJob` fields.
     """
     params = {
         "p_queue_name": queue_name,
@@ -325,7 +331,23 @@ def claim(
     }
     if acked:
         params.update(_held_params(acked))
-    return [ClaimedJob(*row) for row in conn.execute(_claim_statement(bool(acked)), params)]
+    return Call(_claim_statement(bool(acked)), params, literals=(limit,))
+
+
+def claim(
+    conn: sa.Connection,
+    *,
+    queue_name: str,
+    limit: int,
+    owner: str,
+    lease_seconds: float,
+    acked: Sequence[tuple[UUID, int]] = (),
+) -> list[ClaimedJob]:
+    """:func:`claim_call` on ``conn``."""
+    call = claim_call(
+        queue_name=queue_name, limit=limit, owner=owner, lease_seconds=lease_seconds, acked=acked
+    )
+    return [ClaimedJob(*row) for row in call.rows(conn)]
 
 
 def _ack_update() -> sa.Update:
@@ -460,8 +482,7 @@ def _finish_statement(
     return stmt.add_cte(closed)
 
 
-def finish(
-    conn: sa.Connection,
+def finish_call(
     *,
     job_id: UUID,
     attempt: int | None,
@@ -473,7 +494,7 @@ def finish(
     max_attempts: int | None = None,
     run_at: Any = None,
     result_channel: str | None = None,
-) -> bool:
+) -> Call:
     """Move a job to ``status`` and close its current attempt's log row.
 
     ``attempt`` fences the write to the delivery that ran it; ``None`` accepts any
@@ -481,7 +502,7 @@ def finish(
     A finished success is never overwritten. A fenced ``queued`` (RETRY) only updates
     a row its retry already re-queued; it never requeues a running one itself.
     ``result_channel``: NOTIFY it with the job id when the row changed, in this same
-    statement (the result backend's ready states).
+    statement (the result backend's ready states). One row: the rows changed.
     """
     stmt = _finish_statement(
         status,
@@ -502,7 +523,12 @@ def finish(
         "p_log_message": log_message,
         "p_result_channel": result_channel,
     }
-    row = conn.execute(stmt, params).first()
+    return Call(stmt, params)
+
+
+def finish(conn: sa.Connection, **kwargs: Any) -> bool:
+    """:func:`finish_call` on ``conn``: False if fenced out."""
+    row = finish_call(**kwargs).first(conn)
     return bool(row and row[0])
 
 
