@@ -537,6 +537,15 @@ def main(argv: list[str] | None = None) -> int:
                             args.ceiling_threads,
                             "--batch",
                             args.ceiling_batch,
+                            "--handoff-n",
+                            str(min(1000, args.ceiling_n)),
+                            "--handoff-rate",
+                            str(args.latency_rate),
+                            *(
+                                []
+                                if services.redis.unavailable()
+                                else ["--redis-url", services.redis.url]
+                            ),
                         ],
                         timeout=900,
                     ),

@@ -103,7 +103,7 @@ from celery_pgqueue.ids import job_id_for
 from celery_pgqueue.options import DatabaseURL, PgQueueOptions
 from celery_pgqueue.states import CELERY_TO_LOG, JobStatus, job_status_for
 from celery_pgqueue.store import Store
-from celery_pgqueue.store.notify import ResultListener
+from celery_pgqueue.store.notify import ResultListener, ResultNote, result_note
 from celery_pgqueue.store.results import StateWrite, StoredResult
 
 __all__ = ["PgQueueBackend", "ResultConsumer", "ResultNotSerializable", "ResultTooLarge"]
@@ -197,6 +197,7 @@ class ResultConsumer(BaseResultConsumer):  # type: ignore[misc]
         self._cond = threading.Condition(threading.RLock())
         self._wanted: dict[str, str] = getattr(self, "_wanted", {})  # str(jobs.id) -> task id
         self._notified: set[str] = set()
+        self._inline: dict[str, ResultNote] = {}  # successes their notification carried
         self._resync_due = resync
         self._generation = 0
         self._last_full_read = monotonic()
@@ -226,6 +227,7 @@ class ResultConsumer(BaseResultConsumer):  # type: ignore[misc]
         with self._cond:
             self._wanted.pop(key, None)
             self._notified.discard(key)
+            self._inline.pop(key, None)
 
     def stop(self) -> None:
         listener = self._listener()
@@ -277,14 +279,27 @@ class ResultConsumer(BaseResultConsumer):  # type: ignore[misc]
                 or self._resync_due
                 or monotonic() - self._last_full_read >= RESYNC_INTERVAL
             )
+            carried: list[tuple[str, ResultNote]] = []
             if full:
                 ids = list(self._wanted.values())
                 self._resync_due = False
                 self._last_full_read = monotonic()
             else:
-                ids = [self._wanted[k] for k in self._notified if k in self._wanted]
+                ids = []
+                for key in self._notified:
+                    task_id = self._wanted.get(key)
+                    if task_id is None:
+                        continue
+                    note = self._inline.get(key)
+                    if note is not None and not backend._extended:
+                        carried.append((task_id, note))
+                    else:
+                        ids.append(task_id)
             self._notified.clear()
+            self._inline.clear()
         try:
+            for task_id, note in carried:
+                self.on_state_change(backend._carried_meta(task_id, note), None)
             if ids:
                 for meta in backend._ready_metas(ids):
                     self.on_state_change(meta, None)
@@ -295,11 +310,16 @@ class ResultConsumer(BaseResultConsumer):  # type: ignore[misc]
 
     # -- called by the listener thread -----------------------------------------------
 
-    def notified(self, job_ids: Iterable[str]) -> None:
+    def notified(self, payloads: Iterable[str]) -> None:
+        notes = dict(result_note(p) for p in payloads)
         with self._cond:
-            hits = self._wanted.keys() & set(job_ids)
+            hits = self._wanted.keys() & notes.keys()
             if hits:
                 self._notified |= hits
+                for key in hits:
+                    note = notes[key]
+                    if note is not None:
+                        self._inline[key] = note
                 self._cond.notify_all()
 
     def resync(self) -> None:
@@ -544,6 +564,18 @@ class PgQueueBackend(Backend, AsyncBackendMixin):  # type: ignore[misc]
         if not rows:
             return {"task_id": task_id, "status": states.PENDING, "result": None}
         return self._meta(rows[0], task_id)
+
+    def _carried_meta(self, task_id: str, note: ResultNote) -> dict[str, Any]:
+        """The meta of a success from what its notification carried (no read)."""
+        row = StoredResult(
+            id=job_id_for(task_id),
+            status=JobStatus.COMPLETED.value,
+            result_json=note.result_json,
+            last_error_message=None,
+            finished_at=note.finished_at,
+            queue_name="",
+        )
+        return self._meta(row, task_id)
 
     def _ready_metas(self, task_ids: Iterable[str]) -> list[dict[str, Any]]:
         """Metas of those tasks that are ready, in one query."""

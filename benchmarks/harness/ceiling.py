@@ -7,7 +7,14 @@
 * claim: ``Store.claim(limit)``, one ``Store.mark_acked`` for what it took (the
   worker's early acks, which the transport defers and writes in one statement), then
   per job ``Store.finish(COMPLETED, SUCCESS)`` (what a finished task writes): the
-  statements a Celery worker on pgqueue runs per task, at limit 1 and at a batch.
+  statements a Celery worker on pgqueue runs per task, at limit 1 and at a batch;
+* handoff: publish -> claimed latency at a steady rate (``--handoff-rate`` jobs/s for
+  ``--handoff-n`` jobs): one thread ``Store.enqueue``s, another sleeps on the LISTEN
+  socket and claims what the NOTIFY announces. The same with Redis (``LPUSH`` ->
+  ``BRPOP``, the list operations Celery's Redis transport uses) when ``--redis-url``
+  is given. The floor under Celery's publish -> start latency: what is left of it is
+  Celery's own path (message building, the worker's event loop, the pipe to the pool
+  process), the same for every broker.
 
 Each variant starts from empty tables; with T threads, each thread does N/T jobs
 (enqueue) or claims until the queue is empty (claim). One Store per process, as in
@@ -118,6 +125,101 @@ def claim(url: str, n: int, threads: int, batch: int, ack: bool) -> dict[str, An
     return {"jobs": total, "seconds": elapsed, "rate": total / elapsed, "batch": batch, "ack": ack}
 
 
+def _percentiles(samples: list[float]) -> dict[str, Any]:
+    ordered = sorted(samples)
+
+    def at(q: float) -> float:
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000.0
+
+    return {"n": len(ordered), "p50_ms": at(0.50), "p99_ms": at(0.99), "max_ms": ordered[-1] * 1e3}
+
+
+def _paced(n: int, rate: float, send: Any) -> None:
+    start = time.perf_counter()
+    for i in range(n):
+        delay = start + i / rate - time.perf_counter()
+        if delay > 0:
+            time.sleep(delay)
+        send(i)
+
+
+def handoff(url: str, n: int, rate: float) -> dict[str, Any]:
+    """publish -> claimed through Store and LISTEN/NOTIFY, no Celery."""
+    from celery_pgqueue.store import NewJob
+    from celery_pgqueue.store.listener import Listener
+
+    _reset(url)
+    store = _store(url)
+    store.ensure_queues([QUEUE])
+    docs = [payload() for _ in range(n)]
+    sent: dict[Any, float] = {}
+    took: list[float] = []
+    listener = Listener(store.url, [store.channel], connect_timeout=5)
+    listener.connect()
+    done = threading.Event()
+
+    def consume() -> None:
+        while not done.is_set():
+            if listener.wait(0.2):
+                while True:
+                    claimed = store.claim(QUEUE, 8, "handoff")
+                    now = time.perf_counter()
+                    took.extend(now - sent[job.id] for job in claimed)
+                    if len(claimed) < 8:
+                        break
+
+    thread = threading.Thread(target=consume)
+    thread.start()
+
+    def send(i: int) -> None:
+        job_id, doc = docs[i]
+        sent[job_id] = time.perf_counter()
+        store.enqueue([NewJob(id=job_id, queue_name=QUEUE, payload=doc)])
+
+    _paced(n, rate, send)
+    deadline = time.monotonic() + 10
+    while len(took) < n and time.monotonic() < deadline:
+        time.sleep(0.05)
+    done.set()
+    thread.join()
+    listener.close()
+    store.dispose()
+    return _percentiles(took[n // 10 :]) | {"rate": rate}
+
+
+def handoff_redis(redis_url: str, n: int, rate: float) -> dict[str, Any]:
+    """publish -> popped through Redis LPUSH/BRPOP, no Celery."""
+    import redis
+
+    key = "celery-pgqueue-bench-handoff"
+    producer, consumer = redis.Redis.from_url(redis_url), redis.Redis.from_url(redis_url)
+    producer.delete(key)
+    sent: dict[bytes, float] = {}
+    took: list[float] = []
+    body = json.dumps(payload()[1])
+
+    def consume() -> None:
+        while len(took) < n:
+            item = consumer.brpop([key], timeout=1)
+            if item is None:
+                continue
+            job_id = item[1].split(b" ", 1)[0]
+            took.append(time.perf_counter() - sent[job_id])
+
+    thread = threading.Thread(target=consume, daemon=True)
+    thread.start()
+
+    def send(i: int) -> None:
+        job_id = str(i).encode()
+        sent[job_id] = time.perf_counter()
+        producer.lpush(key, job_id + b" " + body.encode())
+
+    _paced(n, rate, send)
+    thread.join(timeout=10)
+    producer.delete(key)
+    return _percentiles(took[n // 10 :]) | {"rate": rate}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="harness.ceiling")
     parser.add_argument("--url", required=True, help="libpq URL of a migrated database")
@@ -125,8 +227,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", default="1,2")
     parser.add_argument("--batch", default="1")
     parser.add_argument("--no-ack", action="store_true")
+    parser.add_argument("--handoff-n", type=int, default=1000, help="0: skip")
+    parser.add_argument("--handoff-rate", type=float, default=100.0)
+    parser.add_argument("--redis-url", help="also measure Redis's handoff floor")
     args = parser.parse_args(argv)
     outcome: dict[str, Any] = {}
+    if args.handoff_n:
+        outcome["handoff"] = handoff(args.url, args.handoff_n, args.handoff_rate)
+        if args.redis_url:
+            outcome["handoff_redis"] = handoff_redis(
+                args.redis_url, args.handoff_n, args.handoff_rate
+            )
     for threads in (int(t) for t in args.threads.split(",")):
         outcome[f"enqueue_t{threads}"] = enqueue(args.url, args.n, threads)
         for batch in (int(b) for b in args.batch.split(",")):

@@ -351,7 +351,10 @@ def render(records: list[dict[str, Any]]) -> str:
         w("")
         w("| operation | threads | jobs/s | Celery on pgqueue (same round) | Celery / raw |")
         w("|---|---:|---:|---:|---:|")
-        keys = sorted({k for r in ceiling for k in r["metrics"]}, key=_ceiling_order)
+        keys = sorted(
+            {k for r in ceiling for k in r["metrics"] if not k.startswith("handoff")},
+            key=_ceiling_order,
+        )
         for key in keys:
             op, threads = key.rsplit("_t", 1)
             rates = [_get(r["metrics"], f"{key}.rate") for r in ceiling]
@@ -369,6 +372,35 @@ def render(records: list[dict[str, Any]]) -> str:
                 f"| {label} | {threads} | {cell(rates)} | "
                 f"{cell(celery_vals)} {celery_label} | {cell(shares, 2, TIMES)} |"
             )
+        w("")
+
+    handoffs = [r for r in ceiling if "handoff" in r["metrics"]]
+    if handoffs:
+        rate = _get(handoffs[0]["metrics"], "handoff.rate") or 0
+        w(f"### Handoff floor: publish -> claimed without Celery, {rate:g} jobs/s")
+        w("")
+        w(
+            "One thread publishes at a steady rate, another sleeps on the wake-up and takes "
+            "the job: pgqueue `Store.enqueue` (INSERT + NOTIFY, committed) -> LISTEN -> "
+            "`Store.claim` (committed); Redis `LPUSH` -> `BRPOP`. What Celery's publish -> "
+            "start latency adds on top of this is its own path, the same for both brokers."
+        )
+        w("")
+        w("| broker | p50 ms | p99 ms | Celery publish -> start p50, same round |")
+        w("|---|---:|---:|---:|")
+        for key, label, config in (
+            ("handoff", "pgqueue", "pgqueue"),
+            ("handoff_redis", "Redis", "redis"),
+        ):
+            p50 = [_get(r["metrics"], f"{key}.p50_ms") for r in handoffs]
+            if not any(v is not None for v in p50):
+                continue
+            p99 = [_get(r["metrics"], f"{key}.p99_ms") for r in handoffs]
+            celery = [
+                _counterpart_value(table, r["round"], ("latency", config, "start.p50_ms"))
+                for r in handoffs
+            ]
+            w(f"| {label} | {cell(p50, 2)} | {cell(p99, 2)} | {cell(celery, 2)} |")
         w("")
 
     errors = [r for r in table.rows if r["status"] not in ("ok",)]

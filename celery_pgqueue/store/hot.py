@@ -110,22 +110,14 @@ class HotPath:
         try:
             dbapi.autocommit = True
             cursor = dbapi.execute(shape.sql, sent)
-            rows = cursor.fetchall() if cursor.description is not None else []
-            dbapi.autocommit = False
+            return cursor.fetchall() if cursor.description is not None else []
         except psycopg.Error as exc:
             error: Any = exc
-            lost = self._engine.dialect.is_disconnect(error, dbapi, None) or dbapi.closed
+            lost = bool(self._engine.dialect.is_disconnect(error, dbapi, None) or dbapi.closed)
             if lost:
                 # As SQLAlchemy does: every connection older than this failure is
                 # suspect (a restarted server closed them all), not only this one.
                 self._engine.pool._invalidate(fairy, exc)
-            else:
-                try:
-                    dbapi.rollback()
-                    dbapi.autocommit = False
-                except psycopg.Error:
-                    fairy.invalidate(exc)
-            fairy.close()
             raise sa.exc.DBAPIError.instance(
                 shape.sql,
                 sent,
@@ -135,8 +127,16 @@ class HotPath:
                 connection_invalidated=lost,
                 dialect=self._engine.dialect,
             ) from exc
-        fairy.close()
-        return rows
+        except BaseException as exc:
+            fairy.invalidate(exc)  # interrupted mid-exchange: the session's state is unknown
+            raise
+        finally:
+            if fairy.is_valid:
+                try:
+                    dbapi.autocommit = False  # as the pool hands connections out
+                except psycopg.Error as exc:
+                    fairy.invalidate(exc)
+            fairy.close()
 
 
 def _checkout(engine: sa.Engine) -> Any:

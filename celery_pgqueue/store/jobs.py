@@ -19,6 +19,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 
 from celery_pgqueue.states import JobStatus, LogStatus
 from celery_pgqueue.store.hot import Call
+from celery_pgqueue.store.notify import INLINE_RESULT_BYTES
 from celery_pgqueue.store.records import ClaimedJob, NewJob
 from celery_pgqueue.store.tables import TZ, job_logs, job_queues, jobs
 
@@ -445,16 +446,33 @@ def _finish_statement(
             # re-published (Celery's cold shutdown cancels early-acked tasks as
             # "RETRY"): requeueing it here would run an acked task twice.
             conditions.append(IS_QUEUED)
+    inline = announce and status is JobStatus.COMPLETED and with_result
+    returned: list[Any] = [jobs.c.id]
+    if inline:
+        returned += [sa.cast(jobs.c.result, sa.Text).label("result_text"), jobs.c.completed_at]
     updated = (
-        sa.update(jobs).where(*conditions).values(**values).returning(jobs.c.id).cte("updated")
+        sa.update(jobs).where(*conditions).values(**values).returning(*returned).cte("updated")
     )
     stmt = sa.select(sa.func.count()).select_from(updated)
     if announce:
         # The result backend's waiters: woken at commit, and only if the row changed.
+        # A success small enough rides in the notification (see notify.result_note),
+        # so the waiter need not read it back.
         channel = sa.bindparam("p_result_channel", type_=sa.String)
-        stmt = stmt.add_columns(
-            sa.func.count(sa.func.pg_notify(channel, sa.cast(updated.c.id, sa.Text)))
-        )
+        message: Any = sa.cast(updated.c.id, sa.Text)
+        if inline:
+            message = sa.case(
+                (
+                    sa.func.octet_length(updated.c.result_text) <= fixed(INLINE_RESULT_BYTES),
+                    message
+                    + " "
+                    + sa.cast(sa.extract("epoch", updated.c.completed_at), sa.Text)
+                    + " "
+                    + updated.c.result_text,
+                ),
+                else_=message,
+            )
+        stmt = stmt.add_columns(sa.func.count(sa.func.pg_notify(channel, message)))
     if log_status is None:
         return stmt
     # The attempt's log row is closed even when the job row has moved on (a retry

@@ -1,10 +1,11 @@
 """Wake clients waiting on results: one LISTEN connection per process, any number of waiters.
 
 Every result write that reaches a ready state sends ``NOTIFY <results channel>, '<job
-id>'`` in its own transaction. A client process keeps one dedicated autocommit
-connection LISTENing on that channel, read by one daemon thread, which hands each job
-id to every registered waiter (the result backend's consumers, one per thread that
-waits). A producer waiting on 1,000 results therefore holds one listening connection,
+id>'`` in its own transaction; a success with a small result sends ``'<job id> <epoch
+of completed_at> <result JSON>'``, so its waiter has it without reading it back. A
+client process keeps one dedicated autocommit connection LISTENing on that channel,
+read by one daemon thread, which hands each payload to every registered waiter (the
+result backend's consumers, one per thread that waits). A producer waiting on 1,000 results therefore holds one listening connection,
 not 1,000, and no connection from the pool.
 
 The thread reconnects after a drop and then asks every waiter to re-read what it waits
@@ -22,6 +23,8 @@ import os
 import threading
 import weakref
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from time import monotonic
 from typing import Protocol
 
@@ -33,6 +36,33 @@ logger = logging.getLogger("celery_pgqueue")
 
 PROBE = ""
 """Payload of the self-probe; never a job id."""
+
+INLINE_RESULT_BYTES = 7000
+"""A success whose stored result (JSON text) is at most this long rides in its
+notification (PostgreSQL's limit for a payload is 8000 bytes)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ResultNote:
+    """A success as its notification carried it: enough for the waiter's meta."""
+
+    result_json: str
+    finished_at: datetime
+
+
+def result_note(payload: str) -> tuple[str, ResultNote | None]:
+    """Split a results-channel payload: ``'<job id>'`` or ``'<job id> <epoch> <json>'``."""
+    job_id, _, rest = payload.partition(" ")
+    if not rest:
+        return job_id, None
+    epoch, _, result_json = rest.partition(" ")
+    try:
+        finished_at = datetime.fromtimestamp(float(epoch), tz=UTC)
+    except ValueError:
+        return job_id, None
+    return job_id, ResultNote(result_json, finished_at)
+
+
 PROBE_AFTER = 30.0
 """Seconds of silence, while someone waits, before the listener probes itself."""
 PROBE_TIMEOUT = 5.0
@@ -45,8 +75,8 @@ MAX_BACKOFF = 2.0
 class Waiter(Protocol):
     """What the listener calls; both run on the listener's thread and must not block."""
 
-    def notified(self, job_ids: Sequence[str]) -> None:
-        """These jobs reached a ready state."""
+    def notified(self, payloads: Sequence[str]) -> None:
+        """These jobs reached a ready state (payloads: see :func:`result_note`)."""
 
     def resync(self) -> None:
         """Notifications may have been missed: read everything you wait for again."""
@@ -191,9 +221,9 @@ class ResultListener:
                     notes = listener.wait(WAIT_SLICE)
                     if notes:
                         last_heard, probe_sent = monotonic(), None
-                        ids = [payload for _, payload in notes if payload != PROBE]
-                        if ids:
-                            self._broadcast(ids)
+                        payloads = [payload for _, payload in notes if payload != PROBE]
+                        if payloads:
+                            self._broadcast(payloads)
                         continue
                     silent = monotonic() - last_heard
                     if probe_sent is not None and monotonic() - probe_sent > PROBE_TIMEOUT:
@@ -227,9 +257,9 @@ class ResultListener:
             logger.warning("pgqueue result listener lost its connection: %s", exc)
         self._broadcast_resync()
 
-    def _broadcast(self, job_ids: Sequence[str]) -> None:
+    def _broadcast(self, payloads: Sequence[str]) -> None:
         for waiter in list(self._waiters):
-            waiter.notified(job_ids)
+            waiter.notified(payloads)
 
     def _broadcast_resync(self) -> None:
         for waiter in list(self._waiters):

@@ -20,6 +20,7 @@ from helpers import wait_until
 
 from celery_pgqueue.backend import ResultNotSerializable, ResultTooLarge
 from celery_pgqueue.ids import job_id_for
+from celery_pgqueue.store.notify import INLINE_RESULT_BYTES
 
 from .conftest import Tasks, rows
 
@@ -44,6 +45,24 @@ def test_get_returns_the_value_and_the_row_says_completed(worker_tasks: Tasks) -
     assert attempt["attempt_number"] == 1 and attempt["status"] == "success"
     assert attempt["finished_at"] >= attempt["started_at"]
     assert attempt["duration"] is not None
+
+
+def test_results_either_side_of_the_notification_limit_come_back_whole(
+    worker_tasks: Tasks,
+) -> None:
+    """A small success rides in its NOTIFY, a larger one is read back: get() can't tell."""
+    t = worker_tasks
+    when = datetime(2026, 11, 25, 12, 30, 45, 123456)
+    value = {"when": when, "id": uuid.UUID(int=7), "text": "quote ' and space "}
+    size = INLINE_RESULT_BYTES + 100
+    small, large = t.echo.delay(value), t.big.delay(size)
+
+    assert small.get(timeout=10) == value, "dates and UUIDs keep their types"
+    assert large.get(timeout=10) == "x" * size
+    for result in (small, large):
+        job = t.job(result.id)
+        assert job is not None
+        assert abs((result.date_done - job["completed_at"]).total_seconds()) < 0.001
 
 
 def test_failure_reraises_the_exception_class_with_its_message(worker_tasks: Tasks) -> None:
