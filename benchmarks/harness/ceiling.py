@@ -8,6 +8,8 @@
   worker's early acks, which the transport defers and writes in one statement), then
   per job ``Store.finish(COMPLETED, SUCCESS)`` (what a finished task writes): the
   statements a Celery worker on pgqueue runs per task, at limit 1 and at a batch;
+* celery_publish: ``.delay()`` on Kombu's in-process ``memory://`` transport, no
+  broker at all: what Celery itself costs per publish, the part no broker can remove;
 * handoff: publish -> claimed latency at a steady rate (``--handoff-rate`` jobs/s for
   ``--handoff-n`` jobs): one thread ``Store.enqueue``s, another sleeps on the LISTEN
   socket and claims what the NOTIFY announces. The same with Redis (``LPUSH`` ->
@@ -143,6 +145,26 @@ def _paced(n: int, rate: float, send: Any) -> None:
         send(i)
 
 
+def celery_publish(n: int) -> dict[str, Any]:
+    """``noop.delay()`` N times on ``memory://``: Celery's and Kombu's own publish cost."""
+    from celery import Celery
+
+    app = Celery("ceiling", broker="memory://", set_as_current=False)
+    app.conf.task_ignore_result = True
+
+    @app.task(name="bench.noop", shared=False)
+    def noop(published_at: float | None = None) -> None:
+        return None
+
+    noop.delay(time.time())  # opens the connection, as the benchmark producer's warm-up
+    started = time.perf_counter()
+    for _ in range(n):
+        noop.delay(time.time())
+    elapsed = time.perf_counter() - started
+    app.close()
+    return {"jobs": n, "seconds": elapsed, "rate": n / elapsed}
+
+
 def handoff(url: str, n: int, rate: float) -> dict[str, Any]:
     """publish -> claimed through Store and LISTEN/NOTIFY, no Celery."""
     from celery_pgqueue.store import NewJob
@@ -231,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--handoff-rate", type=float, default=100.0)
     parser.add_argument("--redis-url", help="also measure Redis's handoff floor")
     args = parser.parse_args(argv)
-    outcome: dict[str, Any] = {}
+    outcome: dict[str, Any] = {"celery_publish_t1": celery_publish(args.n)}
     if args.handoff_n:
         outcome["handoff"] = handoff(args.url, args.handoff_n, args.handoff_rate)
         if args.redis_url:
