@@ -162,6 +162,7 @@ class Run:
         self.latest = args.output_dir / "latest.md"
         self.failures = 0
         self.started = time.monotonic()
+        self.before_measure: Callable[[], Any] | None = None
 
     def log(self, text: str) -> None:
         stamp = datetime.datetime.now().strftime("%H:%M:%S")
@@ -188,6 +189,8 @@ class Run:
         """Run one measurement; whatever happens, record it and kill what it started."""
         label = f"round {round_ + 1}: {measure} {config}{' ' + pool if pool else ''}"
         self.log(f"{label} ...")
+        if self.before_measure is not None:
+            self.before_measure()
         started = time.monotonic()
         load = measures.loadavg()
         cpu_before = _cpu_times()
@@ -364,6 +367,7 @@ def main(argv: list[str] | None = None) -> int:
         redis_db=args.redis_db,
         amqp_url=args.amqp_url,
     )
+    run.before_measure = services.checkpoint
     configurations = select(services.configurations, args.only)
     ctx = measures.Context(
         run.workdir, services.queue, services.common(), settle=0.5 if args.quick else 2.0
@@ -421,6 +425,7 @@ def main(argv: list[str] | None = None) -> int:
             ],
             measures=chosen,
             params={
+                "checkpoint": services.checkpoint(),
                 "n": args.n,
                 "prefork_only": sorted(prefork_only),
                 "latency_rate": args.latency_rate,

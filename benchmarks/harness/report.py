@@ -167,6 +167,11 @@ def render(records: list[dict[str, Any]]) -> str:
         + "; `--without-heartbeat --without-gossip --without-mingle`, log level WARNING, "
         "default prefetch (4 per process), early ack."
     )
+    if params.get("checkpoint"):
+        w(
+            "- Before every measurement, whatever the broker: PostgreSQL `CHECKPOINT`, so "
+            "no measurement waits on flushing the harness's own earlier writes."
+        )
     w("")
     if table.skipped:
         w(
