@@ -544,12 +544,6 @@ def finish_call(
     return Call(stmt, params)
 
 
-def finish(conn: sa.Connection, **kwargs: Any) -> bool:
-    """:func:`finish_call` on ``conn``: False if fenced out."""
-    row = finish_call(**kwargs).first(conn)
-    return bool(row and row[0])
-
-
 @functools.cache
 def _heartbeat_statement() -> sa.Executable:
     return (

@@ -5,8 +5,9 @@ id>'`` in its own transaction; a success with a small result sends ``'<job id> <
 of completed_at> <result JSON>'``, so its waiter has it without reading it back. A
 client process keeps one dedicated autocommit connection LISTENing on that channel,
 read by one daemon thread, which hands each payload to every registered waiter (the
-result backend's consumers, one per thread that waits). A producer waiting on 1,000 results therefore holds one listening connection,
-not 1,000, and no connection from the pool.
+result backend's consumers, one per thread that waits). A producer waiting on 1,000
+results therefore holds one listening connection, not 1,000, and no connection from
+the pool.
 
 The thread reconnects after a drop and then asks every waiter to re-read what it waits
 for (notifications sent while nobody listened are gone). When the channel has been
