@@ -103,7 +103,7 @@ from celery_pgqueue.ids import job_id_for
 from celery_pgqueue.options import DatabaseURL, PgQueueOptions
 from celery_pgqueue.states import CELERY_TO_LOG, JobStatus, job_status_for
 from celery_pgqueue.store import Store
-from celery_pgqueue.store.notify import ResultListener, ResultNote, result_note
+from celery_pgqueue.store.notify import ResultListener, ResultNote
 from celery_pgqueue.store.results import StateWrite, StoredResult
 
 __all__ = ["PgQueueBackend", "ResultConsumer", "ResultNotSerializable", "ResultTooLarge"]
@@ -310,8 +310,7 @@ class ResultConsumer(BaseResultConsumer):  # type: ignore[misc]
 
     # -- called by the listener thread -----------------------------------------------
 
-    def notified(self, payloads: Iterable[str]) -> None:
-        notes = dict(result_note(p) for p in payloads)
+    def notified(self, notes: Mapping[str, ResultNote | None]) -> None:
         with self._cond:
             hits = self._wanted.keys() & notes.keys()
             if hits:

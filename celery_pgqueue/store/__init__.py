@@ -147,6 +147,16 @@ class Store:
             return store
 
     @classmethod
+    def close_all(cls) -> None:
+        """Close and forget every shared store of this process (tests, before dropping
+        a database; the next :meth:`for_url` builds a new one)."""
+        with cls._registry_lock:
+            stores = list(cls._registry.values())
+            cls._registry.clear()
+        for store in stores:
+            store.dispose()
+
+    @classmethod
     def _after_fork_in_child(cls) -> None:
         # A forked child must never use the parent's sockets: drop them without
         # closing (closing would end the parent's sessions too).

@@ -14,7 +14,6 @@ listener is registered on the engine, everything goes through SQLAlchemy.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any
@@ -67,8 +66,8 @@ class HotPath:
     def __init__(self, engine: sa.Engine, autocommit: sa.Engine) -> None:
         self._engine = engine
         self._autocommit = autocommit
+        # Written once per shape; a race only learns the same shape twice.
         self._shapes: dict[tuple[Any, ...], _Shape] = {}
-        self._lock = threading.Lock()
 
     def rows(self, call: Call) -> list[Row]:
         """The rows ``call`` returns (empty for a statement without RETURNING)."""
@@ -79,10 +78,6 @@ class HotPath:
             # every statement, as SQLAlchemy runs it.
             return self._learn(key, call)
         return self._send(shape, call.params)
-
-    def first(self, call: Call) -> Row | None:
-        rows = self.rows(call)
-        return rows[0] if rows else None
 
     def _learn(self, key: tuple[Any, ...], call: Call) -> list[Row]:
         with self._autocommit.connect() as conn:
@@ -99,8 +94,7 @@ class HotPath:
             if name in call.params
         }
         constants = {k: v for k, v in sent.items() if k not in call.params}
-        with self._lock:
-            self._shapes[key] = _Shape(str(context.statement), constants, processors)
+        self._shapes[key] = _Shape(str(context.statement), constants, processors)
         return rows
 
     def _send(self, shape: _Shape, params: dict[str, Any]) -> list[Row]:

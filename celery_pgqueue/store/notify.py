@@ -23,7 +23,7 @@ import logging
 import os
 import threading
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from time import monotonic
@@ -76,8 +76,9 @@ MAX_BACKOFF = 2.0
 class Waiter(Protocol):
     """What the listener calls; both run on the listener's thread and must not block."""
 
-    def notified(self, payloads: Sequence[str]) -> None:
-        """These jobs reached a ready state (payloads: see :func:`result_note`)."""
+    def notified(self, notes: Mapping[str, ResultNote | None]) -> None:
+        """These jobs (ids as text) reached a ready state; a success may carry its
+        result (see :func:`result_note`)."""
 
     def resync(self) -> None:
         """Notifications may have been missed: read everything you wait for again."""
@@ -222,9 +223,10 @@ class ResultListener:
                     notes = listener.wait(WAIT_SLICE)
                     if notes:
                         last_heard, probe_sent = monotonic(), None
-                        payloads = [payload for _, payload in notes if payload != PROBE]
-                        if payloads:
-                            self._broadcast(payloads)
+                        # Parsed once here, not once per waiting thread.
+                        parsed = dict(result_note(p) for _, p in notes if p != PROBE)
+                        if parsed:
+                            self._broadcast(parsed)
                         continue
                     silent = monotonic() - last_heard
                     if probe_sent is not None and monotonic() - probe_sent > PROBE_TIMEOUT:
@@ -258,9 +260,9 @@ class ResultListener:
             logger.warning("pgqueue result listener lost its connection: %s", exc)
         self._broadcast_resync()
 
-    def _broadcast(self, payloads: Sequence[str]) -> None:
+    def _broadcast(self, notes: Mapping[str, ResultNote | None]) -> None:
         for waiter in list(self._waiters):
-            waiter.notified(payloads)
+            waiter.notified(notes)
 
     def _broadcast_resync(self) -> None:
         for waiter in list(self._waiters):

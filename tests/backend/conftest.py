@@ -196,9 +196,7 @@ def running_worker(app: Celery, **kwargs: Any) -> Iterator[Any]:
 def release_database_clients() -> None:
     """Let go of pools and LISTEN connections before a test database is dropped."""
     ResultListener.stop_all()
-    for store in list(Store._registry.values()):
-        store.dispose()
-    Store._registry.clear()
+    Store.close_all()
 
 
 @pytest.fixture(scope="module", params=BROKERS)

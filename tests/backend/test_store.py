@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import psycopg
 import pytest
@@ -13,6 +15,7 @@ from helpers import wait_until
 
 from celery_pgqueue.states import JobStatus, LogStatus
 from celery_pgqueue.store import NewJob, Store
+from celery_pgqueue.store.notify import INLINE_RESULT_BYTES, result_note
 from celery_pgqueue.store.results import StateWrite
 
 from .conftest import pgqueue_url, release_database_clients, rows
@@ -136,6 +139,33 @@ def test_ready_states_notify_waiters_at_commit_with_the_job_id(
     assert received == [str(job_id)], "one NOTIFY, for the ready state only"
 
 
+def test_a_small_success_rides_in_its_notify_and_a_large_one_does_not(
+    store: Store, database_url: str
+) -> None:
+    small, large = uuid.uuid4(), uuid.uuid4()
+    documents = {
+        small: {"status": "SUCCESS", "result": "it's small"},
+        large: {"status": "SUCCESS", "result": "x" * INLINE_RESULT_BYTES},
+    }
+    store.enqueue([NewJob(id=j, queue_name="celery", payload={"headers": {}}) for j in documents])
+    assert len(store.claim("celery", 2, "test-owner")) == 2
+    with psycopg.connect(database_url, autocommit=True) as listener:
+        listener.execute(f'LISTEN "{store.result_channel}"')
+        for job_id, document in documents.items():
+            written = write(job_id, "SUCCESS", 1, transport_owned=True, document=document)
+            assert store.write_state(written, notify=True)
+        received = [n.payload for n in listener.notifies(timeout=0.5, stop_after=2)]
+
+    notes = dict(result_note(p) for p in received)
+    assert notes.keys() == {str(small), str(large)}
+    assert notes[str(large)] is None, "too large: the waiter reads it"
+    carried = notes[str(small)]
+    assert carried is not None
+    assert json.loads(carried.result_json) == documents[small]
+    [(completed_at,)] = rows(database_url, "SELECT completed_at FROM jobs WHERE id = %s", small)
+    assert abs((carried.finished_at - completed_at).total_seconds()) < 0.001
+
+
 def test_notify_off_sends_nothing(store: Store, database_url: str) -> None:
     with psycopg.connect(database_url, autocommit=True) as listener:
         listener.execute(f'LISTEN "{store.result_channel}"')
@@ -237,8 +267,8 @@ def test_the_listener_reconnects_and_asks_waiters_to_read_again(
             self.ids: list[str] = []
             self.resyncs = 0
 
-        def notified(self, job_ids: list[str]) -> None:
-            self.ids.extend(job_ids)
+        def notified(self, notes: Mapping[str, Any]) -> None:
+            self.ids.extend(notes)
 
         def resync(self) -> None:
             self.resyncs += 1

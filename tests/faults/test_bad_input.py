@@ -57,9 +57,7 @@ MIGRATE_COMMANDS = ("celery-pgqueue migrate", "celery -A proj pgqueue migrate")
 def _close_stores() -> Iterator[None]:
     """Each test's database is dropped afterwards: let go of this process's pools."""
     yield
-    for store in list(Store._registry.values()):
-        store.dispose()
-    Store._registry.clear()
+    Store.close_all()
 
 
 @pytest.fixture

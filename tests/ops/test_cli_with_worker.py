@@ -29,9 +29,7 @@ def worker_app(database_url: str) -> Any:
     )
     yield app
     app.close()
-    for store in list(Store._registry.values()):
-        store.dispose()
-    Store._registry.clear()
+    Store.close_all()
 
 
 def test_pause_stops_a_running_worker_and_resume_wakes_it(

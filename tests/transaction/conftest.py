@@ -25,9 +25,7 @@ def app(urls: tuple[str, str]) -> Iterator[Any]:
     app.conf.broker_transport_options = {"polling_interval": 0.2}
     yield app
     app.close()
-    for store in list(Store._registry.values()):
-        store.dispose()
-    Store._registry.clear()
+    Store.close_all()
 
 
 @pytest.fixture

@@ -33,9 +33,7 @@ def store(broker_url: str) -> Store:
 def _close_stores() -> Iterator[None]:
     """Each test's database is dropped afterwards: let go of its pooled connections."""
     yield
-    for store in list(Store._registry.values()):
-        store.dispose()
-    Store._registry.clear()
+    Store.close_all()
 
 
 @pytest.fixture

@@ -78,9 +78,7 @@ def database_url(session_database: str) -> Iterator[str]:
     from celery_pgqueue.store import Store
 
     yield session_database
-    for store in list(Store._registry.values()):
-        store.dispose()
-    Store._registry.clear()
+    Store.close_all()
     with _admin(session_database) as conn:
         conn.execute("TRUNCATE job_logs, jobs, job_bindings, job_queues CASCADE")
 
