@@ -18,7 +18,6 @@ Priority is checked lowest number first (Kombu calls that order ``'desc'``).
 
 from __future__ import annotations
 
-import importlib.metadata
 import os
 import shutil
 import subprocess
@@ -29,59 +28,18 @@ from collections.abc import Sequence
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))  # tests/: the shared sdist cache
+
+from sdists import SdistUnavailable, fetch_sdist, installed_version  # noqa: E402
+
+__all__ = ["SdistUnavailable", "fetch_sdist", "kombu_version", "run"]
 SUITE = HERE / "suite"
 SDIST_UNAVAILABLE = 3
 COMMON = "t/integration/common.py"
 
 
-class SdistUnavailable(RuntimeError):
-    """The Kombu sdist could not be downloaded (and none is cached)."""
-
-
 def kombu_version() -> str:
-    return importlib.metadata.version("kombu")
-
-
-def cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "celery-pgqueue"
-
-
-def fetch_sdist(version: str, cache: Path | None = None) -> Path:
-    """The cached ``kombu-<version>.tar.gz``, downloaded with pip on first use."""
-    directory = (cache or cache_dir()) / "kombu-sdist"
-    target = directory / f"kombu-{version}.tar.gz"
-    if target.exists():
-        return target
-    directory.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=directory) as scratch:
-        done = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "pip",
-                "download",
-                "--no-binary",
-                ":all:",
-                "--no-deps",
-                "--disable-pip-version-check",
-                f"kombu=={version}",
-                "-d",
-                scratch,
-            ],
-            capture_output=True,
-            text=True,
-            timeout=300,
-            check=False,
-        )
-        found = list(Path(scratch).glob(f"kombu-{version}.tar.gz"))
-        if done.returncode != 0 or not found:
-            raise SdistUnavailable(
-                f"pip could not download the kombu {version} sdist "
-                f"(exit {done.returncode}): {(done.stderr or done.stdout).strip()[-800:]}"
-            )
-        found[0].replace(target)  # atomic: concurrent runs never see half a file
-    return target
+    return installed_version("kombu")
 
 
 def extract_common(sdist: Path, version: str) -> str:
@@ -97,7 +55,7 @@ def extract_common(sdist: Path, version: str) -> str:
 def prepare_suite(destination: Path, version: str | None = None) -> Path:
     """Lay out the runnable suite in ``destination``; returns the test package."""
     version = version or kombu_version()
-    common = extract_common(fetch_sdist(version), version)
+    common = extract_common(fetch_sdist("kombu", version), version)
     package = destination / "kombu_it"
     package.mkdir(parents=True, exist_ok=True)
     (package / "__init__.py").write_text("")

@@ -41,7 +41,7 @@ KNOWN = {
 def outcomes(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[tuple[str, str]]]:
     """``{mixin: [(case, failure message or "")]}`` from one run of the whole suite."""
     try:
-        fetch_sdist(kombu_version())
+        fetch_sdist("kombu", kombu_version())
     except SdistUnavailable as exc:
         pytest.skip(f"Kombu's integration mixins are unavailable: {exc}")
     report = tmp_path_factory.mktemp("kombu-it") / "junit.xml"
