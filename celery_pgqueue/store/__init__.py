@@ -23,7 +23,6 @@ import sqlalchemy as sa
 
 from celery_pgqueue.errors import (
     MIGRATE_HINT,
-    AuthenticationFailed,
     DatabaseUnavailable,
     InvalidQueueName,
     PgQueueError,
@@ -54,9 +53,18 @@ from celery_pgqueue.store.records import (
     QueueStatus,
     RunningJob,
 )
+from celery_pgqueue.store.refusal import connection_failure
 from celery_pgqueue.store.results import StateWrite, StoredResult
 
-__all__ = ["AttemptRecord", "ClaimedJob", "JobRecord", "NewJob", "PruneCounts", "Store"]
+__all__ = [
+    "AttemptRecord",
+    "ClaimedJob",
+    "JobRecord",
+    "NewJob",
+    "PruneCounts",
+    "Store",
+    "connection_failure",
+]
 
 MAX_QUEUE_NAME = 100
 
@@ -215,7 +223,9 @@ class Store:
                 sqlstate = getattr(exc.orig, "sqlstate", None)
                 if sqlstate and not sqlstate.startswith(("08", "57P", "53")):
                     raise
-            raise connection_failure(exc.orig or exc, self.url) from exc
+            raise connection_failure(
+                exc.orig or exc, self.url, self.options.connect_timeout
+            ) from exc
 
     def lend(self, raw: Any) -> sa.Connection:
         """A Connection running on a caller's psycopg connection, inside its transaction.
@@ -829,34 +839,6 @@ class Store:
             False,
             max_batches,
         )
-
-
-# libpq's and the server's words for a refused login. They carry no SQLSTATE on the
-# client side, so the text is all there is; a server with translated messages falls
-# back to DatabaseUnavailable (retried, with the server's message).
-_LOGIN_REFUSED = (
-    "authentication failed",  # password, SCRAM, md5, ident, peer, PAM...
-    "no password supplied",
-    "no pg_hba.conf entry",
-    "pg_hba.conf rejects",
-)
-
-
-def connection_failure(exc: BaseException, url: DatabaseURL) -> PgQueueError:
-    """The error for a failed connection: a refused login, or the server unavailable."""
-    reason = _first_line(exc)
-    if any(words in reason for words in _LOGIN_REFUSED):
-        return AuthenticationFailed(
-            f"PostgreSQL at {url.masked()} refused the login ({reason}); fix the user "
-            "name or password in the URL (broker_url / result_backend), or the "
-            "server's pg_hba.conf"
-        )
-    return DatabaseUnavailable(f"PostgreSQL at {url.masked()} is unavailable: {reason}")
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 os.register_at_fork(after_in_child=Store._after_fork_in_child)
