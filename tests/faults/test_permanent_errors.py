@@ -235,3 +235,15 @@ def test_too_many_connections_is_waited_out_and_the_worker_then_runs_tasks(
         with psycopg.connect(server.url(), autocommit=True) as conn:
             conn.execute("ALTER ROLE crowded CONNECTION LIMIT 0")
     assert SECRET not in worker.log()
+
+
+def test_a_result_backend_on_a_missing_database_raises_the_named_error_from_get(
+    server: EmbeddedPostgres,
+) -> None:
+    url = REFUSALS["missing-database"].url(server.port)
+    app = Celery("reader", broker="memory://", backend=url, set_as_current=False)
+    try:
+        with pytest.raises(DatabaseNotFound, match="create the database"):
+            app.AsyncResult(str(uuid.uuid4())).get(timeout=30)
+    finally:
+        app.close()
