@@ -73,6 +73,10 @@ REFUSALS = {
         "guarded", "app", "", AuthenticationFailed,
         "no password supplied", "fix the user name or password", password=None,
     ),
+    "unknown-setting": Refusal(
+        "postgres", "app", "?options=-c%20no_such_setting%3D1", ConnectionRejected,
+        'unrecognized configuration parameter "no_such_setting"', "retrying cannot help",
+    ),
     "url-requires-ssl": Refusal(
         "postgres", "app", "?sslmode=require", ConnectionRejected,
         "does not accept SSL", "sslmode",
