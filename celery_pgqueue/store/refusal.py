@@ -21,7 +21,7 @@ import functools
 import glob
 import os
 import re
-import select
+import selectors
 import socket
 import struct
 import time
@@ -106,10 +106,11 @@ def refusal_code(conninfo: str, timeout: float) -> str | None:
             fd = lib.PQsocket(conn)
             if left <= 0 or fd < 0:
                 return None
-            if state == _POLLING_READING:
-                select.select([fd], [], [], left)
-            else:
-                select.select([], [fd], [], left)
+            # selectors, not select(): a busy worker's descriptors may pass FD_SETSIZE.
+            event = selectors.EVENT_READ if state == _POLLING_READING else selectors.EVENT_WRITE
+            with selectors.DefaultSelector() as selector:
+                selector.register(fd, event)
+                selector.select(left)
             state = lib.PQconnectPoll(conn)
         message = (lib.PQerrorMessage(conn) or b"").decode("utf-8", "replace")
     finally:
