@@ -145,15 +145,19 @@ def connection_failure(
     (see :mod:`celery_pgqueue.store.refusal`), never by the message's words.
     """
     reason = _first_line(exc)
-    code: str | None = getattr(exc, "sqlstate", None)
+    if getattr(exc, "sqlstate", None) is not None:
+        # The server answered a statement (libpq never has a code while connecting):
+        # a session ended by an administrator, a shutdown, a full server.
+        return DatabaseUnavailable(f"PostgreSQL at {url.masked()} is unavailable: {reason}")
+    code: str | None = None
     pgconn = getattr(exc, "pgconn", None)
-    if code is None and getattr(pgconn, "needs_password", False):
+    if getattr(pgconn, "needs_password", False):
         return AuthenticationFailed(
             f"PostgreSQL at {url.masked()} asks for a password and the URL has none "
             f"({reason}); fix the user name or password in the URL (broker_url / "
             "result_backend), or the server's pg_hba.conf"
         )
-    if code is None and isinstance(exc, psycopg.OperationalError):
+    if isinstance(exc, psycopg.OperationalError):
         if isinstance(exc, psycopg.errors.ConnectionTimeout):
             return DatabaseUnavailable(f"PostgreSQL at {url.masked()} is unavailable: {reason}")
         timeout = max(1.0, connect_timeout)
