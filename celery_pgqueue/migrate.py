@@ -16,7 +16,7 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 
-from celery_pgqueue.errors import AuthenticationFailed, ConfigurationError, DatabaseUnavailable
+from celery_pgqueue.errors import ConfigurationError, ConnectionRejected, DatabaseUnavailable
 from celery_pgqueue.options import DatabaseURL, PgQueueOptions
 from celery_pgqueue.store import connection_failure
 
@@ -62,7 +62,7 @@ def _run(url: str, schema: str, action: str, revision: str) -> None:
             getattr(command, action)(cfg, revision)
     except sa.exc.OperationalError as exc:
         failure = connection_failure(exc.orig or exc, DatabaseURL.parse(url))
-        if isinstance(failure, AuthenticationFailed):
+        if isinstance(failure, ConnectionRejected):
             raise failure from exc
         raise DatabaseUnavailable(
             f"cannot migrate {DatabaseURL.parse(url).masked()}: {exc.orig}"
@@ -92,7 +92,7 @@ def current(url: str, schema: str = "public") -> str | None:
             return ctx.get_current_revision()
     except sa.exc.OperationalError as exc:
         failure = connection_failure(exc.orig or exc, DatabaseURL.parse(url))
-        if isinstance(failure, AuthenticationFailed):
+        if isinstance(failure, ConnectionRejected):
             raise failure from exc
         raise DatabaseUnavailable(
             f"cannot reach {DatabaseURL.parse(url).masked()}: {exc.orig}"

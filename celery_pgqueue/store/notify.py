@@ -29,7 +29,7 @@ from datetime import UTC, datetime
 from time import monotonic
 from typing import Protocol
 
-from celery_pgqueue.errors import DatabaseUnavailable
+from celery_pgqueue.errors import ConnectionRejected, DatabaseUnavailable
 from celery_pgqueue.options import DatabaseURL
 from celery_pgqueue.store.listener import Listener
 
@@ -237,7 +237,9 @@ class ResultListener:
                     if probe_sent is None and silent > PROBE_AFTER and len(self._waiters):
                         self._probe(PROBE)
                         probe_sent = monotonic()
-                except DatabaseUnavailable as exc:
+                except (DatabaseUnavailable, ConnectionRejected) as exc:
+                    # A refused login reaches the waiters as the named error when they
+                    # read the row themselves; no traceback per retry here.
                     self._lost(listener, exc)
                     self._stop.wait(backoff)
                     backoff = min(backoff * 2, MAX_BACKOFF)

@@ -60,6 +60,17 @@ def list_all(conn: sa.Connection) -> list[sa.Row[Any]]:
     )
 
 
+def names(conn: sa.Connection) -> list[str]:
+    """Names of the queues work is sent to, by name (no expiring mailboxes or replies)."""
+    return list(
+        conn.scalars(
+            sa.select(job_queues.c.name)
+            .where(job_queues.c.expires_at.is_(None))
+            .order_by(job_queues.c.name)
+        )
+    )
+
+
 def active_among(conn: sa.Connection, *, names: Sequence[str]) -> list[str]:
     """Which of ``names`` exist and are not paused."""
     return list(

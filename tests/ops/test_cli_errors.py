@@ -103,13 +103,14 @@ def test_database_down_exits_4_without_leaking_the_password(
         assert_one_line(result)
 
 
-def test_a_missing_database_is_reported_not_raised(
+def test_a_missing_database_is_a_usage_error_saying_to_create_it(
     standalone_cli: Callable[..., Result], database_url: str
 ) -> None:
+    """Retrying cannot create a database: exit 2 (fix the URL), not 4 (try again later)."""
     missing = pgqueue_url(database_url).rsplit("/", 1)[0] + "/cpq_no_such_database"
     result = standalone_cli("--url", missing, "status")
-    assert result.code == 4, result
-    assert "cpq_no_such_database" in result.err
+    assert result.code == 2, result
+    assert "cpq_no_such_database" in result.err and "create the database" in result.err
     assert_one_line(result)
 
 

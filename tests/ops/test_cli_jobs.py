@@ -6,13 +6,16 @@ import json
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
+from uuid import UUID
 
 import pytest
+from celery import Celery
 
 from celery_pgqueue.ids import job_id_for
+from celery_pgqueue.states import JobStatus
 from celery_pgqueue.store import Store
 
-from .conftest import Jobs, Result
+from .conftest import Jobs, Result, pgqueue_url
 
 pytestmark = pytest.mark.slow
 
@@ -73,7 +76,7 @@ def test_jobs_table_for_people_shows_task_and_error(
     failed = jobs.failed(task="proj.tasks.add")
     result = celery_cli("jobs")
     assert result.code == 0, result
-    header, row = result.out.splitlines()
+    header, row, *_legend = result.out.splitlines()
     assert header.split()[:5] == ["ID", "QUEUE", "STATUS", "TASK", "ATTEMPTS"]
     assert row.startswith(str(failed))
     assert "proj.tasks.add" in row and "ValueError: boom" in row
@@ -108,6 +111,42 @@ def test_show_accepts_a_custom_task_id(
     result = celery_cli("show", "order-42")
     assert result.code == 0, result
     assert str(job_id_for("order-42")) in result.out
+
+
+def test_jobs_and_show_explain_the_attempts_column(
+    celery_cli: Callable[..., Result], jobs: Jobs, store: Store
+) -> None:
+    failed = jobs.failed(attempts=2)
+    store.finish(failed, attempt=None, status=JobStatus.FAILED, log_status=None, max_attempts=3)
+    listing = celery_cli("jobs")
+    assert listing.code == 0, listing
+    assert "2/3" in listing.out.splitlines()[1]
+    assert "ATTEMPTS: times a worker took the job / most it may take (max_retries + 1)" in (
+        listing.out
+    )
+    shown = celery_cli("show", str(failed))
+    assert shown.code == 0, shown
+    assert "attempts:   2 of at most 3 (times a worker took it; max_retries + 1)" in shown.out
+
+
+def test_show_accepts_a_unique_id_prefix_and_says_when_one_is_ambiguous(
+    celery_cli: Callable[..., Result], jobs: Jobs
+) -> None:
+    first = jobs.queued(job_id=UUID("abcd1111-0000-4000-8000-000000000001"))
+    second = jobs.queued(job_id=UUID("abcd2222-0000-4000-8000-000000000002"))
+    unique = celery_cli("show", "abcd1")
+    assert unique.code == 0, unique
+    assert f"id:         {first}" in unique.out
+    with_dash = celery_cli("show", "ABCD2222-0")
+    assert with_dash.code == 0, with_dash
+    assert str(second) in with_dash.out
+    ambiguous = celery_cli("show", "abcd")
+    assert ambiguous.code == 2, ambiguous
+    assert "job id prefix 'abcd' is ambiguous" in ambiguous.err
+    assert str(first) in ambiguous.err and str(second) in ambiguous.err
+    nothing = celery_cli("show", "abce")
+    assert nothing.code == 3, nothing
+    assert "no job with id or id prefix 'abce'" in nothing.err
 
 
 def test_show_of_an_unknown_id_exits_3(celery_cli: Callable[..., Result]) -> None:
@@ -157,6 +196,28 @@ def test_retry_requeues_a_failed_job_and_keeps_its_attempts(
     assert store.job(cancelled).status == "queued"  # type: ignore[union-attr]
     claimed = store.claim("default", 10, owner="w")
     assert {c.id: c.attempt for c in claimed}[failed] == 3
+
+
+def test_retry_refuses_a_job_cancelled_by_revoke_and_says_why(
+    celery_cli: Callable[..., Result], jobs: Jobs, store: Store, database_url: str
+) -> None:
+    """Workers remember revoked ids: a requeued revoked job would be cancelled again."""
+    revoked = jobs.queued()
+    app = Celery("revoker", broker=pgqueue_url(database_url), set_as_current=False)
+    try:
+        app.control.revoke(str(revoked))
+    finally:
+        app.close()
+    assert store.job(revoked).status == "cancelled"  # type: ignore[union-attr]
+    operator_cancelled = jobs.queued()
+    assert celery_cli("cancel", str(operator_cancelled)).code == 0
+    result = celery_cli("retry", str(revoked), str(operator_cancelled))
+    assert result.code == 1, result
+    assert result.out.splitlines() == [f"requeued {operator_cancelled}"]
+    assert f"{revoked}: not requeued: it was cancelled by revoke()" in result.err
+    assert "workers remember revoked ids" in result.err
+    assert store.job(revoked).status == "cancelled"  # type: ignore[union-attr]
+    assert store.job(operator_cancelled).status == "queued"  # type: ignore[union-attr]
 
 
 def test_retry_refuses_jobs_that_have_not_failed(

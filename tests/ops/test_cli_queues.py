@@ -126,14 +126,35 @@ def test_pause_and_resume_flip_is_active(
     assert store.queue("emails")["is_active"] is False
 
 
-def test_pause_of_an_unknown_queue_changes_nothing_and_exits_3(
+def test_pause_of_a_queue_with_no_row_yet_creates_it_paused(
+    celery_cli: Callable[..., Result], jobs: Jobs, store: Store
+) -> None:
+    """As ``celery_pgqueue.api.pause``: pause a queue before its first task is sent."""
+    jobs.queued("default")
+    result = celery_cli("pause", "default", "reports")
+    assert result.code == 0, result
+    assert result.out.splitlines() == [
+        "paused default",
+        "paused reports (a new queue: no task was sent to it yet)",
+    ]
+    assert store.queue("reports")["is_active"] is False
+    later = jobs.queued("reports")
+    assert store.claim("reports", 10, owner="w") == []
+    assert store.job(later).status == "queued"  # type: ignore[union-attr]
+
+
+def test_an_unknown_queue_is_refused_listing_the_queues_that_exist(
     celery_cli: Callable[..., Result], jobs: Jobs, store: Store
 ) -> None:
     jobs.queued("default")
-    result = celery_cli("pause", "default", "nope")
-    assert result.code == 3, result
-    assert result.err.strip() == "Error: no queue named 'nope'"
-    assert store.queue("default")["is_active"] is True
+    jobs.queued("emails")
+    for args in (("resume", "emails", "emials"), ("set-priority", "emials", "5")):
+        result = celery_cli(*args)
+        assert result.code == 3, result
+        assert result.err.strip() == (
+            "Error: no queue named 'emials'; did you mean 'emails'? (queues: 'default', 'emails')"
+        ), result
+    assert store.queue("emails")["is_active"] is True, "nothing changed"
 
 
 def test_set_priority_changes_the_default_for_later_jobs(
@@ -175,4 +196,4 @@ def test_purge_asks_then_deletes_only_waiting_jobs(
 def test_purge_of_an_unknown_queue_exits_3(celery_cli: Callable[..., Result]) -> None:
     result = celery_cli("purge", "nope", "--yes")
     assert result.code == 3, result
-    assert "no queue named 'nope'" in result.err
+    assert "no queue named 'nope' (there are no queues yet)" in result.err

@@ -85,3 +85,29 @@ def test_retry_re_runs_a_failed_task_and_keeps_its_history(
     assert len(attempts) == 2
     logs = sql("SELECT attempt_number, status FROM job_logs WHERE job_id = %s ORDER BY 1", job)
     assert logs == [(1, "failed"), (2, "success")]
+
+
+def test_retry_of_a_revoked_task_is_refused_because_the_worker_remembers_the_revoke(
+    worker_app: Celery, celery_cli: Callable[..., Result], sql: Callable[..., Any]
+) -> None:
+    """Requeued, it would be claimed and cancelled again at once: say so instead."""
+    from celery.worker.state import revoked
+
+    ran: list[int] = []
+
+    @worker_app.task(name="ops.later")
+    def later() -> None:
+        ran.append(1)
+
+    with start_worker(worker_app, pool="solo", perform_ping_check=False, loglevel="WARNING"):
+        result = later.apply_async(countdown=3600)
+        job = str(job_id_for(result.id))
+        worker_app.control.revoke(result.id)
+        wait_until(lambda: result.id in revoked, timeout=15, message="the worker got the revoke")
+        assert sql("SELECT status FROM jobs WHERE id = %s", job) == [("cancelled",)]
+        retried = celery_cli("retry", job)
+        assert retried.code == 1, retried
+        assert "requeued" not in retried.out
+        assert "it was cancelled by revoke()" in retried.err
+        assert sql("SELECT status FROM jobs WHERE id = %s", job) == [("cancelled",)]
+    assert ran == []
