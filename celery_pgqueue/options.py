@@ -35,6 +35,26 @@ KOMBU_RETRY_KEYS = frozenset(
     }
 )
 
+# Options of the connection pool itself. The broker and the result backend of one
+# database share one pool per process, so these must be equal for both; every other
+# option belongs to the role (broker or backend) that names it.
+POOL_OPTIONS = (
+    "pool_size",
+    "max_overflow",
+    "pool_timeout",
+    "connect_timeout",
+    "prepared_statements",
+)
+
+
+def pool_conflict(first: PgQueueOptions, second: PgQueueOptions) -> tuple[str, Any, Any] | None:
+    """The first pool option on which two roles' options differ: (name, first's, second's)."""
+    for name in POOL_OPTIONS:
+        if getattr(first, name) != getattr(second, name):
+            return name, getattr(first, name), getattr(second, name)
+    return None
+
+
 URL_SCHEMES = ("pgqueue", "postgresql", "postgres", "postgresql+psycopg")
 
 _SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
