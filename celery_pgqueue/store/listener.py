@@ -2,9 +2,8 @@
 
 Workers sleep on this connection's socket instead of polling: a publish commits, the
 server sends a NOTIFY, the socket becomes readable. The connection is autocommit and
-runs nothing but its LISTENs (and one statement that hides them). Channel names are
-read from the schema's ``job_channels`` (random, and secret to roles that cannot read
-the tier), never user input.
+runs no other statement. Channel names are read from the schema's ``job_channels``
+(random, and secret to roles that cannot read the tier), never user input.
 """
 
 from __future__ import annotations
@@ -57,9 +56,6 @@ class Listener:
             )
             for channel in self.channels:
                 conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
-            # pg_stat_activity shows a session's last statement to pg_monitor and the
-            # like, who may not read the tier: leave one there that names no channel.
-            conn.execute("SELECT 'listening'")
         except psycopg.Error as exc:
             raise DatabaseUnavailable(
                 f"cannot LISTEN on {self.url.masked()}: {str(exc).strip().splitlines()[0]}"

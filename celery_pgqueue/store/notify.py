@@ -3,7 +3,8 @@ process, any number of waiters.
 
 Each migrated schema has two channels (:class:`Channels`) whose names are random and
 kept in ``job_channels``: a role that cannot read that table cannot name them, hence
-cannot LISTEN to what they carry, and they are 40 bytes whatever the schema's name.
+cannot LISTEN to what they carry, and they are at most 48 bytes whatever the schema's
+name.
 
 Every result write that reaches a ready state sends ``NOTIFY <results channel>, '<job
 id>'`` in its own transaction; a success with a small result sends ``'<job id> <epoch
@@ -73,7 +74,7 @@ class Channels:
                     f"job_channels in {where} has no usable {purpose!r} channel name "
                     f"(got {name!r}; it must be 1 to {IDENTIFIER_BYTES} bytes): give that "
                     "row a random name such as 'pgqueue_' and 32 hex digits (see the "
-                    "README's Security section) and restart the processes"
+                    "README's Security section), then restart the processes"
                 )
             found[purpose] = name
         return cls(**found)

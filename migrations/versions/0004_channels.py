@@ -30,11 +30,12 @@ def upgrade() -> None:
         sa.Column("name", sa.String(63), nullable=False),
         sa.CheckConstraint("purpose IN ('queues', 'results')", name="ck_job_channels_purpose"),
     )
-    # 'pgqueue_' and 32 hex digits: 40 bytes, a plain identifier, 122 random bits.
+    # 'pgqueue_', 32 hex digits (122 random bits) and a suffix that tells an operator
+    # which is which: at most 48 bytes, a plain identifier.
     op.execute(
         "INSERT INTO job_channels (purpose, name)"
-        " SELECT purpose, 'pgqueue_' || replace(gen_random_uuid()::text, '-', '')"
-        " FROM (VALUES ('queues'), ('results')) AS wanted (purpose)"
+        " SELECT purpose, 'pgqueue_' || replace(gen_random_uuid()::text, '-', '') || suffix"
+        " FROM (VALUES ('queues', ''), ('results', '_results')) AS wanted (purpose, suffix)"
     )
 
 

@@ -162,25 +162,3 @@ def test_a_63_character_schema_works_end_to_end_with_a_real_worker(
             )
         ).fetchall()
     assert dict(counts).get("completed") == 3
-
-
-def test_a_monitoring_role_sees_no_channel_name_in_pg_stat_activity(
-    app: Celery, database_url: str
-) -> None:
-    """pg_monitor may read every session's last statement; a LISTEN's would name the channel."""
-    secret = app.tasks["channels.secret"]
-    with psycopg.connect(database_url, autocommit=True) as admin:
-        names = {name for (name,) in admin.execute("SELECT name FROM job_channels")}
-    with login_role(database_url, "monitor") as (role, password):
-        with psycopg.connect(database_url, autocommit=True) as admin:
-            admin.execute(sql.SQL("GRANT pg_monitor TO {}").format(sql.Identifier(role)))
-        with start_worker(app, pool="solo", perform_ping_check=False, loglevel="WARNING"):
-            assert secret.delay().get(timeout=20) == SECRET  # both LISTEN sessions are up
-            with psycopg.connect(as_role(database_url, role, password)) as monitor:
-                seen = monitor.execute(
-                    "SELECT application_name, query FROM pg_stat_activity"
-                    " WHERE datname = current_database()"
-                ).fetchall()
-    listeners = [query for application, query in seen if application.endswith("-listen")]
-    assert len(listeners) == 2, seen  # the worker's and the result waiter's
-    assert not [query for _, query in seen if any(name in (query or "") for name in names)]
