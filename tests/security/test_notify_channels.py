@@ -30,6 +30,7 @@ from .roles import as_role, login_role
 pytestmark = pytest.mark.worker
 
 LONGEST_SCHEMA = "tier_" + "x" * 58  # 63 bytes: PostgreSQL's longest identifier
+LONGEST_QUEUE = "queue " + "ü" * 94  # 100 characters (194 bytes): the tier's longest
 
 SECRET = "result-only-the-app-may-read-7d41"
 
@@ -141,16 +142,20 @@ def test_a_63_character_schema_works_end_to_end_with_a_real_worker(
         result_backend=url,
         result_backend_transport_options=options,
     )
-    workers.start(proc, "long-schema", pool="threads", concurrency=2)
+    workers.start(proc, "long-schema", "-Q", f"celery,{LONGEST_QUEUE}", pool="threads")
 
     sender = Celery("long-schema-sender", set_as_current=False)
     sender.conf.update(proc.config)
     try:
-        results = [sender.send_task("proc.record", kwargs={"label": str(n)}) for n in range(3)]
-        # polling_interval is 30 s: the worker is woken by the publish's NOTIFY and the
-        # waiter by the result's, on channels of a 63-byte schema.
-        assert [r.get(timeout=15) for r in results] == [None, None, None]
-        assert [r.state for r in results] == ["SUCCESS"] * 3
+        results = [
+            sender.send_task("proc.record", kwargs={"label": str(n)}, queue=queue)
+            for n, queue in enumerate(["celery", LONGEST_QUEUE, "celery", LONGEST_QUEUE])
+        ]
+        # polling_interval is 30 s: the worker is woken by the publish's NOTIFY (the
+        # queue's name is its payload) and the waiter by the result's, on the channels
+        # of a 63-byte schema.
+        assert [r.get(timeout=15) for r in results] == [None] * 4
+        assert [r.state for r in results] == ["SUCCESS"] * 4
     finally:
         sender.close()
         ResultListener.stop_all()
@@ -161,4 +166,4 @@ def test_a_63_character_schema_works_end_to_end_with_a_real_worker(
                 sql.Identifier(LONGEST_SCHEMA)
             )
         ).fetchall()
-    assert dict(counts).get("completed") == 3
+    assert dict(counts).get("completed") == 4
