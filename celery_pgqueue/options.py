@@ -57,7 +57,8 @@ def pool_conflict(first: PgQueueOptions, second: PgQueueOptions) -> tuple[str, A
 
 URL_SCHEMES = ("pgqueue", "postgresql", "postgres", "postgresql+psycopg")
 
-_SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+#: PostgreSQL's longest identifier, in bytes: a longer name is silently truncated.
+IDENTIFIER_BYTES = 63
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,10 +127,17 @@ class PgQueueOptions:
 
     def validate(self) -> None:
         """Check ranges; raise ConfigurationError naming the key and what is allowed."""
-        if not _SCHEMA_NAME.match(self.schema):
+        # Any name PostgreSQL accepts: it is always quoted, never formatted into SQL.
+        size = len(self.schema.encode())
+        if not 1 <= size <= IDENTIFIER_BYTES or "\x00" in self.schema:
             raise ConfigurationError(
-                f"pgqueue option 'schema' must be a lower-case SQL identifier "
-                f"(letters, digits, underscore), got {self.schema!r}"
+                f"pgqueue option 'schema' must be 1 to {IDENTIFIER_BYTES} bytes without "
+                f"NUL (PostgreSQL would cut a longer name), got {self.schema!r} ({size} bytes)"
+            )
+        if self.schema.startswith("pg_"):
+            raise ConfigurationError(
+                f"pgqueue option 'schema' cannot start with 'pg_' (PostgreSQL keeps that "
+                f"prefix for its own schemas), got {self.schema!r}"
             )
         positive = (
             "polling_interval",

@@ -18,7 +18,7 @@ schema: str = config.attributes.get("schema", "public")
 
 
 def _quoted(name: str) -> str:
-    # The schema name was validated as a plain lower-case identifier by PgQueueOptions.
+    # Any name PostgreSQL accepts (validated by PgQueueOptions: at most 63 bytes, no NUL).
     return '"' + name.replace('"', '""') + '"'
 
 

@@ -13,9 +13,8 @@ REQUIRED_REVISION = "0004"
 
 def current_revision(conn: sa.Connection, *, schema: str) -> str | None:
     """The Alembic revision recorded in ``<schema>.celery_pgqueue_version``, if any."""
-    exists = conn.execute(
-        sa.select(sa.func.to_regclass(sa.literal(f"{schema}.{VERSION_TABLE}")).is_not(None))
-    ).scalar_one()
+    qualified = sa.func.quote_ident(schema).concat("." + VERSION_TABLE)
+    exists = conn.execute(sa.select(sa.func.to_regclass(qualified).is_not(None))).scalar_one()
     if not exists:
         return None
     version = sa.table(VERSION_TABLE, sa.column("version_num"), schema=schema)
