@@ -67,8 +67,10 @@ backend uses:
 * ``completed_retention`` (None: Celery's ``result_expires``), ``failed_retention``,
   ``log_retention``, ``prune_batch_size``: what ``backend_cleanup`` deletes, and how
   many rows per transaction.
-* ``schema``, ``pool_size``, ``max_overflow``, ``pool_timeout``, ``connect_timeout``:
-  as for the transport.
+* ``schema``, ``synchronous_commit``: as for the transport, and this backend's own.
+* ``pool_size``, ``max_overflow``, ``pool_timeout``, ``connect_timeout``,
+  ``prepared_statements``: the pool's; with a pgqueue broker on the same database and
+  schema they must equal ``broker_transport_options``' (ConfigurationError otherwise).
 """
 
 from __future__ import annotations
