@@ -67,8 +67,10 @@ backend uses:
 * ``completed_retention`` (None: Celery's ``result_expires``), ``failed_retention``,
   ``log_retention``, ``prune_batch_size``: what ``backend_cleanup`` deletes, and how
   many rows per transaction.
-* ``schema``, ``pool_size``, ``max_overflow``, ``pool_timeout``, ``connect_timeout``:
-  as for the transport.
+* ``schema``, ``synchronous_commit``: as for the transport, and this backend's own.
+* ``pool_size``, ``max_overflow``, ``pool_timeout``, ``connect_timeout``,
+  ``prepared_statements``: the pool's; with a pgqueue broker on the same database and
+  schema they must equal ``broker_transport_options``' (ConfigurationError otherwise).
 """
 
 from __future__ import annotations
@@ -98,9 +100,14 @@ from kombu.exceptions import EncodeError
 from kombu.serialization import dumps, loads, prepare_accept_content
 from kombu.utils import json as kombu_json
 
-from celery_pgqueue.errors import DatabaseUnavailable, PayloadNotSerializable, PayloadTooLarge
+from celery_pgqueue.errors import (
+    ConfigurationError,
+    DatabaseUnavailable,
+    PayloadNotSerializable,
+    PayloadTooLarge,
+)
 from celery_pgqueue.ids import job_id_for
-from celery_pgqueue.options import DatabaseURL, PgQueueOptions
+from celery_pgqueue.options import DatabaseURL, PgQueueOptions, first_url, pool_conflict
 from celery_pgqueue.states import CELERY_TO_LOG, JobStatus, job_status_for
 from celery_pgqueue.store import Store
 from celery_pgqueue.store.notify import ResultListener, ResultNote
@@ -352,6 +359,7 @@ class PgQueueBackend(Backend, AsyncBackendMixin):  # type: ignore[misc]
         self.url = url or app.conf.result_backend
         self.database_url = DatabaseURL.parse(self.url)
         self.options = PgQueueOptions.parse(app.conf.result_backend_transport_options or {})
+        _check_shared_pool(app, self.database_url, self.options)
         self._store: Store | None = None
         self._inline_json = self.content_type == JSON
         self._task_accept = prepare_accept_content(app.conf.accept_content)
@@ -363,9 +371,10 @@ class PgQueueBackend(Backend, AsyncBackendMixin):  # type: ignore[misc]
     def store(self) -> Store:
         """The process's shared store for this database (checked once for the schema)."""
         if self._store is None:
+            # Our own view on the process's pool: our options govern our work even
+            # when the broker opened the pool.
             store = Store.for_url(self.database_url, self.options)
             store.check_schema()
-            _warn_if_options_differ(store.options, self.options)
             self._store = store
         return self._store
 
@@ -834,33 +843,31 @@ class PgQueueBackend(Backend, AsyncBackendMixin):  # type: ignore[misc]
 # -- helpers ---------------------------------------------------------------------------
 
 
-# Options the shared Store applies itself (its pool, queue defaults and retention).
-_STORE_OPTIONS = (
-    "pool_size",
-    "max_overflow",
-    "pool_timeout",
-    "connect_timeout",
-    "default_priority",
-    "failed_retention",
-    "log_retention",
-    "max_logs_per_job",
-    "prune_batch_size",
-)
+def _check_shared_pool(app: Any, url: DatabaseURL, ours: PgQueueOptions) -> None:
+    """Refuse at start, not at the first result, options the shared pool cannot honour.
 
-
-def _warn_if_options_differ(shared: PgQueueOptions, ours: PgQueueOptions) -> None:
-    """One pool per database: the transport's options may already have made it.
-
-    The store's own settings are then the transport's; the backend's decisions
-    (notify, polling, limits, tracebacks, completed retention) still follow ``ours``.
+    A pgqueue broker on the same database and schema shares one connection pool per
+    process with this backend: its size and its prepared statements cannot differ by
+    role, so they must agree (every other option stays each role's own).
     """
-    differ = [name for name in _STORE_OPTIONS if getattr(ours, name) != getattr(shared, name)]
-    if differ:
-        logger.warning(
-            "pgqueue: result_backend_transport_options differ from the options the shared "
-            "connection pool was made with (%s); broker and backend on one database share "
-            "one pool, so those follow broker_transport_options. Give both the same mapping.",
-            ", ".join(differ),
+    broker = first_url(app.conf.broker_url)
+    if broker is None or not broker.lower().startswith("pgqueue://"):
+        return
+    try:
+        theirs = PgQueueOptions.parse(app.conf.broker_transport_options or {})
+        same_pool = DatabaseURL.parse(broker).key() == url.key()
+    except ConfigurationError:
+        return  # the broker reports its own mistakes when it starts
+    if not same_pool or theirs.schema != ours.schema:
+        return
+    conflict = pool_conflict(theirs, ours)
+    if conflict is not None:
+        name, broker_value, backend_value = conflict
+        raise ConfigurationError(
+            f"pgqueue option {name!r} is {broker_value!r} in broker_transport_options but "
+            f"{backend_value!r} in result_backend_transport_options; the broker and the "
+            f"result backend on {url.masked()} share one connection pool per process, so "
+            f"give {name} the same value in both"
         )
 
 

@@ -35,9 +35,30 @@ KOMBU_RETRY_KEYS = frozenset(
     }
 )
 
+# Options of the connection pool itself. The broker and the result backend of one
+# database share one pool per process, so these must be equal for both; every other
+# option belongs to the role (broker or backend) that names it.
+POOL_OPTIONS = (
+    "pool_size",
+    "max_overflow",
+    "pool_timeout",
+    "connect_timeout",
+    "prepared_statements",
+)
+
+
+def pool_conflict(first: PgQueueOptions, second: PgQueueOptions) -> tuple[str, Any, Any] | None:
+    """The first pool option on which two roles' options differ: (name, first's, second's)."""
+    for name in POOL_OPTIONS:
+        if getattr(first, name) != getattr(second, name):
+            return name, getattr(first, name), getattr(second, name)
+    return None
+
+
 URL_SCHEMES = ("pgqueue", "postgresql", "postgres", "postgresql+psycopg")
 
-_SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+#: PostgreSQL's longest identifier, in bytes: a longer name is silently truncated.
+IDENTIFIER_BYTES = 63
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,10 +127,17 @@ class PgQueueOptions:
 
     def validate(self) -> None:
         """Check ranges; raise ConfigurationError naming the key and what is allowed."""
-        if not _SCHEMA_NAME.match(self.schema):
+        # Any name PostgreSQL accepts: it is always quoted, never formatted into SQL.
+        size = len(self.schema.encode())
+        if not 1 <= size <= IDENTIFIER_BYTES or "\x00" in self.schema:
             raise ConfigurationError(
-                f"pgqueue option 'schema' must be a lower-case SQL identifier "
-                f"(letters, digits, underscore), got {self.schema!r}"
+                f"pgqueue option 'schema' must be 1 to {IDENTIFIER_BYTES} bytes without "
+                f"NUL (PostgreSQL would cut a longer name), got {self.schema!r} ({size} bytes)"
+            )
+        if self.schema.startswith("pg_"):
+            raise ConfigurationError(
+                f"pgqueue option 'schema' cannot start with 'pg_' (PostgreSQL keeps that "
+                f"prefix for its own schemas), got {self.schema!r}"
             )
         positive = (
             "polling_interval",

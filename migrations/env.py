@@ -8,6 +8,7 @@ history (``alembic_version``) is never touched.
 
 from __future__ import annotations
 
+import sqlalchemy as sa
 from alembic import context
 
 VERSION_TABLE = "celery_pgqueue_version"
@@ -17,7 +18,7 @@ schema: str = config.attributes.get("schema", "public")
 
 
 def _quoted(name: str) -> str:
-    # The schema name was validated as a plain lower-case identifier by PgQueueOptions.
+    # Any name PostgreSQL accepts (validated by PgQueueOptions: at most 63 bytes, no NUL).
     return '"' + name.replace('"', '""') + '"'
 
 
@@ -44,7 +45,14 @@ def run_online() -> None:
         transactional_ddl=True,
     )
     with context.begin_transaction():
-        connection.exec_driver_sql(f"CREATE SCHEMA IF NOT EXISTS {_quoted(schema)}")
+        # Even with IF NOT EXISTS, CREATE SCHEMA needs CREATE on the database: a
+        # migrating role given only a schema (public, or one made for it) skips it.
+        exists = connection.execute(
+            sa.text("SELECT 1 FROM pg_catalog.pg_namespace WHERE nspname = :schema"),
+            {"schema": schema},
+        ).first()
+        if exists is None:
+            connection.exec_driver_sql(f"CREATE SCHEMA {_quoted(schema)}")
         connection.exec_driver_sql(f"SET LOCAL search_path TO {_quoted(schema)}")
         context.run_migrations()
 

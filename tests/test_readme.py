@@ -6,20 +6,29 @@ import re
 from dataclasses import MISSING, fields
 from pathlib import Path
 
-from celery_pgqueue.options import PgQueueOptions
+from celery_pgqueue.options import POOL_OPTIONS, PgQueueOptions
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
+ROLES = {"broker", "backend", "both", "pool"}
 
 
-def _table_rows() -> dict[str, str]:
+def _table_rows() -> dict[str, tuple[str, str]]:
+    """``option -> (default, role)`` from the README's options table."""
     start = README.index("<!-- options-table")
+    lines = README[start:].splitlines()
+    assert [c.strip() for c in lines[1].strip("|").split("|")] == [
+        "option",
+        "default",
+        "role",
+        "meaning",
+    ]
     rows = {}
-    for line in README[start:].splitlines()[3:]:
+    for line in lines[3:]:
         if not line.startswith("| `"):
             break
-        name, default = re.findall(r"`([^`]*)`", line)[:2]
-        rows[name] = default
+        cells = [c.strip() for c in line.strip("|").split(" | ")]
+        rows[cells[0].strip("`")] = (cells[1].strip("`"), cells[2])
     return rows
 
 
@@ -28,7 +37,13 @@ def test_the_option_table_lists_every_option_with_its_default() -> None:
     for f in fields(PgQueueOptions):
         default = f.default if f.default is not MISSING else None
         expected[f.name] = str(default)
-    assert _table_rows() == expected
+    assert {name: default for name, (default, _) in _table_rows().items()} == expected
+
+
+def test_the_option_table_says_which_role_each_option_applies_to() -> None:
+    roles = {name: role for name, (_, role) in _table_rows().items()}
+    assert set(roles.values()) <= ROLES, roles
+    assert {name for name, role in roles.items() if role == "pool"} == set(POOL_OPTIONS)
 
 
 def test_ci_runs_the_readme_test_command_verbatim() -> None:

@@ -1,9 +1,14 @@
 """The one data-access layer: every statement celery-pgqueue runs goes through here.
 
-A :class:`Store` is one per process and database: one engine, one bounded pool, shared
-by the transport, the result backend and the CLI. Each public method is one short
-transaction (or runs on a connection the caller passes, so a caller can enqueue inside
-its own transaction). Driver errors become :mod:`celery_pgqueue.errors` here, once.
+A process keeps one engine, one bounded pool (:class:`Pool`), per database and schema,
+shared by the transport, the result backend and the operator API. Each of them sees it
+through its own :class:`Store`, which carries that role's options: the broker's
+``lease_seconds`` or ``use_notify`` govern broker work, the backend's govern backend
+work, whichever role opened the pool. Only the pool's own settings
+(:data:`~celery_pgqueue.options.POOL_OPTIONS`) must agree. Each public method is one
+short transaction (or runs on a connection the caller passes, so a caller can enqueue
+inside its own transaction). Driver errors become :mod:`celery_pgqueue.errors` here,
+once.
 """
 
 from __future__ import annotations
@@ -24,13 +29,14 @@ import sqlalchemy as sa
 
 from celery_pgqueue.errors import (
     MIGRATE_HINT,
+    ConfigurationError,
     DatabaseUnavailable,
     InvalidQueueName,
     PgQueueError,
     SchemaMissing,
     UnknownQueue,
 )
-from celery_pgqueue.options import DatabaseURL, PgQueueOptions
+from celery_pgqueue.options import DatabaseURL, PgQueueOptions, pool_conflict
 from celery_pgqueue.states import JobStatus, LogStatus
 from celery_pgqueue.store import bindings as binding_sql
 from celery_pgqueue.store import groups as group_sql
@@ -44,7 +50,7 @@ from celery_pgqueue.store import views as view_sql
 from celery_pgqueue.store.borrowed import Lender
 from celery_pgqueue.store.groups import ChordPart
 from celery_pgqueue.store.hot import Call, HotPath, Row
-from celery_pgqueue.store.notify import ResultListener
+from celery_pgqueue.store.notify import Channels, ResultListener
 from celery_pgqueue.store.records import (
     AttemptRecord,
     ClaimedJob,
@@ -62,6 +68,7 @@ __all__ = [
     "ClaimedJob",
     "JobRecord",
     "NewJob",
+    "Pool",
     "PruneCounts",
     "Store",
     "connection_failure",
@@ -90,44 +97,54 @@ def check_queue_name(name: str) -> str:
     return name
 
 
-class Store:
-    """Every read and write of the tier, for one database URL and schema."""
+class Pool:
+    """One engine and its pool for a database and schema, and what it learnt of the schema.
 
-    _registry: dict[tuple[str, str], Store] = {}
-    _registry_lock = threading.Lock()
-    # Every instance, shared or not, must drop its sockets in a forked child.
-    _instances: weakref.WeakSet[Store] = weakref.WeakSet()
+    Shared by every role of a process that names the same database and schema. It is
+    made with the options of the first role; of those only :data:`POOL_OPTIONS` (and
+    the sessions' default ``synchronous_commit``) matter to it.
+    """
 
-    def __init__(self, url: str | DatabaseURL, options: PgQueueOptions | None = None) -> None:
-        self.url = url if isinstance(url, DatabaseURL) else DatabaseURL.parse(url)
-        self.options = options or PgQueueOptions()
-        self.channel = f"celery_pgqueue_{self.options.schema}"
-        self.result_channel = f"celery_pgqueue_{self.options.schema}_results"
-        self._known_queues: set[str] = set()
-        Store._instances.add(self)
-        self._schema_checked = False
-        self._lender: Lender | None = None
+    # Every pool, shared or not, must drop its sockets in a forked child.
+    _instances: weakref.WeakSet[Pool] = weakref.WeakSet()
+
+    def __init__(self, url: DatabaseURL, options: PgQueueOptions) -> None:
+        self.url = url
+        self.options = options
+        self.known_queues: set[str] = set()
+        self.schema_checked = False
+        self.channels: Channels | None = None
+        self.lender: Lender | None = None
+        self.lock = threading.Lock()
+        # The role views on this pool, one per distinct set of options.
+        self.stores: dict[PgQueueOptions, Store] = {}
+        Pool._instances.add(self)
         execution_options: dict[str, Any] = {}
-        if self.options.schema != "public":
-            execution_options["schema_translate_map"] = {None: self.options.schema}
+        if options.schema != "public":
+            execution_options["schema_translate_map"] = {None: options.schema}
         self.engine = sa.create_engine(
-            self.url.sqlalchemy_url(),
-            pool_size=self.options.pool_size,
-            max_overflow=self.options.max_overflow,
-            pool_timeout=self.options.pool_timeout,
+            url.sqlalchemy_url(),
+            pool_size=options.pool_size,
+            max_overflow=options.max_overflow,
+            pool_timeout=options.pool_timeout,
             # No pre-ping: it costs a round trip per checkout. A dropped connection
             # surfaces as DatabaseUnavailable and the pool discards it.
             pool_reset_on_return="rollback",
-            connect_args=self._connect_args(),
+            connect_args=self.connect_args(),
             execution_options=execution_options,
         )
         # Single-statement methods run in autocommit: the statement is its own
         # transaction, which saves the BEGIN and COMMIT round trips.
-        self._autocommit = self.engine.execution_options(isolation_level="AUTOCOMMIT")
+        self.autocommit = self.engine.execution_options(isolation_level="AUTOCOMMIT")
         # Per-task statements (publish, claim, finish) skip SQLAlchemy's per-call work.
-        self._hot = HotPath(self.engine, self._autocommit)
+        self.hot = HotPath(self.engine, self.autocommit)
 
-    def _connect_args(self) -> dict[str, Any]:
+    @property
+    def synchronous_commit(self) -> bool:
+        """The sessions' own setting; a role that wants the other sets it per transaction."""
+        return self.options.synchronous_commit
+
+    def connect_args(self) -> dict[str, Any]:
         args: dict[str, Any] = {"connect_timeout": max(1, round(self.options.connect_timeout))}
         if "application_name" not in dict(self.url.query):
             # Keyword arguments override the URL's: set ours only as the default, so
@@ -142,18 +159,102 @@ class Store:
             args["options"] = "-c synchronous_commit=off"
         return args
 
+    def check_agrees(self, options: PgQueueOptions) -> None:
+        """Refuse a role whose pool-level options differ from this pool's, naming both."""
+        conflict = pool_conflict(self.options, options)
+        if conflict is not None:
+            name, ours, theirs = conflict
+            raise ConfigurationError(
+                f"pgqueue option {name!r} is {theirs!r} here but {ours!r} for the "
+                f"connection pool this process already opened on {self.url.masked()} "
+                f"(schema {self.options.schema!r}); the broker and the result backend "
+                f"of one database share that pool, so give {name} the same value in "
+                "broker_transport_options and result_backend_transport_options"
+            )
+
+    def dispose(self) -> None:
+        """Close every pooled connection (the pool stays usable and reconnects)."""
+        self.engine.dispose()
+
+
+class Store:
+    """Every read and write of the tier, for one database URL and schema, as one role.
+
+    ``options`` are the role's (the broker's, the backend's); the connections come
+    from ``pool``, by default a private one. :meth:`for_url` gives the process's
+    shared pool instead.
+    """
+
+    _registry: dict[tuple[str, str], Pool] = {}
+    _registry_lock = threading.Lock()
+
+    def __init__(
+        self,
+        url: str | DatabaseURL,
+        options: PgQueueOptions | None = None,
+        *,
+        pool: Pool | None = None,
+    ) -> None:
+        self.options = options or PgQueueOptions()
+        if pool is None:
+            parsed = url if isinstance(url, DatabaseURL) else DatabaseURL.parse(url)
+            pool = Pool(parsed, self.options)
+        self.pool = pool
+        self.url = pool.url
+        self.engine = pool.engine
+        self._known_queues = pool.known_queues
+        self._autocommit = pool.autocommit
+        self._hot = pool.hot
+        # synchronous_commit is the role's: when it differs from what the pool's
+        # sessions have, this role sets its own for each of its transactions.
+        self._settings: tuple[tuple[str, str], ...] = ()
+        if self.options.synchronous_commit != pool.synchronous_commit:
+            wanted = "on" if self.options.synchronous_commit else "off"
+            self._settings = (("synchronous_commit", wanted),)
+
+    @property
+    def channel(self) -> str:
+        """The channel that wakes workers (payload: a queue name); see ``job_channels``."""
+        return (self.pool.channels or self._read_channels()).queues
+
+    @property
+    def result_channel(self) -> str:
+        """The channel that wakes result waiters (payload: a job id, maybe its result)."""
+        return (self.pool.channels or self._read_channels()).results
+
+    def _read_channels(self) -> Channels:
+        with self.begin() as conn:
+            return self._learn_channels(conn)
+
+    def _learn_channels(self, conn: sa.Connection) -> Channels:
+        where = f"{self.url.masked()} (schema {self.options.schema!r})"
+        channels = Channels.from_rows(schema_sql.channel_names(conn), where)
+        self.pool.channels = channels
+        return channels
+
     # -- lifecycle ------------------------------------------------------------------
 
     @classmethod
     def for_url(cls, url: str | DatabaseURL, options: PgQueueOptions | None = None) -> Store:
-        """The process's shared store for this database and schema (created once)."""
+        """This role's view on the process's shared pool for the database and schema.
+
+        The pool is made once, by the first caller; later callers must agree on its
+        :data:`POOL_OPTIONS` (ConfigurationError otherwise) and get a view with their
+        own options. Without ``options``: the view of whoever opened the pool.
+        """
         parsed = url if isinstance(url, DatabaseURL) else DatabaseURL.parse(url)
-        options = options or PgQueueOptions()
-        key = (parsed.key(), options.schema)
+        wanted = options or PgQueueOptions()
+        key = (parsed.key(), wanted.schema)
         with cls._registry_lock:
-            store = cls._registry.get(key)
+            pool = cls._registry.get(key)
+            if pool is None:
+                pool = cls._registry[key] = Pool(parsed, wanted)
+            elif options is None:
+                wanted = pool.options
+            store = pool.stores.get(wanted)
             if store is None:
-                store = cls._registry[key] = cls(parsed, options)
+                pool.check_agrees(wanted)
+                store = pool.stores[wanted] = cls(parsed, wanted, pool=pool)
             return store
 
     @classmethod
@@ -170,12 +271,12 @@ class Store:
     def _after_fork_in_child(cls) -> None:
         # A forked child must never use the parent's sockets: drop them without
         # closing (closing would end the parent's sessions too).
-        for store in list(cls._instances):
-            store.engine.dispose(close=False)
+        for pool in list(Pool._instances):
+            pool.engine.dispose(close=False)
 
     def dispose(self) -> None:
         """Close every pooled connection (the store stays usable and reconnects)."""
-        self.engine.dispose()
+        self.pool.dispose()
 
     @contextlib.contextmanager
     def begin(self, conn: sa.Connection | None = None) -> Iterator[sa.Connection]:
@@ -185,14 +286,24 @@ class Store:
                 yield conn
             return
         with self.translating(), self.engine.begin() as own:
+            for name, value in self._settings:
+                schema_sql.set_local(own, name=name, value=value)
             yield own
 
     @contextlib.contextmanager
     def single(self, conn: sa.Connection | None = None) -> Iterator[sa.Connection]:
-        """For one statement: the caller's ``conn`` if given, else autocommit."""
+        """For one statement: the caller's ``conn`` if given, else autocommit.
+
+        A role whose session settings differ from the pool's needs a transaction to
+        hold them: it gets one.
+        """
         if conn is not None:
             with self.translating():
                 yield conn
+            return
+        if self._settings:
+            with self.begin() as own:
+                yield own
             return
         with self.translating(), self._autocommit.connect() as own:
             yield own
@@ -234,13 +345,14 @@ class Store:
 
         Closing it leaves the caller's connection and transaction as they were.
         """
-        with self._registry_lock:
-            if self._lender is None:
+        pool = self.pool
+        with pool.lock:
+            if pool.lender is None:
                 with self.translating():
-                    self._lender = Lender(
-                        self.url, self._connect_args(), self.engine.get_execution_options()
+                    pool.lender = Lender(
+                        self.url, pool.connect_args(), self.engine.get_execution_options()
                     )
-        return self._lender.lend(raw)
+        return pool.lender.lend(raw)
 
     def retrying(self, write: Callable[[], T], *, what: str) -> T:
         """Run ``write`` (fenced and idempotent), retrying while the server is unreachable.
@@ -274,14 +386,16 @@ class Store:
         Checked once per store; ``round_trip``: still ask the server something after
         that, so an unreachable one raises DatabaseUnavailable (a reconnect's test).
         """
-        if self._schema_checked:
+        if self.pool.schema_checked:
             if round_trip:
                 with self.single() as conn:
                     schema_sql.ping(conn)
             return
+        head = schema_sql.REQUIRED_REVISION
         with self.begin() as conn:
             current = schema_sql.current_revision(conn, schema=self.options.schema)
-        head = schema_sql.REQUIRED_REVISION
+            if current is not None and current >= head:
+                self._learn_channels(conn)
         if current is None:
             raise SchemaMissing(
                 f"the celery-pgqueue tables are missing in {self.url.masked()} "
@@ -294,7 +408,7 @@ class Store:
                 f"the celery-pgqueue tables in {self.url.masked()} are at revision "
                 f"{current}, this version needs {head}: {MIGRATE_HINT}"
             )
-        self._schema_checked = True
+        self.pool.schema_checked = True
 
     # -- queues ---------------------------------------------------------------------
 
@@ -383,7 +497,7 @@ class Store:
     def rows(self, call: Call) -> list[Row]:
         """Run one per-task statement on our own connection, in autocommit."""
         with self.translating():
-            return self._hot.rows(call)
+            return self._hot.rows(call, self._settings)
 
     def first(self, call: Call) -> Row | None:
         """The first row of :meth:`rows`, or None."""

@@ -22,6 +22,9 @@ import psycopg
 import sqlalchemy as sa
 
 Row = tuple[Any, ...]
+Settings = tuple[tuple[str, str], ...]
+
+SET_LOCAL = "SELECT pg_catalog.set_config(%s, %s, true)"
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,18 +72,25 @@ class HotPath:
         # Written once per shape; a race only learns the same shape twice.
         self._shapes: dict[tuple[Any, ...], _Shape] = {}
 
-    def rows(self, call: Call) -> list[Row]:
-        """The rows ``call`` returns (empty for a statement without RETURNING)."""
+    def rows(self, call: Call, settings: Settings = ()) -> list[Row]:
+        """The rows ``call`` returns (empty for a statement without RETURNING).
+
+        ``settings``: server settings (name, value) for this statement's transaction
+        only, e.g. a role's own ``synchronous_commit`` on a pool shared with another.
+        """
         key = (call.stmt, call.literals)
         shape = self._shapes.get(key)
         if shape is None or self._engine._has_events:
             # Someone listens on the engine (tracing, a statement count): they see
             # every statement, as SQLAlchemy runs it.
-            return self._learn(key, call)
-        return self._send(shape, call.params)
+            return self._learn(key, call, settings)
+        return self._send(shape, call.params, settings)
 
-    def _learn(self, key: tuple[Any, ...], call: Call) -> list[Row]:
-        with self._autocommit.connect() as conn:
+    def _learn(self, key: tuple[Any, ...], call: Call, settings: Settings) -> list[Row]:
+        opened = self._engine.begin() if settings else self._autocommit.connect()
+        with opened as conn:
+            for name, value in settings:
+                conn.execute(sa.select(sa.func.set_config(name, value, sa.true())))
             result = conn.execute(call.stmt, call.params)
             rows = [tuple(r) for r in result] if result.returns_rows else []
             context: Any = result.context
@@ -97,12 +107,21 @@ class HotPath:
         self._shapes[key] = _Shape(str(context.statement), constants, processors)
         return rows
 
-    def _send(self, shape: _Shape, params: dict[str, Any]) -> list[Row]:
+    def _send(self, shape: _Shape, params: dict[str, Any], settings: Settings) -> list[Row]:
         fairy = _checkout(self._engine)
         dbapi: Any = fairy.driver_connection
         sent = shape.parameters(params)
         try:
             dbapi.autocommit = True
+            if settings:
+                # One round trip still: in a pipeline both statements share the implicit
+                # transaction that ends at its sync, so the setting lasts exactly as
+                # long as the statement's commit.
+                with dbapi.pipeline():
+                    for name, value in settings:
+                        dbapi.execute(SET_LOCAL, (name, value))
+                    cursor = dbapi.execute(shape.sql, sent)
+                    return cursor.fetchall() if cursor.description is not None else []
             cursor = dbapi.execute(shape.sql, sent)
             return cursor.fetchall() if cursor.description is not None else []
         except psycopg.Error as exc:

@@ -2,8 +2,8 @@
 
 Workers sleep on this connection's socket instead of polling: a publish commits, the
 server sends a NOTIFY, the socket becomes readable. The connection is autocommit and
-runs no other statement. Channel names are constants of the package (derived from
-the validated schema name), never user input.
+runs no other statement. Channel names are read from the schema's ``job_channels``
+(random, and secret to roles that cannot read the tier), never user input.
 """
 
 from __future__ import annotations

@@ -1,4 +1,10 @@
-"""Wake clients waiting on results: one LISTEN connection per process, any number of waiters.
+"""NOTIFY channels, and waking clients that wait on results: one LISTEN connection per
+process, any number of waiters.
+
+Each migrated schema has two channels (:class:`Channels`) whose names are random and
+kept in ``job_channels``: a role that cannot read that table cannot name them, hence
+cannot LISTEN to what they carry, and they are at most 48 bytes whatever the schema's
+name.
 
 Every result write that reaches a ready state sends ``NOTIFY <results channel>, '<job
 id>'`` in its own transaction; a success with a small result sends ``'<job id> <epoch
@@ -29,7 +35,7 @@ from datetime import UTC, datetime
 from time import monotonic
 from typing import Protocol
 
-from celery_pgqueue.errors import ConnectionRejected, DatabaseUnavailable
+from celery_pgqueue.errors import ConnectionRejected, DatabaseUnavailable, SchemaMissing
 from celery_pgqueue.options import DatabaseURL
 from celery_pgqueue.store.listener import Listener
 
@@ -41,6 +47,37 @@ PROBE = ""
 INLINE_RESULT_BYTES = 7000
 """A success whose stored result (JSON text) is at most this long rides in its
 notification (PostgreSQL's limit for a payload is 8000 bytes)."""
+
+
+IDENTIFIER_BYTES = 63
+"""PostgreSQL's longest identifier: ``pg_notify`` refuses a longer channel name and
+``LISTEN`` silently truncates one (and then hears nothing)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Channels:
+    """The NOTIFY channels of one schema, as ``job_channels`` names them."""
+
+    queues: str
+    """Wakes workers; the payload is the name of a queue with new ready work."""
+    results: str
+    """Wakes result waiters; the payload is a job id, maybe with its result."""
+
+    @classmethod
+    def from_rows(cls, names: Mapping[str, str], where: str) -> Channels:
+        """Validate the names read from ``job_channels`` (``where`` names the schema)."""
+        found = {}
+        for purpose in ("queues", "results"):
+            name = names.get(purpose)
+            if not name or len(name.encode()) > IDENTIFIER_BYTES or "\x00" in name:
+                raise SchemaMissing(
+                    f"job_channels in {where} has no usable {purpose!r} channel name "
+                    f"(got {name!r}; it must be 1 to {IDENTIFIER_BYTES} bytes): give that "
+                    "row a random name such as 'pgqueue_' and 32 hex digits (see the "
+                    "README's Security section), then restart the processes"
+                )
+            found[purpose] = name
+        return cls(**found)
 
 
 @dataclass(frozen=True, slots=True)

@@ -176,6 +176,20 @@ job_chord_parts = sa.Table(
     sa.Column("counted_at", TZ, nullable=False, server_default=sa.func.clock_timestamp()),
 )
 
+# -- NOTIFY channels (migration 0004) -------------------------------------------------
+
+# + The two NOTIFY channel names of this schema, random per migrated schema: any role
+# that may connect can LISTEN on a channel it can name, so only roles that may read
+# this table (the application's) learn them. ``queues`` wakes workers (payload: a
+# queue name), ``results`` wakes result waiters (payload: a job id, maybe its result).
+job_channels = sa.Table(
+    "job_channels",
+    metadata,
+    sa.Column("purpose", sa.String(20), primary_key=True),
+    sa.Column("name", sa.String(63), nullable=False),
+    sa.CheckConstraint("purpose IN ('queues', 'results')", name="ck_job_channels_purpose"),
+)
+
 # -- operations: indexes maintenance needs (migration 0003) ---------------------------
 
 # Maintenance drops waiting transient messages past their TTL; only they have

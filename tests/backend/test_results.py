@@ -251,18 +251,17 @@ def test_broker_and_backend_on_one_database_share_one_pool(
     tasks = backend_tasks("pgqueue")
     with tasks.app.connection_for_write() as connection:
         transport_store = connection.transport.store
-    assert tasks.app.backend.store is transport_store
+    assert tasks.app.backend.store.pool is transport_store.pool
 
 
-def test_options_the_shared_pool_cannot_follow_are_named_in_a_warning(
-    backend_tasks: Callable[..., Tasks], caplog: pytest.LogCaptureFixture
+def test_the_backends_own_options_hold_on_a_pool_the_transport_opened(
+    backend_tasks: Callable[..., Tasks],
 ) -> None:
     tasks = backend_tasks("pgqueue", backend_options={"prune_batch_size": 50})
     with tasks.app.connection_for_write() as connection:
-        connection.transport.store  # the transport makes the pool first  # noqa: B018
-    with caplog.at_level("WARNING", logger="celery_pgqueue"):
-        tasks.app.backend.store  # noqa: B018
-    assert "(prune_batch_size)" in caplog.text
+        transport_store = connection.transport.store  # the transport makes the pool first
+    assert tasks.app.backend.store.options.prune_batch_size == 50
+    assert transport_store.options.prune_batch_size != 50
 
 
 def test_configuration_is_the_transports(backend_tasks: Callable[..., Tasks]) -> None:

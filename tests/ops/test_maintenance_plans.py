@@ -85,6 +85,7 @@ def idle_pass_plans(module_database_url: str) -> Iterator[list[tuple[str, str]]]
     with psycopg.connect(module_database_url, autocommit=True) as conn:
         conn.execute(FILL.encode())
     store = Store(module_database_url, PgQueueOptions())
+    store.check_schema()  # as a worker has, before its first pass
     sent: list[tuple[str, Any]] = []
 
     def capture(conn: Any, cursor: Any, statement: str, params: Any, *_: Any) -> None:
