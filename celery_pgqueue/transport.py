@@ -39,6 +39,7 @@ import os
 import socket
 import threading
 import uuid
+import weakref
 from collections.abc import Iterable
 from datetime import UTC, datetime
 from queue import Empty
@@ -542,6 +543,9 @@ class Transport(virtual.Transport):  # type: ignore[misc]
         OSError,
     )
 
+    # Every instance: a forked child gets new locks and no parent's pending writes.
+    _instances: weakref.WeakSet[Transport] = weakref.WeakSet()
+
     def __init__(self, client: Any, **kwargs: Any) -> None:
         self.options = PgQueueOptions.parse(client.transport_options)
         raw = client.hostname or ""
@@ -580,6 +584,21 @@ class Transport(virtual.Transport):  # type: ignore[misc]
         self._pending_acks: list[tuple[uuid.UUID, int]] = []
         self._acks_since = 0.0
         self._pending_deletes: list[tuple[uuid.UUID, int]] = []
+        Transport._instances.add(self)
+
+    @classmethod
+    def _after_fork_in_child(cls) -> None:
+        """A connection inherited by a forked child (a prefork pool process) is never
+        the child's to use, but if it is touched nothing may hang: the parent's
+        threads (maintenance, a consumer) may have held its lock at the fork. Its
+        pending acks are the parent's to write, and its threads did not survive."""
+        for transport in list(cls._instances):
+            transport._ack_lock = threading.Lock()
+            transport._pending_acks = []
+            transport._pending_deletes = []
+            transport._stopping = threading.Event()
+            transport._background = None
+            transport._keeper = None
 
     # -- connection ------------------------------------------------------------------
 
@@ -998,6 +1017,8 @@ def _result_expires() -> Any:
 
     return current_app.conf.result_expires
 
+
+os.register_at_fork(after_in_child=Transport._after_fork_in_child)
 
 # Without the interpreter-start hook (an editable install, say) groups are batched from
 # the moment the transport is first loaded.
