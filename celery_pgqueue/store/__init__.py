@@ -513,6 +513,8 @@ class Store:
 
     def _lease_connection(self) -> sa.Engine:
         """An engine of one connection, apart from the pool, in autocommit."""
+        if self._lease_engine is not None:  # no lock: a renewal must not wait for one
+            return self._lease_engine
         with self._registry_lock:
             if self._lease_engine is None:
                 args = self._connect_args()

@@ -3,7 +3,7 @@
 A prefork worker forks a child per task here (``worker_max_tasks_per_child = 1``)
 while its own threads are busy: the lease keeper and the maintenance thread beat every
 0.2 s, and a thread of the app keeps the process-wide locks of celery-pgqueue (the
-store, lease-keeper and result-listener registries) held most of the time, as a busy
+store, lease-keeper and result-listener registries) held half of the time, as a busy
 thread may at any instant. A lock is copied into the child in the state it had at the
 fork, and the thread that would release it does not exist there: unless every such
 lock is made anew in the child, a child's first task deadlocks on it (its outcome is
@@ -47,8 +47,8 @@ def _hold_registry_locks():
     while True:
         for owner in owners:
             with owner._registry_lock:
-                time.sleep(0.004)
-        time.sleep(0.001)
+                time.sleep(0.002)
+            time.sleep(0.002)
 
 
 @signals.worker_init.connect
