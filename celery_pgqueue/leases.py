@@ -308,6 +308,11 @@ class LeaseKeeper:
         return renewal_period(self.store.options.lease_seconds, expiries)
 
     def _run(self) -> None:
+        # Whoever attached has just claimed or declared (which set the lease and the
+        # expiry): the first renewal is one period away. A short-lived client (an
+        # `inspect` call) is gone by then and never opens the lease session.
+        self._last_renewal = monotonic()
+        self._stop.wait(self.period())
         while True:
             busy = True
             if not self._stop.is_set():
