@@ -15,8 +15,9 @@ every job it still holds for as long as it holds them, whatever else it is doing
   the stall runs when it ends, before the lease runs out. A longer stall may lose the
   lease (logged at WARNING when the renewal finally runs), which is the point of a
   lease: the process looked dead. Maintenance in this process renews first when
-  renewal is due (:meth:`LeaseKeeper.renew_if_due`), so after a stall it never
-  takes back its own live jobs.
+  renewal is due and never takes back the jobs this process still holds
+  (:meth:`LeaseKeeper.before_rescue`), so after a stall it does not rescue its own
+  live jobs; other processes' maintenance still does once the lease has run out.
 * **Process-wide.** What is held comes from every attached consumer (deliveries not
   yet acked, :class:`LeaseSource`) and from Celery's own record of the requests this
   process is running or has reserved (``celery.worker.state``), which outlives any
@@ -292,15 +293,18 @@ class LeaseKeeper:
             self._last_renewal = now
             return bool(held or queues or self._sources)
 
-    def renew_if_due(self) -> None:
-        """Renew now unless a renewal ran within the last period (maintenance, before rescue).
+    def before_rescue(self) -> tuple[str, list[uuid.UUID]]:
+        """What this process's own rescue must spare: ``(owner, held job ids)``.
 
-        After a stall every thread wakes at once; this keeps this process's own
-        maintenance from taking back jobs whose renewal simply has not run yet.
+        Renews first if a renewal is due: after a stall every thread wakes at once,
+        and the leases other processes see should be current before anyone rescues.
+        Sparing the held jobs as well makes the own pass exact, however long the
+        rescue statement itself is delayed (a starved process, a busy pool).
         """
         last = self._last_renewal
         if last is None or monotonic() - last >= self.period():
             self.renew()
+        return self.owner, self.held_jobs()
 
     def period(self) -> float:
         """Seconds until the next renewal is due."""

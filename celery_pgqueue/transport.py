@@ -1001,14 +1001,14 @@ class Transport(virtual.Transport):  # type: ignore[misc]
 def run_maintenance(store: Store, *, keeper: LeaseKeeper | None = None) -> None:
     """Orphan rescue and retention, one process at a time (see maintenance.py).
 
-    This process's own leases are renewed first if due: after a stall (a C call
-    holding the GIL) every thread wakes at once, and rescue must not take back the
-    jobs this process is still running only because their renewal has not run yet.
+    With this process's ``keeper``, its leases are renewed first if due and the jobs
+    it holds are spared: after a stall (a C call holding the GIL) every thread wakes
+    at once, and its own rescue must not take back the jobs it is still running only
+    because their renewal has not run yet.
     """
-    if keeper is not None:
-        keeper.renew_if_due()
     retention = completed_retention(store.options, _result_expires())
-    maintenance.run_once(store, completed_retention=retention)
+    spare = keeper.before_rescue if keeper is not None else None
+    maintenance.run_once(store, completed_retention=retention, spare=spare)
 
 
 def _result_expires() -> Any:

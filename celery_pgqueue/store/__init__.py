@@ -548,13 +548,18 @@ class Store:
         with self.single() as conn:
             return job_sql.delete_held(conn, held=held)
 
-    def rescue_expired(self, limit: int = 1000) -> tuple[int, int]:
-        """Requeue (or fail, if acked early) running jobs whose lease ran out."""
+    def rescue_expired(
+        self, limit: int = 1000, *, spare: tuple[str, Sequence[UUID]] | None = None
+    ) -> tuple[int, int]:
+        """Requeue (or fail, if acked early) running jobs whose lease ran out.
+
+        ``spare``: ``(owner, job ids)`` the calling process still holds; never taken.
+        """
         channel = self.channel if self.options.use_notify else None
         results = self.result_channel if self.options.use_notify else None
         with self.begin() as conn:
             return job_sql.rescue_expired(
-                conn, limit=limit, channel=channel, result_channel=results
+                conn, limit=limit, channel=channel, result_channel=results, spare=spare
             )
 
     def cancel(self, job_ids: Sequence[UUID]) -> int:

@@ -102,6 +102,27 @@ def test_this_process_renews_its_own_leases_before_its_maintenance_rescues(
     mine.ack()
 
 
+def test_its_own_maintenance_spares_what_this_process_holds_when_rescue_runs_late(
+    connection: Connection, broker_url: str, database_url: str
+) -> None:
+    """Renewed just now, yet lapsed by the time the rescue statement runs (a starved
+    process, a slow pool): this process's pass leaves it; another process's takes it."""
+    message = _held_message(connection, broker_url, "spared")
+    job_id = message.properties["pgqueue_job"]
+    store = connection.default_channel.store
+    keeper = LeaseKeeper.for_store(store)
+    keeper.stop()
+    keeper.renew()  # not due again for a third of the lease
+    _lapse(database_url, job_id)
+
+    run_maintenance(store, keeper=keeper)
+    assert _row(database_url, job_id) == ("running", leases.process_owner(), False), (
+        "spared, not renewed: its own pass does not take it back"
+    )
+    run_maintenance(Store(broker_url, PgQueueOptions.parse(OPTIONS)))
+    assert _row(database_url, job_id)[0] == "queued", "another process's pass does"
+
+
 class _Flaky:
     """A consumer whose held deliveries can be read once, then its reads fail."""
 
