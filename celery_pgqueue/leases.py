@@ -38,6 +38,7 @@ consumes. After a fork the child starts with no keeper and a new owner name.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import socket
@@ -113,6 +114,24 @@ def celery_held_jobs() -> list[uuid.UUID]:
     return [_request_job(request) for request in requests]
 
 
+def lease_store(store: Store) -> Store:
+    """A private store of one connection for renewals: apart from ``store``'s pool.
+
+    Same database, schema and options (the role's ``lease_seconds``); its session is
+    named ``<application_name>-lease`` in ``pg_stat_activity`` and, unless the URL
+    says otherwise, gives up on a dead TCP connection within one lease
+    (``tcp_user_timeout``) instead of hanging until the kernel does (minutes).
+    """
+    from celery_pgqueue.store import Store
+
+    query = dict(store.url.query)
+    query["application_name"] = query.get("application_name", "celery-pgqueue") + "-lease"
+    query.setdefault("tcp_user_timeout", str(max(1000, round(store.options.lease_seconds * 1000))))
+    url = dataclasses.replace(store.url, query=tuple(query.items()))
+    options = dataclasses.replace(store.options, pool_size=1, max_overflow=0)
+    return Store(url, options)
+
+
 def _request_job(request: Any) -> uuid.UUID:
     """The row a request was delivered from: a task sent to several queues has one each."""
     message = getattr(request, "message", None)
@@ -139,6 +158,7 @@ class LeaseKeeper:
         self._thread: threading.Thread | None = None
         self._last_renewal: float | None = None
         self._last_held: dict[int, list[uuid.UUID]] = {}
+        self._session: Store | None = None  # lease_store(), opened on first renewal
 
     @classmethod
     def for_store(cls, store: Store) -> LeaseKeeper:
@@ -200,7 +220,12 @@ class LeaseKeeper:
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout=5.0)
-        self.store.close_lease_connection()
+        self._close_session()
+
+    def _close_session(self) -> None:
+        session, self._session = self._session, None
+        if session is not None:
+            session.dispose()
 
     def _start_locked(self) -> None:
         if self._thread is not None and self._thread.is_alive():
@@ -287,11 +312,19 @@ class LeaseKeeper:
                 )
             if held or queues:
                 try:
-                    self.store.renew_leases(self.owner, held, queues)
+                    self._renew(held, queues)
                 except DatabaseUnavailable:
-                    self.store.renew_leases(self.owner, held, queues)
+                    self._renew(held, queues)
             self._last_renewal = now
             return bool(held or queues or self._sources)
+
+    def _renew(self, held: list[uuid.UUID], queues: list[tuple[str, float]]) -> None:
+        if self._session is None:
+            self._session = lease_store(self.store)
+        if held:
+            self._session.heartbeat(self.owner, held)
+        if queues:
+            self._session.touch_queues(queues)
 
     def before_rescue(self) -> tuple[str, list[uuid.UUID]]:
         """What this process's own rescue must spare: ``(owner, held job ids)``.
@@ -334,7 +367,7 @@ class LeaseKeeper:
                     # go; the next attach starts a new thread.
                     self._thread = None
                     self._last_renewal = None
-                    self.store.close_lease_connection()
+                    self._close_session()
                     return
             self._stop.wait(self.period())
 

@@ -116,7 +116,6 @@ class Store:
         self._autocommit = self.engine.execution_options(isolation_level="AUTOCOMMIT")
         # Per-task statements (publish, claim, finish) skip SQLAlchemy's per-call work.
         self._hot = HotPath(self.engine, self._autocommit)
-        self._lease_engine: sa.Engine | None = None
 
     def _connect_args(self) -> dict[str, Any]:
         args: dict[str, Any] = {"connect_timeout": max(1, round(self.options.connect_timeout))}
@@ -165,13 +164,10 @@ class Store:
         cls._registry_lock = threading.Lock()
         for store in list(cls._instances):
             store.engine.dispose(close=False)
-            if store._lease_engine is not None:
-                store._lease_engine.dispose(close=False)
 
     def dispose(self) -> None:
         """Close every pooled connection (the store stays usable and reconnects)."""
         self.engine.dispose()
-        self.close_lease_connection()
 
     @contextlib.contextmanager
     def begin(self, conn: sa.Connection | None = None) -> Iterator[sa.Connection]:
@@ -491,55 +487,6 @@ class Store:
             return job_sql.heartbeat(
                 conn, owner=owner, job_ids=job_ids, lease_seconds=self.options.lease_seconds
             )
-
-    def renew_leases(
-        self, owner: str, job_ids: Sequence[UUID], queues: Sequence[tuple[str, float]] = ()
-    ) -> int:
-        """Extend ``owner``'s leases on ``job_ids`` and keep ``queues`` (``x-expires``) alive.
-
-        On the store's dedicated lease connection, never the pool: a pool exhausted by
-        busy tasks or a long maintenance batch must not delay a renewal (see
-        ``celery_pgqueue/leases.py``). One caller at a time (the lease keeper).
-        """
-        with self.translating(), self._lease_connection().connect() as conn:
-            renewed = 0
-            if job_ids:
-                renewed = job_sql.heartbeat(
-                    conn, owner=owner, job_ids=job_ids, lease_seconds=self.options.lease_seconds
-                )
-            if queues:
-                binding_sql.touch_queues(conn, expiries=queues)
-            return renewed
-
-    def _lease_connection(self) -> sa.Engine:
-        """An engine of one connection, apart from the pool, in autocommit."""
-        if self._lease_engine is not None:  # no lock: a renewal must not wait for one
-            return self._lease_engine
-        with self._registry_lock:
-            if self._lease_engine is None:
-                args = self._connect_args()
-                name = dict(self.url.query).get("application_name", "celery-pgqueue")
-                args["application_name"] = f"{name}-lease"
-                if "tcp_user_timeout" not in dict(self.url.query):
-                    # A renewal sent into a dead TCP connection fails within a lease
-                    # instead of hanging until the kernel gives up (minutes).
-                    args["tcp_user_timeout"] = max(1000, round(self.options.lease_seconds * 1000))
-                self._lease_engine = sa.create_engine(
-                    self.url.sqlalchemy_url(),
-                    pool_size=1,
-                    max_overflow=0,
-                    pool_reset_on_return=None,
-                    connect_args=args,
-                    execution_options=self.engine.get_execution_options(),
-                    isolation_level="AUTOCOMMIT",
-                )
-            return self._lease_engine
-
-    def close_lease_connection(self) -> None:
-        """Close the lease connection, if open (it reopens on the next renewal)."""
-        engine = self._lease_engine
-        if engine is not None:
-            engine.dispose()
 
     def delete_held(self, held: Sequence[tuple[UUID, int]]) -> int:
         """Remove consumed transient messages."""
