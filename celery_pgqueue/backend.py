@@ -107,7 +107,13 @@ from celery_pgqueue.errors import (
     PayloadTooLarge,
 )
 from celery_pgqueue.ids import job_id_for
-from celery_pgqueue.options import DatabaseURL, PgQueueOptions, first_url, pool_conflict
+from celery_pgqueue.options import (
+    DatabaseURL,
+    PgQueueOptions,
+    completed_retention,
+    first_url,
+    pool_conflict,
+)
 from celery_pgqueue.states import CELERY_TO_LOG, JobStatus, job_status_for
 from celery_pgqueue.store import Store
 from celery_pgqueue.store.notify import ResultListener, ResultNote
@@ -125,8 +131,6 @@ WAKE_INTERVAL = 1.0
 RESYNC_INTERVAL = 10.0
 """A listening client still re-reads what it waits for this often, for rows finished by
 something that sent no NOTIFY (an operator's SQL, a transport that cancels a row)."""
-NEVER = 100 * 365 * 86_400.0
-"""Retention when neither ``completed_retention`` nor ``result_expires`` is set."""
 
 # A JSON string escape of NUL, which jsonb refuses; an escaped backslash before "u0000"
 # is ordinary text.
@@ -733,9 +737,9 @@ class PgQueueBackend(Backend, AsyncBackendMixin):  # type: ignore[misc]
         ``result_expires``), failed ones older than ``failed_retention``, in batches of
         ``prune_batch_size`` rows per transaction.
         """
-        retention = self.options.completed_retention or self.expires or NEVER
-        counts = self.store.prune(completed_retention=float(retention))
-        groups = self.store.prune_groups(older_than=float(retention))
+        retention = completed_retention(self.options, self.expires)
+        counts = self.store.prune(completed_retention=retention)
+        groups = self.store.prune_groups(older_than=retention)
         logger.info(
             "pgqueue cleanup: %d completed, %d cancelled, %d failed jobs, %d logs, %d groups",
             counts.completed,

@@ -24,7 +24,7 @@ import re
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, NoReturn
 from uuid import UUID
 
@@ -163,15 +163,11 @@ class Runtime:
         return self._store
 
     def completed_retention(self, options: PgQueueOptions) -> float:
-        """``completed_retention``, else Celery's ``result_expires``, else one day."""
-        if options.completed_retention is not None:
-            return options.completed_retention
+        """The retention every path uses (:func:`celery_pgqueue.options.completed_retention`)."""
+        from celery_pgqueue.options import completed_retention
+
         expires = getattr(self.app.conf, "result_expires", None) if self.app else None
-        if isinstance(expires, timedelta):
-            return expires.total_seconds() or DAY
-        if isinstance(expires, int | float) and expires > 0:
-            return float(expires)
-        return DAY
+        return completed_retention(options, expires)
 
 
 def _shown(url: Any) -> str:

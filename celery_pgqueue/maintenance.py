@@ -19,7 +19,9 @@ backlog (say, after retention was shortened) must not starve it.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from uuid import UUID
 
 from celery_pgqueue.store import PruneCounts, Store
 
@@ -47,14 +49,20 @@ class MaintenanceReport:
 
 
 def run_once(
-    store: Store, *, completed_retention: float, time_budget: float | None = None
+    store: Store,
+    *,
+    completed_retention: float,
+    time_budget: float | None = None,
+    spare: Callable[[], tuple[str, Sequence[UUID]]] | None = None,
 ) -> MaintenanceReport:
     """One maintenance pass, unless another process is running one right now.
 
     ``completed_retention`` is seconds to keep completed and cancelled jobs (the
     caller resolves ``completed_retention`` or Celery's ``result_expires``); failed
     jobs and logs follow the store's options. ``time_budget`` defaults to the smaller
-    of ``maintenance_interval`` and a third of ``lease_seconds``.
+    of ``maintenance_interval`` and a third of ``lease_seconds``. ``spare``: called once
+    the lock is held, returns ``(owner, job ids)`` the calling process still holds, which
+    rescue leaves alone (see ``leases.py``).
     """
     opts = store.options
     budget = (
@@ -71,8 +79,9 @@ def run_once(
         rescued = rescued_failed = messages = queues = 0
         pruned = PruneCounts()
         finished = False
+        ours = spare() if spare is not None else None
         while True:
-            requeued, failed = store.rescue_expired(limit=batch)
+            requeued, failed = store.rescue_expired(limit=batch, spare=ours)
             rescued, rescued_failed = rescued + requeued, rescued_failed + failed
             if requeued + failed < batch or time.monotonic() >= deadline:
                 break

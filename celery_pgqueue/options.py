@@ -15,6 +15,7 @@ import types
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
+from datetime import timedelta
 from typing import Any
 from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
@@ -89,7 +90,8 @@ class PgQueueOptions:
     message_ttl: float = 300.0
     """Seconds a transient message (remote-control reply, event) may wait before it is dropped."""
     completed_retention: float | None = None
-    """Seconds to keep completed and cancelled jobs; None means Celery's result_expires (1 day)."""
+    """Seconds to keep completed and cancelled jobs; None means Celery's result_expires
+    (1 day; also when result_expires is None or 0: the tier keeps no permanent history)."""
     failed_retention: float = 7 * 86_400.0
     """Seconds to keep failed jobs."""
     log_retention: float = 7 * 86_400.0
@@ -159,6 +161,30 @@ class PgQueueOptions:
                 raise ConfigurationError(f"pgqueue option {name!r} must be >= 1")
         if self.max_overflow < 0:
             raise ConfigurationError("pgqueue option 'max_overflow' must be >= 0")
+
+
+DEFAULT_COMPLETED_RETENTION = 86_400.0
+"""Seconds completed and cancelled jobs are kept when nothing else says: one day,
+Celery's own default for ``result_expires``."""
+
+
+def completed_retention(options: PgQueueOptions, result_expires: Any) -> float:
+    """Seconds to keep completed and cancelled jobs, for every path that prunes them.
+
+    The worker's maintenance, the backend's ``cleanup`` and the CLI's ``prune`` all
+    ask here: ``completed_retention`` if set, else Celery's ``result_expires`` (a
+    timedelta or seconds), else :data:`DEFAULT_COMPLETED_RETENTION`. Celery reads
+    ``result_expires = None`` (or 0) as "never"; the tier keeps no permanent history,
+    so here it means the default: set ``completed_retention`` to keep jobs longer.
+    """
+    if options.completed_retention is not None:
+        return float(options.completed_retention)
+    if isinstance(result_expires, timedelta):
+        result_expires = result_expires.total_seconds()
+    if isinstance(result_expires, int | float) and not isinstance(result_expires, bool):
+        if result_expires > 0:
+            return float(result_expires)
+    return DEFAULT_COMPLETED_RETENTION
 
 
 @functools.cache

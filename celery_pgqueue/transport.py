@@ -32,7 +32,6 @@ configuration table); unknown keys are refused.
 from __future__ import annotations
 
 import contextlib
-import importlib
 import itertools
 import json
 import logging
@@ -40,6 +39,7 @@ import os
 import socket
 import threading
 import uuid
+import weakref
 from collections.abc import Iterable
 from datetime import UTC, datetime
 from queue import Empty
@@ -49,7 +49,7 @@ from typing import Any
 import psycopg
 from kombu.transport import virtual
 
-from celery_pgqueue import batching, finalize, transaction
+from celery_pgqueue import batching, finalize, maintenance, transaction
 from celery_pgqueue.batching import PublishBatch
 from celery_pgqueue.errors import (
     ConfigurationError,
@@ -57,7 +57,13 @@ from celery_pgqueue.errors import (
     InvalidPayload,
 )
 from celery_pgqueue.ids import job_id_for
-from celery_pgqueue.options import DatabaseURL, PgQueueOptions, mask_password
+from celery_pgqueue.leases import LeaseKeeper, process_owner
+from celery_pgqueue.options import (
+    DatabaseURL,
+    PgQueueOptions,
+    completed_retention,
+    mask_password,
+)
 from celery_pgqueue.payload import from_payload, to_payload
 from celery_pgqueue.states import JobStatus, LogStatus
 from celery_pgqueue.store import ClaimedJob, NewJob, Store
@@ -151,10 +157,11 @@ class QoS(virtual.QoS):  # type: ignore[misc]
         except Exception as exc:
             logger.warning(
                 "pgqueue could not put %d claimed messages back now (%s); they return to"
-                " their queue when their lease runs out (lease_seconds=%s)",
+                " their queue when their lease runs out (lease_seconds=%s); job ids: %s",
                 len(messages),
                 exc,
                 self.channel.transport.options.lease_seconds,
+                ", ".join(str(held_of(m)[0]) for m in messages),
             )
         return []
 
@@ -163,13 +170,18 @@ class QoS(virtual.QoS):  # type: ignore[misc]
         return len(self._delivered) > len(self._dirty)
 
     def held(self) -> list[tuple[uuid.UUID, int]]:
-        """Deliveries not yet acked, read safely from another thread."""
-        for _ in range(3):
+        """Deliveries not yet acked, read from another thread (the lease keeper).
+
+        Raises if the consumer's thread kept changing them; the keeper then renews
+        what it read last and says so, rather than letting those leases lapse.
+        """
+        for attempt in range(3):
             try:
                 dirty = set(self._dirty)
                 return [held_of(m) for tag, m in list(self._delivered.items()) if tag not in dirty]
             except RuntimeError:  # changed size during iteration
-                continue
+                if attempt == 2:
+                    raise
         return []
 
 
@@ -336,6 +348,10 @@ class Channel(virtual.Channel):  # type: ignore[misc]
                 self._fail_undeliverable(claimed[0], exc)
 
     def basic_get(self, queue: str, no_ack: bool = False, **kwargs: Any) -> Any:
+        # A get is a consumer too (``SimpleQueue.get_nowait``): its queue stays alive
+        # and what it takes keeps its lease until acked.
+        self.transport.start_background()
+        self.transport.used_queue(queue)
         message = super().basic_get(queue, no_ack=no_ack, **kwargs)
         if message is not None and no_ack:
             self.transport.defer_ack(held_of(message), transient=not is_task(message.headers))
@@ -410,7 +426,12 @@ class Channel(virtual.Channel):  # type: ignore[misc]
             self._no_ack_queues.add(queue)
         else:
             self._no_ack_queues.discard(queue)
-        return super().basic_consume(queue, no_ack, callback, consumer_tag, **kwargs)
+        consumer = super().basic_consume(queue, no_ack, callback, consumer_tag, **kwargs)
+        # Leases and queue expiry are renewed from the first consume on, whether or
+        # not an event loop ever registers this transport (Flower, `celery events`,
+        # Kombu's ConsumerMixin and SimpleQueue call drain_events() themselves).
+        self.transport.start_background()
+        return consumer
 
     def _settle_ack(self, message: Any) -> None:
         self.transport.defer_ack(held_of(message), transient=not is_task(message.headers))
@@ -522,6 +543,9 @@ class Transport(virtual.Transport):  # type: ignore[misc]
         OSError,
     )
 
+    # Every instance: a forked child gets new locks and no parent's pending writes.
+    _instances: weakref.WeakSet[Transport] = weakref.WeakSet()
+
     def __init__(self, client: Any, **kwargs: Any) -> None:
         self.options = PgQueueOptions.parse(client.transport_options)
         raw = client.hostname or ""
@@ -540,8 +564,8 @@ class Transport(virtual.Transport):  # type: ignore[misc]
             )
         super().__init__(client, **kwargs)
         self.polling_interval = self.options.polling_interval
-        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.queue_expiry: dict[str, float] = {}
+        self._queue_gets: dict[str, float] = {}
         self._bindings: dict[str, tuple[float, list[tuple[str, str, str]]]] = {}
         self._binding_types: dict[str, str | None] = {}
         self._listener: Listener | None = None
@@ -553,18 +577,40 @@ class Transport(virtual.Transport):  # type: ignore[misc]
         self._nudge_pending = False
         self._poll_timer: Any = None
         self._background: threading.Thread | None = None
+        self._keeper: LeaseKeeper | None = None
         self._stopping = threading.Event()
         self._pid = os.getpid()
         self._ack_lock = threading.Lock()
         self._pending_acks: list[tuple[uuid.UUID, int]] = []
         self._acks_since = 0.0
         self._pending_deletes: list[tuple[uuid.UUID, int]] = []
+        Transport._instances.add(self)
+
+    @classmethod
+    def _after_fork_in_child(cls) -> None:
+        """A connection inherited by a forked child (a prefork pool process) is never
+        the child's to use, but if it is touched nothing may hang: the parent's
+        threads (maintenance, a consumer) may have held its lock at the fork. Its
+        pending acks are the parent's to write, and its threads did not survive."""
+        for transport in list(cls._instances):
+            transport._ack_lock = threading.Lock()
+            transport._pending_acks = []
+            transport._pending_deletes = []
+            transport._stopping = threading.Event()
+            transport._background = None
+            transport._keeper = None
 
     # -- connection ------------------------------------------------------------------
 
     @property
     def store(self) -> Store:
         return Store.for_url(self.url, self.options)
+
+    @property
+    def owner(self) -> str:
+        """The lease owner of this process's claims: one name for every connection, so
+        a reconnected consumer's keeper still renews the tasks its pool is running."""
+        return process_owner()
 
     @property
     def listener(self) -> Listener:
@@ -589,8 +635,20 @@ class Transport(virtual.Transport):  # type: ignore[misc]
 
     def close_connection(self, connection: Any) -> None:
         self._stopping.set()
-        with contextlib.suppress(Exception):
+        if self._keeper is not None:
+            self._keeper.detach(self)
+        try:
             self.flush_acks(force=True)
+        except Exception as exc:
+            # The rows stay as they are: an unwritten early ack reads as unacked
+            # (requeued, not failed, when its lease runs out), an unconsumed
+            # transient message expires with its TTL.
+            logger.warning(
+                "pgqueue could not write %d acks at close (%s); job ids: %s",
+                len(self._pending_acks) + len(self._pending_deletes),
+                exc,
+                ", ".join(str(j) for j, _ in self._pending_acks + self._pending_deletes),
+            )
         super().close_connection(connection)
         if self._listener is not None:
             self._listener.close()
@@ -877,70 +935,90 @@ class Transport(virtual.Transport):  # type: ignore[misc]
     def forget_bindings(self, exchange: str) -> None:
         self._bindings.pop(exchange, None)
 
-    # -- leases, heartbeat, maintenance ----------------------------------------------
+    # -- leases, maintenance -----------------------------------------------------------
 
     def held_jobs(self) -> list[uuid.UUID]:
-        """Jobs this process can vouch for: unacked deliveries and live task requests."""
-        ids = {job_id for channel in list(self.channels) for job_id, _ in channel.qos.held()}
-        with contextlib.suppress(Exception):
-            from celery.worker import state as worker_state
+        """Deliveries of this connection not yet acked (the lease keeper reads them).
 
-            for request in list(worker_state.active_requests) + list(
-                worker_state.reserved_requests
-            ):
-                ids.add(job_id_for(request.id))
-        return sorted(ids)
+        Celery's running and reserved tasks are added by the keeper itself, for the
+        whole process (see ``leases.py``); may raise, and the keeper then says so.
+        """
+        held = {job_id for channel in list(self.channels) for job_id, _ in channel.qos.held()}
+        return sorted(held)
+
+    def used_queue(self, queue: str) -> None:
+        """A ``basic_get`` on ``queue``: it counts as used for one expiry period."""
+        if queue in self.queue_expiry:
+            self._queue_gets[queue] = monotonic()
+
+    def expiring_queues(self) -> list[tuple[str, float]]:
+        """Queues with an ``x-expires`` this connection keeps alive, as AMQP does:
+        while a consumer consumes them, and for one expiry period after a get."""
+        consumed = {q for channel in list(self.channels) for q in list(channel._active_queues)}
+        now = monotonic()
+        return [
+            (queue, seconds)
+            for queue, seconds in list(self.queue_expiry.items())
+            if queue in consumed or now - self._queue_gets.get(queue, -seconds) < seconds
+        ]
 
     def start_background(self) -> None:
-        """One daemon thread renews leases and runs maintenance.
+        """Attach to the process's lease keeper; start maintenance (both idempotent).
 
-        A thread, not an event-loop timer: with the solo pool a long task blocks the
-        loop, and its lease must still be renewed or another worker would re-run it.
+        Called by the first consume, in event-loop and synchronous consumers alike.
+        Lease renewal has a thread and a connection of its own (``leases.py``); this
+        connection's thread writes deferred acks and runs maintenance on the pool, so
+        neither a long maintenance pass nor an exhausted pool can delay a renewal.
         """
+        if self._keeper is None or self._keeper.store is not self.store:
+            self._keeper = LeaseKeeper.for_store(self.store)
+        self._keeper.attach(self)
         if self._background is not None and self._background.is_alive():
             return
         self._stopping.clear()
         self._background = threading.Thread(
-            target=self._background_loop, name="pgqueue-lease", daemon=True
+            target=self._background_loop, name="pgqueue-maintenance", daemon=True
         )
         self._background.start()
 
     def _background_loop(self) -> None:
-        beat = max(0.2, self.options.lease_seconds / 3)
+        interval = self.options.maintenance_interval
+        beat = min(max(0.2, self.options.lease_seconds / 3), interval)
         last_maintenance = 0.0
-        while not self._stopping.wait(min(beat, self.options.maintenance_interval)):
+        while not self._stopping.wait(beat):
             try:
                 self.flush_acks()
-                self.store.heartbeat(self.owner, self.held_jobs())
-                if self.queue_expiry:
-                    self.store.touch_queues(list(self.queue_expiry.items()))
-                if monotonic() - last_maintenance >= self.options.maintenance_interval:
-                    last_maintenance = monotonic()
-                    run_maintenance(self.store, self.client)
             except Exception as exc:  # the consumer sees connection errors itself
-                logger.warning("pgqueue heartbeat/maintenance failed: %s", exc)
+                logger.warning("pgqueue could not write deferred acks (retried next beat): %s", exc)
+            if monotonic() - last_maintenance >= interval:
+                last_maintenance = monotonic()
+                try:
+                    run_maintenance(self.store, keeper=self._keeper)
+                except Exception as exc:
+                    logger.warning("pgqueue maintenance failed (retried next pass): %s", exc)
 
 
-def run_maintenance(store: Store, client: Any) -> None:
-    """Orphan rescue and retention, one process at a time (see maintenance.py)."""
-    try:
-        maintenance = importlib.import_module("celery_pgqueue.maintenance")
-    except ImportError:  # pragma: no cover - maintenance module absent
-        store.rescue_expired()
-        return
-    retention = store.options.completed_retention or _result_expires(client)
-    maintenance.run_once(store, completed_retention=retention)
+def run_maintenance(store: Store, *, keeper: LeaseKeeper | None = None) -> None:
+    """Orphan rescue and retention, one process at a time (see maintenance.py).
+
+    With this process's ``keeper``, its leases are renewed first if due and the jobs
+    it holds are spared: after a stall (a C call holding the GIL) every thread wakes
+    at once, and its own rescue must not take back the jobs it is still running only
+    because their renewal has not run yet.
+    """
+    retention = completed_retention(store.options, _result_expires())
+    spare = keeper.before_rescue if keeper is not None else None
+    maintenance.run_once(store, completed_retention=retention, spare=spare)
 
 
-def _result_expires(client: Any) -> float:
-    with contextlib.suppress(Exception):
-        from celery import current_app
+def _result_expires() -> Any:
+    """The worker's ``result_expires`` (Celery's current app: the worker's own)."""
+    from celery import current_app
 
-        expires = current_app.conf.result_expires
-        if expires is not None:
-            return float(expires.total_seconds() if hasattr(expires, "total_seconds") else expires)
-    return 86_400.0
+    return current_app.conf.result_expires
 
+
+os.register_at_fork(after_in_child=Transport._after_fork_in_child)
 
 # Without the interpreter-start hook (an editable install, say) groups are batched from
 # the moment the transport is first loaded.

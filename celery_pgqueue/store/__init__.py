@@ -270,8 +270,11 @@ class Store:
     @classmethod
     def _after_fork_in_child(cls) -> None:
         # A forked child must never use the parent's sockets: drop them without
-        # closing (closing would end the parent's sessions too).
+        # closing (closing would end the parent's sessions too). A parent's thread
+        # may have held a registry lock at the fork: the child gets new ones.
+        cls._registry_lock = threading.Lock()
         for pool in list(Pool._instances):
+            pool.lock = threading.Lock()
             pool.engine.dispose(close=False)
 
     def dispose(self) -> None:
@@ -632,13 +635,18 @@ class Store:
         with self.single() as conn:
             return job_sql.delete_held(conn, held=held)
 
-    def rescue_expired(self, limit: int = 1000) -> tuple[int, int]:
-        """Requeue (or fail, if acked early) running jobs whose lease ran out."""
+    def rescue_expired(
+        self, limit: int = 1000, *, spare: tuple[str, Sequence[UUID]] | None = None
+    ) -> tuple[int, int]:
+        """Requeue (or fail, if acked early) running jobs whose lease ran out.
+
+        ``spare``: ``(owner, job ids)`` the calling process still holds; never taken.
+        """
         channel = self.channel if self.options.use_notify else None
         results = self.result_channel if self.options.use_notify else None
         with self.begin() as conn:
             return job_sql.rescue_expired(
-                conn, limit=limit, channel=channel, result_channel=results
+                conn, limit=limit, channel=channel, result_channel=results, spare=spare
             )
 
     def cancel(self, job_ids: Sequence[UUID], *, revoked: bool = False) -> int:

@@ -584,7 +584,12 @@ def delete_held(conn: sa.Connection, *, held: Sequence[tuple[UUID, int]]) -> int
 
 
 def rescue_expired(
-    conn: sa.Connection, *, limit: int, channel: str | None, result_channel: str | None = None
+    conn: sa.Connection,
+    *,
+    limit: int,
+    channel: str | None,
+    result_channel: str | None = None,
+    spare: tuple[str, Sequence[UUID]] | None = None,
 ) -> tuple[int, int]:
     """Take back running jobs whose lease ran out (their worker died or hung).
 
@@ -596,14 +601,27 @@ def rescue_expired(
     edited by hand: no heartbeat will ever extend it, so it counts as expired rather
     than staying ``running`` forever. Rows the result backend made for another broker
     have no payload and no lease, and are left alone.
+
+    ``spare``: ``(owner, job ids)`` the calling process still holds (its lease keeper
+    renews them). Its own pass never takes those back, however late their renewal
+    after a stall of the process; another process's pass still does.
     """
     # Two lookups, each an index condition on ix_jobs_lease (an OR of them would be
     # a filter over every running row). Unleased rows are rare (hand edits): a few per
     # pass, as a literal LIMIT, so the planner does not expect thousands (its guess
     # for IS NULL comes from every row of jobs) and keeps to index probes.
+    lapsed_lease = [IS_RUNNING, jobs.c.lease_expires_at < sa.func.now()]
+    if spare is not None and spare[1]:
+        owner, held = spare
+        lapsed_lease.append(
+            sa.or_(
+                jobs.c.lease_owner.is_distinct_from(owner),
+                jobs.c.id != sa.all_(sa.literal(list(held), ARRAY(PG_UUID(as_uuid=True)))),
+            )
+        )
     expired = (
         sa.select(jobs.c.id)
-        .where(IS_RUNNING, jobs.c.lease_expires_at < sa.func.now())
+        .where(*lapsed_lease)
         .limit(limit)
         .with_for_update(skip_locked=True)
         .cte("expired")

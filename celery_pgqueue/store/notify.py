@@ -236,6 +236,14 @@ class ResultListener:
             self._listener.forget_after_fork()
         self._reset()
 
+    @classmethod
+    def _after_fork_in_child(cls) -> None:
+        # Any parent thread may have held these locks at the fork, and it does not
+        # exist in the child to release them: every one is made anew.
+        cls._registry_lock = threading.Lock()
+        for listener in list(cls._registry.values()):
+            listener._after_fork()
+
     # -- the reader thread -----------------------------------------------------------
 
     def _run(self) -> None:
@@ -306,3 +314,6 @@ class ResultListener:
     def _broadcast_resync(self) -> None:
         for waiter in list(self._waiters):
             waiter.resync()
+
+
+os.register_at_fork(after_in_child=ResultListener._after_fork_in_child)

@@ -22,6 +22,7 @@ from celery import Celery
 from celery.contrib.testing.worker import start_worker
 
 from celery_pgqueue.ids import job_id_for
+from celery_pgqueue.leases import LeaseKeeper
 from celery_pgqueue.store import Store
 from celery_pgqueue.store.notify import ResultListener
 
@@ -196,6 +197,7 @@ def running_worker(app: Celery, **kwargs: Any) -> Iterator[Any]:
 def release_database_clients() -> None:
     """Let go of pools and LISTEN connections before a test database is dropped."""
     ResultListener.stop_all()
+    LeaseKeeper.stop_all()
     Store.close_all()
 
 

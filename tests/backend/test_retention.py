@@ -85,22 +85,6 @@ def test_completed_retention_overrides_result_expires_and_groups_expire_too(
     assert rows(tasks.database_url, "SELECT count(*) FROM job_groups") == [(0,)]
 
 
-def test_nothing_expires_without_result_expires_or_completed_retention(
-    backend_tasks: Callable[..., Tasks],
-) -> None:
-    tasks = backend_tasks(result_expires=None)
-    task_id = str(uuid.uuid4())
-    tasks.app.backend.store_result(task_id, "kept", states.SUCCESS)
-    rows(
-        tasks.database_url,
-        "UPDATE jobs SET updated_at = now() - interval '3 years' RETURNING 1",
-    )
-
-    tasks.app.backend.cleanup()
-
-    assert tasks.app.AsyncResult(task_id).get(timeout=1) == "kept"
-
-
 def test_forget_removes_only_that_job(backend_tasks: Callable[..., Tasks]) -> None:
     tasks = backend_tasks()
     kept, forgotten = str(uuid.uuid4()), str(uuid.uuid4())

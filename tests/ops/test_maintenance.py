@@ -208,11 +208,11 @@ def test_two_concurrent_passes_only_one_does_the_work(
     inside, release = threading.Event(), threading.Event()
     real_rescue = store.rescue_expired
 
-    def rescue_then_wait(limit: int = 1000) -> tuple[int, int]:
+    def rescue_then_wait(limit: int = 1000, **kw: Any) -> tuple[int, int]:
         # Hold the first pass inside its lock (the real statement still runs).
         inside.set()
         assert release.wait(10)
-        return real_rescue(limit)
+        return real_rescue(limit, **kw)
 
     monkeypatch.setattr(store, "rescue_expired", rescue_then_wait)
     reports: dict[str, Any] = {}
@@ -236,7 +236,7 @@ def test_two_concurrent_passes_only_one_does_the_work(
 def test_the_lock_is_released_when_a_pass_fails(
     store: Store, second_store: Store, sql: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def broken(limit: int = 1000) -> tuple[int, int]:
+    def broken(limit: int = 1000, **_: Any) -> tuple[int, int]:
         raise RuntimeError("boom")
 
     monkeypatch.setattr(store, "rescue_expired", broken)

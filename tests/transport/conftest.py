@@ -11,6 +11,7 @@ import pytest
 from celery import Celery
 from celery.contrib.testing.worker import start_worker
 
+from celery_pgqueue.leases import LeaseKeeper
 from celery_pgqueue.store import Store
 
 
@@ -33,6 +34,7 @@ def store(broker_url: str) -> Store:
 def _close_stores() -> Iterator[None]:
     """Each test's database is dropped afterwards: let go of its pooled connections."""
     yield
+    LeaseKeeper.stop_all()
     Store.close_all()
 
 

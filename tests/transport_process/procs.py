@@ -377,7 +377,9 @@ def task_specs(
 class Worker:
     """One ``celery worker`` process group, with its log in a file."""
 
-    def __init__(self, app: App, name: str, args: Sequence[str]) -> None:
+    def __init__(
+        self, app: App, name: str, args: Sequence[str], *, heartbeat: bool = False
+    ) -> None:
         self.app = app
         self.name = name
         self.log_path = app.directory / f"worker-{name}-{uuid.uuid4().hex[:6]}.log"
@@ -393,7 +395,7 @@ class Worker:
                 f"{name}@%h",
                 "-l",
                 "info",
-                "--without-heartbeat",
+                *([] if heartbeat else ["--without-heartbeat"]),
                 "--without-gossip",
                 "--without-mingle",
                 *args,
@@ -460,8 +462,11 @@ class Workers:
         concurrency: int = 1,
         wait: bool = True,
         timeout: float = 45.0,
+        heartbeat: bool = False,
     ) -> Worker:
-        worker = Worker(app, name, ["--pool", pool, "-c", str(concurrency), *args])
+        worker = Worker(
+            app, name, ["--pool", pool, "-c", str(concurrency), *args], heartbeat=heartbeat
+        )
         self.started.append(worker)
         if wait:
             wait_until(worker.ready, timeout=timeout, interval=0.05, message=f"{name} ready")

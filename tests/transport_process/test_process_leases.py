@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import statistics
 import time
+import uuid
 from pathlib import Path
 
 import pytest
+from celery import Celery
 from helpers import wait_until
 
 from .procs import Database, Worker, Workers, task_specs, write_app
@@ -213,3 +215,95 @@ def test_a_task_running_for_several_leases_is_never_started_twice(
     names = {w.pid: w.name for w in pool}
     ran_on = [names[app.record.events(t, "start")[0].pgid] for t in ids]
     measure(f"8 s tasks under a 2 s lease ran once each, on {ran_on}")
+
+
+# A task that keeps one of the process's pooled connections busy, as a slow result
+# write or a task using the same pool would. Appended to the generated app module.
+HOLD_POOL_TASK = """
+
+@app.task(name="proc.hold_pool", bind=True)
+def hold_pool(self, seconds, label=""):
+    from celery_pgqueue.options import DatabaseURL, PgQueueOptions
+    from celery_pgqueue.store import Store
+
+    store = Store.for_url(
+        DatabaseURL.parse(app.conf.broker_url),
+        PgQueueOptions.parse(app.conf.broker_transport_options),
+    )
+    who = f"{self.request.id} pid={os.getpid()} pgid={os.getpgrp()} label={label}"
+    append(f"start {who} at={time.time():.6f}")
+    with store.engine.connect() as conn:
+        conn.exec_driver_sql("SELECT pg_sleep(%(s)s)", {"s": seconds})
+    append(f"done {who} at={time.time():.6f}")
+"""
+
+
+def test_an_exhausted_pool_does_not_let_a_running_tasks_lease_lapse(
+    tmp_path: Path, broker_url: str, db: Database, workers: Workers, measure
+) -> None:
+    """A threads pool with more threads than pooled connections, every one busy.
+
+    Worker "busy" runs three tasks that each hold a pooled connection for 6 s, on a
+    pool of two: for 12 s its pool has no free connection most of the time. Its
+    leases (2 s) must still be renewed, or worker "thief" (a pool of its own) rescues
+    them (acks_late: requeued) and starts them a second time.
+    """
+    lease = {"lease_seconds": 2.0, "maintenance_interval": 0.5}
+    busy_app = write_app(
+        tmp_path,
+        broker_url,
+        name="busyapp",
+        transport_options={**lease, "pool_size": 2, "max_overflow": 0, "pool_timeout": 60.0},
+        task_acks_late=True,
+        worker_prefetch_multiplier=1,
+    )
+    thief_app = write_app(
+        tmp_path,
+        broker_url,
+        name="thiefapp",
+        transport_options=lease,
+        task_acks_late=True,
+        worker_prefetch_multiplier=1,
+    )
+    for app in (busy_app, thief_app):
+        module = tmp_path / f"{app.module}.py"
+        module.write_text(module.read_text() + HOLD_POOL_TASK)
+    busy = workers.start(busy_app, "busy", pool="threads", concurrency=3)
+    ids = [str(uuid.uuid4()) for _ in range(3)]
+    sender = Celery("sender", set_as_current=False)
+    sender.conf.update(busy_app.config)
+    try:
+        for task_id in ids:
+            sender.send_task("proc.hold_pool", args=(6.0,), task_id=task_id)
+    finally:
+        sender.close()
+
+    def running_on_busy() -> list[str]:
+        running = [t for t in ids if busy_app.record.events(t, "start")]
+        return running if len(running) >= 2 else []
+
+    held = wait_until(
+        running_on_busy,
+        timeout=30,
+        message="two tasks hold the busy worker's two pooled connections",
+    )
+    thief = workers.start(thief_app, "thief", pool="solo")
+
+    wait_until(
+        lambda: all(db.status(t) == "completed" for t in ids),
+        timeout=90,
+        message="every task completes",
+    )
+    for task_id in ids:
+        # The thief may claim a task the busy worker had not claimed yet; what must
+        # never happen is a second start of one that is already running.
+        starts = busy_app.record.events(task_id, "start") + thief_app.record.events(
+            task_id, "start"
+        )
+        assert len(starts) == 1, f"{task_id} started on {[e.pgid for e in starts]}"
+        job = db.job(task_id)
+        assert job is not None
+        assert job["attempt_count"] == 1, task_id
+    assert all([e.pgid for e in busy_app.record.events(t, "start")] == [busy.pid] for t in held)
+    assert thief.alive()
+    measure("3 tasks holding a 2-connection pool 6 s each, lease 2 s: each ran once")
