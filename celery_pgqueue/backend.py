@@ -23,6 +23,7 @@ Features
   FAILURE                       failed       failed_at, last_error_message (type:
                                              message, 255 chars); log row -> failed
   REVOKED                       cancelled    log row (if any) -> failed
+  PENDING (ignore_result)       any finished nothing stored in jobs.result
   ============================  ===========  =========================================
 
 * Results: ``jobs.result`` is a JSON document an operator can read: with the json
@@ -631,7 +632,7 @@ class PgQueueBackend(Backend, AsyncBackendMixin):  # type: ignore[misc]
         """Celery's meta for a stored row, exceptions rebuilt."""
         document = self._decode_document(row.result_json) if row.result_json else {}
         stored = document.get("status")
-        state = _state_of(row.status, stored)
+        state = _state_of(row.status, stored, row.result_ignored)
         if state == stored:
             result = document.get("result")
         elif state == states.FAILURE:
@@ -925,14 +926,19 @@ def _exception_from_summary(summary: str | None) -> dict[str, Any]:
     return {"exc_type": name, "exc_module": None, "exc_message": [message]}
 
 
-def _state_of(status: str, stored: str | None) -> str:
+def _state_of(status: str, stored: str | None, ignored: bool = False) -> str:
     """The Celery state a row reads as.
 
     The backend's own state name wins while it agrees with ``jobs.status``; a row
     finished by something else (lease rescue, a cancel) reads as that status implies.
     A queued row is PENDING (or RETRY, when the backend put it back for a retry); a
-    running one is PENDING until the backend stored a state for it.
+    running one is PENDING until the backend stored a state for it. A task sent with
+    ``ignore_result`` keeps what Celery stored for it (nothing, unless
+    ``store_errors_even_if_ignored`` or ``update_state``), as on any backend:
+    ``jobs.status`` still says how it ended, for operators.
     """
+    if ignored:
+        return str(stored or states.PENDING)
     if status in _DERIVED_STATE:
         if stored and job_status_for(stored).value == status:
             return str(stored)

@@ -8,6 +8,7 @@ there is no row until the backend writes one.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
@@ -22,7 +23,7 @@ from celery_pgqueue.backend import ResultNotSerializable, ResultTooLarge
 from celery_pgqueue.ids import job_id_for
 from celery_pgqueue.store.notify import INLINE_RESULT_BYTES
 
-from .conftest import Tasks, rows
+from .conftest import Tasks, rows, running_worker
 
 pytestmark = pytest.mark.worker
 
@@ -81,6 +82,63 @@ def test_failure_reraises_the_exception_class_with_its_message(worker_tasks: Tas
     [attempt] = t.attempts(result.id)
     assert attempt["status"] == "failed"
     assert attempt["log_message"] == "ValueError: card declined"
+
+
+def _ran(t: Tasks, task_id: str, key: str, status: str) -> bool:
+    """The task ran; with the pgqueue broker, its row also reached ``status``."""
+    if key not in t.finished_at:
+        return False
+    return t.broker != "pgqueue" or (t.job(task_id) or {}).get("status") == status
+
+
+def test_ignore_result_reads_pending_while_the_row_says_completed(worker_tasks: Tasks) -> None:
+    """Celery keeps nothing for ignore_result: PENDING, None, as on Redis."""
+    t = worker_tasks
+    on_task, per_call = f"task-{uuid.uuid4()}", f"call-{uuid.uuid4()}"
+    results = {
+        on_task: t.quiet.delay(on_task),  # @app.task(ignore_result=True)
+        per_call: t.timed.apply_async((per_call,), ignore_result=True),
+    }
+    for key, result in results.items():
+        wait_until(lambda r=result, k=key: _ran(t, r.id, k, "completed"), timeout=10)
+        meta = t.app.backend.get_task_meta(result.id)
+        assert (meta["status"], meta["result"]) == ("PENDING", None), key
+        assert t.app.AsyncResult(result.id).state == "PENDING"
+        assert result.get(timeout=1) is None, "an ignored result returns None at once"
+        if t.broker == "pgqueue":
+            job = t.job(result.id)
+            assert job is not None and job["completed_at"] is not None, "operators see it done"
+            assert job["result"] is None, "nothing stored"
+            assert [a["status"] for a in t.attempts(result.id)] == ["success"]
+
+
+def test_an_ignored_failure_reads_pending_unless_errors_are_kept(worker_tasks: Tasks) -> None:
+    """store_errors_even_if_ignored decides, as in Celery; the row says failed either way."""
+    t = worker_tasks
+    dropped, kept = f"dropped-{uuid.uuid4()}", f"kept-{uuid.uuid4()}"
+    quiet, loud = t.quiet_fail.delay(dropped), t.quiet_fail_kept.delay(kept)
+
+    wait_until(lambda: _ran(t, quiet.id, dropped, "failed"), timeout=10)
+    assert t.app.backend.get_task_meta(quiet.id)["status"] == "PENDING"
+    wait_until(lambda: _ran(t, loud.id, kept, "failed"), timeout=10)
+    with pytest.raises(ValueError, match="kept"):
+        t.app.AsyncResult(loud.id).get(timeout=10)
+    if t.broker == "pgqueue":
+        job = t.job(quiet.id)
+        assert job is not None and job["last_error_message"] == f"ValueError: quiet {dropped}"
+
+
+def test_task_ignore_result_setting_reads_pending(
+    backend_tasks: Callable[..., Tasks],
+) -> None:
+    t = backend_tasks(task_ignore_result=True)
+    key = f"setting-{uuid.uuid4()}"
+    with running_worker(t.app):
+        result = t.timed.delay(key)
+        wait_until(lambda: _ran(t, result.id, key, "completed"), timeout=10)
+    assert t.app.backend.get_task_meta(result.id)["status"] == "PENDING"
+    job = t.job(result.id)
+    assert job is not None and job["result"] is None
 
 
 def test_retry_n_times_leaves_one_job_and_n_plus_one_attempts(worker_tasks: Tasks) -> None:
