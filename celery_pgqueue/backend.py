@@ -23,7 +23,7 @@ Features
   FAILURE                       failed       failed_at, last_error_message (type:
                                              message, 255 chars); log row -> failed
   REVOKED                       cancelled    log row (if any) -> failed
-  PENDING (ignore_result)       any finished nothing stored in jobs.result
+  PENDING (ignore_result)       finished     nothing stored in jobs.result
   ============================  ===========  =========================================
 
 * Results: ``jobs.result`` is a JSON document an operator can read: with the json
