@@ -82,15 +82,17 @@ import re
 import sys
 import threading
 import weakref
+from collections import deque
 from collections.abc import Iterable, Iterator, Mapping
 from datetime import UTC, datetime
 from time import monotonic, sleep
 from typing import Any
 
 from celery import signals, states
+from celery.app.task import Context
 from celery.backends.asynchronous import AsyncBackendMixin, BaseResultConsumer, Drainer
 from celery.backends.base import Backend, _create_chord_error_with_cause
-from celery.canvas import maybe_signature
+from celery.canvas import _chain, chord, group, maybe_signature
 from celery.exceptions import ChordError, Retry
 from celery.exceptions import TimeoutError as ResultTimeout
 from celery.result import GroupResult, allow_join_result, result_from_tuple
@@ -807,6 +809,33 @@ class PgQueueBackend(Backend, AsyncBackendMixin):  # type: ignore[misc]
         finally:
             self.store.forget_chord_parts(job_id_for(group_id))
 
+    # -- failures down a chain --------------------------------------------------------
+
+    def _fail_chain(
+        self,
+        chain: Any,
+        exc: Any,
+        traceback: Any = None,
+        store_result: bool = True,
+        state: str = states.FAILURE,
+    ) -> None:
+        """Celery's propagation down the rest of a failed chain, reaching into groups.
+
+        Celery stores the failure for each later step that has an id of its own and
+        follows chord bodies, but a group's tasks (and a chord's header), never
+        published because an earlier step failed, would stay PENDING: ``get()`` on
+        the chain waits for its timeout (celery#6437; Redis fails the same way). Any
+        task id can have a row here, so each of them gets the failure too.
+        """
+        super()._fail_chain(chain, exc, traceback, store_result=store_result, state=state)
+        if not store_result or state not in states.PROPAGATE_STATES:
+            return
+        for task in _unreached_tasks(chain, self.app):
+            request = Context(
+                {**task, **task.options, "id": task.id, "group": task.options.get("group_id")}
+            )
+            self.store_result(task.id, exc, state, traceback=traceback, request=request)
+
     def _chord_values(self, group_id: str) -> list[Any]:
         """The header's results in header order; ChordError if a part failed."""
         header = GroupResult.restore(group_id, app=self.app, backend=self)
@@ -833,6 +862,43 @@ class PgQueueBackend(Backend, AsyncBackendMixin):  # type: ignore[misc]
 
 
 # -- helpers ---------------------------------------------------------------------------
+
+
+def _unreached_tasks(steps: Any, app: Any) -> Iterator[Any]:
+    """The tasks inside the rest of a chain that Celery's ``_fail_chain`` leaves alone.
+
+    It stores each step's own id and follows a chord step into its body; what it never
+    reaches is a group's tasks and a chord's header, at any depth.
+    """
+    try:
+        pending = deque(steps)
+    except TypeError:  # a request's chain may be None or a placeholder
+        return
+    while pending:
+        step = maybe_signature(pending.popleft(), app=app)
+        if isinstance(step, chord):
+            yield from _tasks_in(step.tasks, app)
+            if step.body is not None:
+                pending.append(step.body)  # Celery follows the body: so do we
+        elif isinstance(step, (group, _chain)):
+            yield from _tasks_in(step, app)
+
+
+def _tasks_in(canvas: Any, app: Any) -> Iterator[Any]:
+    """Every task signature with an id inside ``canvas``, at any depth."""
+    if isinstance(canvas, (list, tuple)):  # a chord's header, as its message carries it
+        for task in canvas:
+            yield from _tasks_in(task, app)
+        return
+    sig = maybe_signature(canvas, app=app)
+    if isinstance(sig, chord):
+        yield from _tasks_in(sig.tasks, app)
+        if sig.body is not None:
+            yield from _tasks_in(sig.body, app)
+    elif isinstance(sig, (group, _chain)):
+        yield from _tasks_in(sig.tasks, app)
+    elif sig is not None and sig.id:
+        yield sig
 
 
 # Options the shared Store applies itself (its pool, queue defaults and retention).

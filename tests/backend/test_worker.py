@@ -317,6 +317,52 @@ def test_a_failed_header_fails_every_task_of_a_group_body(worker_tasks: Tasks) -
         assert job is not None and job["status"] == "failed", "no body task left hanging"
 
 
+def test_a_failure_reaches_every_task_of_a_later_group_that_never_ran(
+    worker_tasks: Tasks,
+) -> None:
+    """Celery's test_error_propagates_from_chord (xfail on Redis, celery#6437), widened.
+
+    The group is never published; its tasks (a plain one, a chain, a chord) still get
+    the failure, so get() on the chain raises instead of waiting for its timeout.
+    """
+    t = worker_tasks
+    later = group(
+        t.add.s(1),
+        t.add.s(1) | t.add.s(2),
+        chord([t.add.s(1), t.add.s(2)], t.tsum.s()),
+    )
+    result = (t.add.s(1, 1) | t.fail.s() | later).delay()
+
+    with pytest.raises(ValueError, match="2"):
+        result.get(timeout=15)
+    unpublished = [r.id for r in result.results]
+    unpublished += [result.results[1].parent.id]  # the chain's first task
+    unpublished += [r.id for r in result.results[2].parent.results]  # the chord's header
+    for task_id in unpublished:
+        member = t.app.AsyncResult(task_id)
+        with pytest.raises(ValueError, match="2"):
+            member.get(timeout=10)
+        if t.broker == "pgqueue":
+            job = t.job(task_id)
+            assert job is not None and job["status"] == "failed" and job["attempt_count"] == 0
+
+
+def test_a_failed_chord_header_fails_the_rest_of_its_chain(worker_tasks: Tasks) -> None:
+    t = worker_tasks
+    workflow = chain(
+        chord([t.fail.s("header broke"), t.add.s(1, 1)], t.tsum.s()),
+        t.add.s(1),
+        group(t.add.s(1), t.add.s(2)),
+    )
+    result = workflow.delay()
+
+    with pytest.raises(ChordError, match="header broke"):
+        result.get(timeout=15)
+    for member in result.results:
+        with pytest.raises(ChordError, match="header broke"):
+            member.get(timeout=10)
+
+
 def test_link_error_runs_the_errback_of_a_failed_task(worker_tasks: Tasks) -> None:
     t = worker_tasks
     result = t.fail.apply_async(("linked",), link_error=t.on_error.s())
