@@ -61,6 +61,8 @@ backend uses:
 * ``polling_interval`` (1.0 s): how often a waiting client polls without NOTIFY.
 * ``max_payload_bytes`` (65,536): largest stored result document; a bigger result is
   stored as a FAILURE (``ResultTooLarge``) instead.
+* ``max_canvas_bytes`` (1 MiB): cap on a result's ``children`` (the group a chain went
+  on into, say), which do not count in ``max_payload_bytes``.
 * ``store_traceback`` (False): keep the last 1,000 characters of a failure's
   traceback in ``job_logs.log_message`` and return it as ``AsyncResult.traceback``.
   Costs up to 1 KB per failed attempt in ``job_logs`` (kept ``log_retention``) and puts
@@ -488,16 +490,32 @@ class PgQueueBackend(Backend, AsyncBackendMixin):  # type: ignore[misc]
             text = self._serialize(_shrunk_failure(document, limit))
             value = _strict_json(text)
         size = len(text.encode())
-        if size <= limit:
+        canvas_limit = self.options.max_canvas_bytes
+        if size <= min(limit, canvas_limit):
+            return value
+        # The children (a chain's next group, say) are Celery's canvas bookkeeping: they
+        # count under max_canvas_bytes, as they do in the message that started them.
+        canvas = 0
+        if document.get("children"):
+            bare = {k: v for k, v in document.items() if k != "children"}
+            canvas = size - len(self._serialize(bare).encode())
+        if size - canvas <= limit and canvas <= canvas_limit:
             return value
         if state in states.EXCEPTION_STATES:
             return _strict_json(self._serialize(_shrunk_failure(document, limit)))
         name = getattr(request, "task", None) or "task"
+        if size - canvas > limit:
+            raise ResultTooLarge(
+                f"the result of {name}[{task_id}] is {size - canvas:,} bytes encoded, over "
+                f"the {limit:,}-byte limit (max_payload_bytes in "
+                "result_backend_transport_options); the queue tier keeps ids and small "
+                "values: store large data elsewhere and return its id"
+            )
         raise ResultTooLarge(
-            f"the result of {name}[{task_id}] is {size:,} bytes encoded, over the "
-            f"{limit:,}-byte limit (max_payload_bytes in result_backend_transport_options); "
-            "the queue tier keeps ids and small values: store large data elsewhere and "
-            "return its id"
+            f"the children of {name}[{task_id}] are {canvas:,} bytes encoded, over the "
+            f"{canvas_limit:,}-byte limit (max_canvas_bytes in "
+            "result_backend_transport_options); raise the option or start fewer tasks "
+            "from one task"
         )
 
     def _serialize(self, document: dict[str, Any]) -> str:

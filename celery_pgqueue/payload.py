@@ -15,20 +15,33 @@ import codecs
 import json
 from typing import Any
 
-from celery_pgqueue.errors import InvalidPayload, PayloadNotSerializable, PayloadTooLarge
+from kombu.serialization import dumps, loads, registry
+
+from celery_pgqueue.errors import (
+    CanvasTooLarge,
+    InvalidPayload,
+    PayloadNotSerializable,
+    PayloadTooLarge,
+)
 
 JSON_TYPES = ("application/json",)
+DEFAULT_CANVAS_BYTES = 1_048_576
+"""Default ``max_canvas_bytes``: a chain into a chord of a few thousand tasks."""
 _PER_DELIVERY = ("delivery_tag", "delivery_info", "body_encoding")
 # How a stored body is encoded: ours ("json": stored decoded) and Kombu's virtual
 # transports' (base64, or the text as is).
 _BODY_ENCODINGS = (None, "json", "base64", "utf-8")
 
 
-def to_payload(message: dict[str, Any], *, limit: int) -> tuple[dict[str, Any], int]:
+def to_payload(
+    message: dict[str, Any], *, limit: int, canvas_limit: int = DEFAULT_CANVAS_BYTES
+) -> tuple[dict[str, Any], int]:
     """The JSON document stored for ``message``, and its size in bytes.
 
-    Raises PayloadTooLarge over ``limit`` (the caller's option ``max_payload_bytes``)
-    and PayloadNotSerializable when headers or properties are not JSON.
+    Raises PayloadTooLarge when the task's own data (args, kwargs, headers) is over
+    ``limit`` (option ``max_payload_bytes``), CanvasTooLarge when Celery's canvas
+    bookkeeping in it is over ``canvas_limit`` (``max_canvas_bytes``), and
+    PayloadNotSerializable when headers or properties are not JSON.
     """
     properties = dict(message.get("properties") or {})
     body_encoding = properties.get("body_encoding")
@@ -59,15 +72,73 @@ def to_payload(message: dict[str, Any], *, limit: int) -> tuple[dict[str, Any], 
             "pass ids and plain values (str, int, float, bool, list, dict)"
         ) from exc
     size = len(text.encode())
-    if size > limit:
-        task = (message.get("headers") or {}).get("task")
-        what = f"task {task!r}" if task else "message"
+    if size > min(limit, canvas_limit):
+        _check_size(message, document, size, limit, canvas_limit)
+    return document, size
+
+
+def _check_size(
+    message: dict[str, Any], document: dict[str, Any], size: int, limit: int, canvas_limit: int
+) -> None:
+    """Refuse a message whose data, or whose canvas, is over its own limit.
+
+    Only called when the whole message is over one of them, so the common small
+    message pays nothing for the split.
+    """
+    canvas = _canvas_bytes(message, document)
+    task = (message.get("headers") or {}).get("task")
+    what = f"task {task!r}" if task else "message"
+    data = size - canvas
+    if data > limit:
+        without = f" without its {canvas:,}-byte canvas" if canvas else ""
         raise PayloadTooLarge(
-            f"{what} is {size:,} bytes, over the {limit:,}-byte limit "
+            f"{what} is {data:,} bytes{without}, over the {limit:,}-byte limit "
             "(option max_payload_bytes in broker_transport_options); the queue tier "
             "carries ids and small config: store large data elsewhere and pass its id"
         )
-    return document, size
+    if canvas > canvas_limit:
+        raise CanvasTooLarge(
+            f"{what} carries {canvas:,} bytes of canvas (the rest of its chain, chord "
+            f"and callback signatures), over the {canvas_limit:,}-byte limit (option "
+            "max_canvas_bytes in broker_transport_options); raise the option, or "
+            "publish the big group from a task instead of inside one chain"
+        )
+
+
+def _canvas_bytes(message: dict[str, Any], document: dict[str, Any]) -> int:
+    """Bytes of the stored document that are Celery's canvas bookkeeping.
+
+    A Celery task message (protocol 2) has the body ``[args, kwargs, embed]``; the
+    embed holds callbacks, errbacks, the rest of the chain and the chord. Any other
+    message, or a body that does not decode, has none: all of it counts as data.
+    """
+    headers = message.get("headers") or {}
+    if not (headers.get("task") and headers.get("id")):
+        return 0
+    body = document.get("body")
+    if document.get("body_encoding") == "json":
+        embed = _embed_of(body)
+        return len(json.dumps(embed, separators=(",", ":")).encode()) if embed else 0
+    content_type = str(document.get("content-type") or "")
+    if body is None:
+        return 0
+    try:
+        raw = base64.b64decode(body) if document.get("body_encoding") == "base64" else body
+        value = loads(raw, content_type, document.get("content-encoding"), accept=[content_type])
+        embed = _embed_of(value)
+        if not embed:
+            return 0
+        _, _, encoded = dumps(embed, serializer=registry.type_to_name[content_type])
+    except Exception:  # compressed, or a serializer we cannot run: count it all as data
+        return 0
+    size = len(encoded if isinstance(encoded, bytes) else str(encoded).encode())
+    return size * 4 // 3 if document.get("body_encoding") == "base64" else size
+
+
+def _embed_of(body: Any) -> dict[str, Any] | None:
+    if isinstance(body, (list, tuple)) and len(body) == 3 and isinstance(body[2], dict):
+        return body[2]
+    return None
 
 
 def from_payload(document: Any, *, json_body: bool = False) -> dict[str, Any]:

@@ -137,6 +137,27 @@ def test_results_the_tier_cannot_hold_are_refused_with_the_fix(
     assert tasks.app.AsyncResult(escaped).get(timeout=1) == "a literal \\u0000 is just text"
 
 
+def test_a_results_children_count_under_the_canvas_cap_not_the_payload_limit(
+    backend_tasks: Callable[..., Tasks],
+) -> None:
+    """A task whose chain went on into a big group records the group as its child."""
+    tasks = backend_tasks(backend_options={"max_payload_bytes": 2_000})
+    app, backend = tasks.app, tasks.app.backend
+    children = [app.GroupResult(str(uuid.uuid4()), [app.AsyncResult(str(uuid.uuid4()))] * 500)]
+    task_id = str(uuid.uuid4())
+    spawned = request(task_id)
+    spawned.children.extend(children)  # what apply_async inside the task does
+
+    backend.store_result(task_id, 1, states.SUCCESS, request=spawned)
+
+    assert app.AsyncResult(task_id).get(timeout=1) == 1
+    assert len(app.AsyncResult(task_id).children[0].results) == 500
+
+    small = backend_tasks(backend_options={"max_payload_bytes": 2_000, "max_canvas_bytes": 4_096})
+    with pytest.raises(ResultTooLarge, match=r"4,096-byte limit \(max_canvas_bytes"):
+        small.app.backend.store_result(task_id, 1, states.SUCCESS, request=spawned)
+
+
 def test_a_failure_is_always_stored_even_when_its_message_is_huge(
     backend_tasks: Callable[..., Tasks],
 ) -> None:
