@@ -80,7 +80,6 @@ import base64
 import json
 import logging
 import os
-import re
 import sys
 import threading
 import weakref
@@ -107,6 +106,7 @@ from celery_pgqueue.errors import DatabaseUnavailable, PayloadNotSerializable, P
 from celery_pgqueue.ids import job_id_for
 from celery_pgqueue.options import DatabaseURL, PgQueueOptions
 from celery_pgqueue.states import CELERY_TO_LOG, JobStatus, job_status_for
+from celery_pgqueue.storable import jsonb_keeps_text
 from celery_pgqueue.store import Store
 from celery_pgqueue.store.notify import ResultListener, ResultNote
 from celery_pgqueue.store.results import StateWrite, StoredResult
@@ -125,10 +125,6 @@ RESYNC_INTERVAL = 10.0
 something that sent no NOTIFY (an operator's SQL, a transport that cancels a row)."""
 NEVER = 100 * 365 * 86_400.0
 """Retention when neither ``completed_retention`` nor ``result_expires`` is set."""
-
-# A JSON string escape of NUL, which jsonb refuses; an escaped backslash before "u0000"
-# is ordinary text.
-_NUL_ESCAPE = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
 
 # FINISHED job statuses -> the Celery state a row reads as when the backend did not
 # write that status itself (a rescued job, a transport-cancelled one).
@@ -477,8 +473,7 @@ class PgQueueBackend(Backend, AsyncBackendMixin):  # type: ignore[misc]
         """
         limit = self.options.max_payload_bytes
         try:
-            text = self._serialize(document)
-            value = _strict_json(text)
+            text, value = self._stored_json(document)
         except (EncodeError, TypeError, ValueError) as exc:
             if state not in states.EXCEPTION_STATES:
                 name = getattr(request, "task", None) or "task"
@@ -487,8 +482,7 @@ class PgQueueBackend(Backend, AsyncBackendMixin):  # type: ignore[misc]
                     f"result_serializer={self.serializer!r}: {_first_line(exc)}; "
                     "return plain values (str, int, float, bool, None, list, dict)"
                 ) from exc
-            text = self._serialize(_shrunk_failure(document, limit))
-            value = _strict_json(text)
+            text, value = self._stored_json(_shrunk_failure(document, limit))
         size = len(text.encode())
         canvas_limit = self.options.max_canvas_bytes
         if size <= min(limit, canvas_limit):
@@ -498,11 +492,11 @@ class PgQueueBackend(Backend, AsyncBackendMixin):  # type: ignore[misc]
         canvas = 0
         if document.get("children"):
             bare = {k: v for k, v in document.items() if k != "children"}
-            canvas = size - len(self._serialize(bare).encode())
+            canvas = size - len(self._stored_json(bare)[0].encode())
         if size - canvas <= limit and canvas <= canvas_limit:
             return value
         if state in states.EXCEPTION_STATES:
-            return _strict_json(self._serialize(_shrunk_failure(document, limit)))
+            return self._stored_json(_shrunk_failure(document, limit))[1]
         name = getattr(request, "task", None) or "task"
         if size - canvas > limit:
             raise ResultTooLarge(
@@ -518,9 +512,29 @@ class PgQueueBackend(Backend, AsyncBackendMixin):  # type: ignore[misc]
             "from one task"
         )
 
-    def _serialize(self, document: dict[str, Any]) -> str:
+    def _stored_json(self, document: dict[str, Any]) -> tuple[str, Any]:
+        """``document`` as JSON text and value, exactly as ``jsonb`` will keep it.
+
+        Valid JSON that jsonb refuses or changes (NUL, lone surrogates, ``1e+20``,
+        ``-0.0``) is rare: only then are result, args and kwargs enveloped (base64 of
+        their JSON text, as for other serializers), and only in that row.
+        """
+        text = self._serialize(document)
+        value = _strict_json(text)
+        if jsonb_keeps_text(text, value):
+            return text, value
+        text = self._serialize(document, envelope=True)
+        value = _strict_json(text)
+        if not jsonb_keeps_text(text, value):
+            raise ValueError(
+                "it holds text PostgreSQL cannot store (NUL, an unpaired surrogate) "
+                "outside the result, args and kwargs"
+            )
+        return text, value
+
+    def _serialize(self, document: dict[str, Any], envelope: bool = False) -> str:
         """The document as JSON text: inline values (json), else enveloped ones."""
-        if self._inline_json:
+        if self._inline_json and not envelope:
             _, _, text = dumps(document, serializer=self.serializer)
             return text.decode() if isinstance(text, bytes) else str(text)
         document = dict(document)
@@ -1035,11 +1049,8 @@ def _state_of(status: str, stored: str | None, ignored: bool = False) -> str:
 
 
 def _strict_json(text: str) -> Any:
-    """``text`` parsed, refusing what ``jsonb`` refuses: NaN/Infinity and NUL characters."""
-    value = json.loads(text, parse_constant=_reject_constant)
-    if "\\u0000" in text and _NUL_ESCAPE.search(text):
-        raise ValueError("NUL characters (\\u0000) cannot be stored in PostgreSQL jsonb")
-    return value
+    """``text`` parsed, refusing NaN and Infinity: not JSON, whatever Python writes."""
+    return json.loads(text, parse_constant=_reject_constant)
 
 
 def _reject_constant(name: str) -> Any:

@@ -23,6 +23,7 @@ from celery_pgqueue.errors import (
     PayloadNotSerializable,
     PayloadTooLarge,
 )
+from celery_pgqueue.storable import jsonb_keeps, jsonb_keeps_text
 
 JSON_TYPES = ("application/json",)
 DEFAULT_CANVAS_BYTES = 1_048_576
@@ -54,7 +55,7 @@ def to_payload(
             body, stored_encoding = decoded[0], "json"
     for key in _PER_DELIVERY:
         properties.pop(key, None)
-    document = {
+    document: dict[str, Any] = {
         "body": body,
         "body_encoding": stored_encoding,
         "content-type": message.get("content-type"),
@@ -65,6 +66,7 @@ def to_payload(
         "routing_key": delivery_info.get("routing_key") or "",
     }
     try:
+        _encode_what_jsonb_changes(document)
         text = json.dumps(document, separators=(",", ":"), allow_nan=False)
     except (TypeError, ValueError) as exc:
         raise PayloadNotSerializable(
@@ -141,6 +143,26 @@ def _embed_of(body: Any) -> dict[str, Any] | None:
     return None
 
 
+def _encode_what_jsonb_changes(document: dict[str, Any]) -> None:
+    """Move header and property entries ``jsonb`` would refuse or change into ``encoded``.
+
+    ``encoded`` maps "headers"/"properties" to base64 of the JSON text of those entries
+    (Celery's ``argsrepr`` of an argument holding NUL, say); the rest stays readable,
+    the task name included. :func:`from_payload` puts them back.
+    """
+    encoded: dict[str, str] = {}
+    for section in ("headers", "properties"):
+        entries = document[section]
+        if jsonb_keeps(entries):
+            continue
+        odd = {k: v for k, v in entries.items() if not jsonb_keeps({k: v})}
+        document[section] = {k: v for k, v in entries.items() if k not in odd}
+        text = json.dumps(odd, allow_nan=False)
+        encoded[section] = base64.b64encode(text.encode()).decode()
+    if encoded:
+        document["encoded"] = encoded
+
+
 def from_payload(document: Any, *, json_body: bool = False) -> dict[str, Any]:
     """Rebuild the Kombu message dict (without per-delivery fields) from a payload.
 
@@ -183,15 +205,37 @@ def from_payload(document: Any, *, json_body: bool = False) -> dict[str, Any]:
                 raise InvalidPayload("payload 'body' is not valid base64") from None
         if json_body and content_type in JSON_TYPES and not _is_json(raw):
             raise InvalidPayload("payload 'body' is not JSON although its content-type says so")
+    headers = dict(document.get("headers") or {})
     properties = dict(document.get("properties") or {})
+    for section, entries in _decoded_entries(document.get("encoded")).items():
+        (headers if section == "headers" else properties).update(entries)
     properties["body_encoding"] = encoding
     return {
         "body": body,
         "content-type": content_type,
         "content-encoding": content_encoding,
-        "headers": dict(document.get("headers") or {}),
+        "headers": headers,
         "properties": properties,
     }
+
+
+def _decoded_entries(encoded: Any) -> dict[str, dict[str, Any]]:
+    """The header/property entries :func:`_encode_what_jsonb_changes` set aside."""
+    if encoded is None:
+        return {}
+    decoded: dict[str, dict[str, Any]] = {}
+    if isinstance(encoded, dict) and set(encoded) <= {"headers", "properties"}:
+        for section, text in encoded.items():
+            try:
+                entries = json.loads(base64.b64decode(text, validate=True))
+            except (TypeError, ValueError, binascii.Error):
+                break
+            if not isinstance(entries, dict):
+                break
+            decoded[section] = entries
+        else:
+            return decoded
+    raise InvalidPayload("payload 'encoded' must map 'headers'/'properties' to base64 JSON objects")
 
 
 def _json_kind(value: Any) -> str:
@@ -234,8 +278,9 @@ def _json_body(body: Any, body_encoding: str | None) -> tuple[Any] | None:
         else:
             return None
         value = json.loads(raw, parse_constant=_reject_constant)
-        # PostgreSQL jsonb cannot hold \u0000; keep such bodies encoded.
-        if "\\u0000" in raw.decode("utf-8"):
+        # Valid JSON that jsonb refuses (NUL, lone surrogates) or changes (1e+20 reads
+        # back as an integer): such a body stays encoded, so it round-trips exactly.
+        if not jsonb_keeps_text(raw.decode("utf-8"), value):
             return None
         return (value,)
     except (ValueError, TypeError, binascii.Error, UnicodeDecodeError):

@@ -13,6 +13,7 @@ import pytest
 from celery_pgqueue.errors import (
     CanvasTooLarge,
     ConfigurationError,
+    InvalidPayload,
     PayloadNotSerializable,
     PayloadTooLarge,
     PgQueueError,
@@ -405,6 +406,30 @@ def test_non_json_bodies_are_kept_encoded(content_type: str, text: str) -> None:
     assert document["body_encoding"] == "base64"
     assert rebuilt["body"] == message["body"]
     assert rebuilt["properties"]["body_encoding"] == "base64"
+
+
+@pytest.mark.parametrize("odd", ["nul \x00 inside", "lone \ud800", 1e20, -0.0, {"key \x00": 1}])
+def test_json_that_jsonb_would_change_round_trips_and_the_rest_stays_readable(odd: Any) -> None:
+    """Such values go to base64 (the body as Kombu sent it, odd header entries aside)."""
+    message = kombu_message([[odd], {}, {}], argsrepr=repr(odd), odd=odd)
+
+    document, _ = to_payload(message, limit=65_536)
+    stored = json.loads(json.dumps(document))  # what any JSON column gives back
+    rebuilt = from_payload(stored)
+
+    assert document["body_encoding"] == "base64" and document["body"] == message["body"]
+    assert document["headers"]["task"] == "tests.add", "the task name stays readable"
+    assert "odd" not in document["headers"] and "encoded" in document
+    assert rebuilt["headers"] == message["headers"]
+    assert json.dumps(rebuilt["headers"]["odd"]) == json.dumps(odd), "same value, same type"
+
+
+def test_a_hand_edited_encoded_section_is_refused_by_name() -> None:
+    document, _ = to_payload(kombu_message([1], odd="\x00"), limit=65_536)
+    document["encoded"] = {"headers": "not base64 json!"}
+
+    with pytest.raises(InvalidPayload, match="payload 'encoded'"):
+        from_payload(document)
 
 
 def test_payload_over_the_limit_states_size_limit_and_option() -> None:

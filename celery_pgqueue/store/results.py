@@ -24,6 +24,7 @@ from sqlalchemy.dialects.postgresql import UUID as PG_UUID
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
 from celery_pgqueue.states import FINISHED, JobStatus, LogStatus
+from celery_pgqueue.storable import printable
 from celery_pgqueue.store.tables import TZ, job_logs, job_queues, jobs
 
 SECOND = sa.text("interval '1 second'")
@@ -118,8 +119,9 @@ def upsert_state(conn: sa.Connection, *, write: StateWrite, channel: str | None)
         "p_attempt": w.attempt or 0,
         "p_max_attempts": w.max_attempts,
         "p_result": w.document,
-        "p_error": (w.error_message or "")[:MAX_ERROR] or None,
-        "p_log_message": w.log_message,
+        # text columns refuse NUL and lone surrogates: such characters become escapes.
+        "p_error": printable(w.error_message or "")[:MAX_ERROR] or None,
+        "p_log_message": printable(w.log_message) if w.log_message else w.log_message,
         "p_started_at": w.started_at,
         "p_retry_in": w.retry_in,
         "p_retry_at": w.retry_at,

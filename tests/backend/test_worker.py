@@ -7,6 +7,8 @@ there is no row until the backend writes one.
 
 from __future__ import annotations
 
+import json
+import math
 import uuid
 from collections.abc import Callable
 from datetime import datetime
@@ -139,6 +141,50 @@ def test_task_ignore_result_setting_reads_pending(
     assert t.app.backend.get_task_meta(result.id)["status"] == "PENDING"
     job = t.job(result.id)
     assert job is not None and job["result"] is None
+
+
+# Valid JSON that jsonb would refuse (NUL, a lone surrogate) or change (a float in
+# exponent form comes back an integer, -0.0 loses its sign; Redis keeps them all).
+ODD_JSON: dict[str, Any] = {
+    "nul": "a\x00b",
+    "key\x00": 1,
+    "lone": "\ud800 alone",
+    "pair": "\U0001f600",
+    "big": 1e20,
+    "huge": 1.5e300,
+    "negative_zero": -0.0,
+    "int": 2**70,
+    "small": 1e-7,
+}
+
+
+def test_any_json_round_trips_exactly_as_args_and_result(worker_tasks: Tasks) -> None:
+    t = worker_tasks
+    odd, plain = t.echo.delay(ODD_JSON), t.echo.delay({"plain": [1, 2.5]})
+
+    value = odd.get(timeout=10)
+    assert value == ODD_JSON
+    assert json.dumps(value) == json.dumps(ODD_JSON), "same types, same key order"
+    assert math.copysign(1.0, value["negative_zero"]) == -1.0
+    assert plain.get(timeout=10) == {"plain": [1, 2.5]}
+    if t.broker == "pgqueue":
+        [odd_job, plain_job] = [t.job(r.id) or {} for r in (odd, plain)]
+        assert plain_job["payload"]["body"][0] == [{"plain": [1, 2.5]}], "readable JSON"
+        assert plain_job["result"]["result"] == {"plain": [1, 2.5]}
+        assert odd_job["payload"]["body_encoding"] == "base64", "only this row degrades"
+        assert odd_job["result"]["result"]["content_type"] == "application/json"
+
+
+def test_a_failure_message_with_nul_round_trips(worker_tasks: Tasks) -> None:
+    t = worker_tasks
+    result = t.fail.delay("bad\x00input \ud800")
+
+    with pytest.raises(ValueError) as raised:
+        result.get(timeout=10)
+    assert str(raised.value) == "bad\x00input \ud800"
+    if t.broker == "pgqueue":
+        job = t.job(result.id) or {}
+        assert job["last_error_message"] == "ValueError: bad\\x00input \\ud800"
 
 
 def test_retry_n_times_leaves_one_job_and_n_plus_one_attempts(worker_tasks: Tasks) -> None:
