@@ -3,8 +3,11 @@
 Virtual transports base64 the body. When the body is JSON (Celery's default
 serializer) we store it decoded, so an operator can read a task's name, args and
 kwargs with SQL (``payload->'headers'->>'task'``, ``payload->'body'->0``). Other
-serializers keep their encoded text. Per-delivery fields (delivery tag, routing
-info) are not stored: they are minted again at each claim.
+serializers keep their encoded text, and so does a JSON body holding values jsonb
+would refuse or change (see :mod:`celery_pgqueue.storable`); such header entries go
+to ``encoded``. Per-delivery fields (delivery tag, routing info) are not stored:
+they are minted again at each claim. The size limit counts the task's own data;
+Celery's canvas bookkeeping in the body has its own cap (``max_canvas_bytes``).
 """
 
 from __future__ import annotations
