@@ -14,10 +14,11 @@ import re
 from typing import Any
 
 _BAD_TEXT = re.compile("[\x00\ud800-\udfff]")
-# In JSON text: what may decode to one of the values above (a NUL or surrogate, raw
-# or escaped; an exponent; a negative zero; a huge number). A hit only means "look
-# closer" (a hex id matches it too), so it never decides alone.
-_SUSPECT_JSON = re.compile(r"\\u0000|\\u[dD][89a-fA-F]|[0-9][eE]|-0(?![0-9])|[\x00\ud800-\udfff]")
+# What json.dumps writes (ASCII, lower-case escapes, floats by repr) for such values:
+# NUL and surrogates as escapes, 1e+16 and up with "e+", and "-0.0" (NaN and Infinity
+# are refused before). A mark only means "look closer" (an emoji is a surrogate pair,
+# a string may hold "e+"); four substring scans keep the common message cheap.
+_SUSPECT_MARKS = ("\\u0000", "\\ud", "e+", "-0.0")
 
 
 def jsonb_keeps(value: Any) -> bool:
@@ -26,14 +27,14 @@ def jsonb_keeps(value: Any) -> bool:
     while pending:
         item = pending.pop()
         if isinstance(item, str):
-            if _BAD_TEXT.search(item):
+            if not _text_keeps(item):
                 return False
         elif isinstance(item, float):
             if not _number_keeps(item):
                 return False
         elif isinstance(item, dict):
             for key, inner in item.items():
-                if isinstance(key, str) and _BAD_TEXT.search(key):
+                if isinstance(key, str) and not _text_keeps(key):
                     return False
                 pending.append(inner)
         elif isinstance(item, (list, tuple)):
@@ -42,8 +43,24 @@ def jsonb_keeps(value: Any) -> bool:
 
 
 def jsonb_keeps_text(text: str, value: Any) -> bool:
-    """:func:`jsonb_keeps` for ``value`` decoded from ``text``; most texts need no walk."""
-    return _SUSPECT_JSON.search(text) is None or jsonb_keeps(value)
+    """:func:`jsonb_keeps` for ``value`` that ``json.dumps`` wrote as ``text``.
+
+    Most texts need no walk. ``text`` must be Python's JSON (Kombu's is): what another
+    writer sends (``1e20``, ``1E+20``) is only caught once Python wrote it again.
+    """
+    return not suspect(text) or jsonb_keeps(value)
+
+
+def suspect(text: str) -> bool:
+    """Whether Python-written JSON ``text`` may hold a value :func:`jsonb_keeps` refuses."""
+    nul, surrogate, exponent, negative_zero = _SUSPECT_MARKS
+    return (
+        nul in text
+        or surrogate in text
+        or exponent in text
+        or negative_zero in text
+        or not text.isascii()
+    )
 
 
 def printable(text: str) -> str:
@@ -51,6 +68,12 @@ def printable(text: str) -> str:
     if _BAD_TEXT.search(text) is None:
         return text
     return text.encode("utf-8", "backslashreplace").decode("utf-8").replace("\x00", "\\x00")
+
+
+def _text_keeps(text: str) -> bool:
+    if text.isascii():  # the common case, without the regular expression
+        return "\x00" not in text
+    return _BAD_TEXT.search(text) is None
 
 
 def _number_keeps(number: float) -> bool:

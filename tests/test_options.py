@@ -394,6 +394,9 @@ def test_json_payload_round_trips_to_the_same_message() -> None:
         ("application/json", "{not json"),
         ("application/json", "NaN"),
         ("application/json", '["nul \\u0000 inside"]'),
+        ("application/json", "[1e400]"),
+        ("application/json", "[1E20]"),
+        ("application/json", '["lone \\udc00"]'),
     ],
 )
 def test_non_json_bodies_are_kept_encoded(content_type: str, text: str) -> None:
