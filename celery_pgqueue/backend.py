@@ -397,13 +397,26 @@ class PgQueueBackend(Backend, AsyncBackendMixin):  # type: ignore[misc]
         request: Any = None,
         **kwargs: Any,
     ) -> Any:
+        write = self._state_write(task_id, result, state, traceback, request)
+        # A task's outcome waits out a restart (and a pooled session the server closed)
+        # instead of failing the task and leaving its row to lease rescue.
+        self.store.retrying(
+            lambda: self.store.write_state(write, notify=self.options.use_notify),
+            what=f"the {state} state of task {task_id}",
+        )
+        return result
+
+    def _state_write(
+        self, task_id: str, result: Any, state: str, traceback: str | None, request: Any
+    ) -> StateWrite:
+        """The row change that records ``state`` for ``task_id``."""
         delivered = _delivered_attempt(request)
         transport_owned = delivered is not None
         attempt = delivered if transport_owned else _attempt_of(request, state)
         error = _error_summary(result) if state in states.EXCEPTION_STATES else None
         retry_in, retry_at = _retry_eta() if state == states.RETRY else (None, None)
         document = self._document(result, state, request, transport_owned)
-        write = StateWrite(
+        return StateWrite(
             job_id=job_id_for(task_id),
             status=job_status_for(state),
             log_status=CELERY_TO_LOG.get(state),
@@ -419,13 +432,6 @@ class PgQueueBackend(Backend, AsyncBackendMixin):  # type: ignore[misc]
             retry_at=retry_at,
             started_at=None if transport_owned else _attempt_starts.get(task_id),
         )
-        # A task's outcome waits out a restart (and a pooled session the server closed)
-        # instead of failing the task and leaving its row to lease rescue.
-        self.store.retrying(
-            lambda: self.store.write_state(write, notify=self.options.use_notify),
-            what=f"the {state} state of task {task_id}",
-        )
-        return result
 
     def _document(
         self, value: Any, state: str, request: Any, transport_owned: bool
@@ -862,11 +868,18 @@ class PgQueueBackend(Backend, AsyncBackendMixin):  # type: ignore[misc]
         super()._fail_chain(chain, exc, traceback, store_result=store_result, state=state)
         if not store_result or state not in states.PROPAGATE_STATES:
             return
+        result = self.encode_result(exc, state)
+        writes = []
         for task in _unreached_tasks(chain, self.app):
             request = Context(
                 {**task, **task.options, "id": task.id, "group": task.options.get("group_id")}
             )
-            self.store_result(task.id, exc, state, traceback=traceback, request=request)
+            writes.append(self._state_write(task.id, result, state, traceback, request))
+        # One transaction for a group of any size: each member's waiter is woken at once.
+        self.store.retrying(
+            lambda: self.store.write_unrun_states(writes, notify=self.options.use_notify),
+            what=f"the {state} state of {len(writes)} tasks a failed chain never started",
+        )
 
     def _chord_values(self, group_id: str) -> list[Any]:
         """The header's results in header order; ChordError if a part failed."""
