@@ -23,7 +23,7 @@ Features
   FAILURE                       failed       failed_at, last_error_message (type:
                                              message, 255 chars); log row -> failed
   REVOKED                       cancelled    log row (if any) -> failed
-  PENDING (ignore_result)       finished     nothing stored in jobs.result
+  PENDING (ignore_result)       finished     jobs.result = {"ignored": true}
   ============================  ===========  =========================================
 
 * Results: ``jobs.result`` is a JSON document an operator can read: with the json
@@ -672,7 +672,7 @@ class PgQueueBackend(Backend, AsyncBackendMixin):  # type: ignore[misc]
         """Celery's meta for a stored row, exceptions rebuilt."""
         document = self._decode_document(row.result_json) if row.result_json else {}
         stored = document.get("status")
-        state = _state_of(row.status, stored, row.result_ignored)
+        state = _state_of(row.status, stored, document.get("ignored") is True)
         if state == stored:
             result = document.get("result")
         elif state == states.FAILURE:
@@ -1043,9 +1043,9 @@ def _state_of(status: str, stored: str | None, ignored: bool = False) -> str:
     The backend's own state name wins while it agrees with ``jobs.status``; a row
     finished by something else (lease rescue, a cancel) reads as that status implies.
     A queued row is PENDING (or RETRY, when the backend put it back for a retry); a
-    running one is PENDING until the backend stored a state for it. A task sent with
-    ``ignore_result`` keeps what Celery stored for it (nothing, unless
-    ``store_errors_even_if_ignored`` or ``update_state``), as on any backend:
+    running one is PENDING until the backend stored a state for it. A task whose
+    result Celery ignored (``ignore_result``; the worker marks its row, see
+    ``finalize.IGNORED_RESULT``) reads as Celery stored nothing: PENDING, while
     ``jobs.status`` still says how it ended, for operators.
     """
     if ignored:

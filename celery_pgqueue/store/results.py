@@ -73,8 +73,6 @@ class StoredResult:
     queue_name: str
     payload: Any = None
     failure_log: str | None = None
-    result_ignored: bool = False
-    """A finished row whose message asked for no result (``ignore_result``)."""
 
 
 def _status(status: JobStatus) -> sa.BindParameter[str]:
@@ -398,15 +396,6 @@ def _read_statement(ready_only: bool, with_payload: bool, with_failure_log: bool
         (jobs.c.status == JobStatus.CANCELLED.value, jobs.c.updated_at),
         else_=None,
     )
-    # Celery's ignore_result travels as a message header; only a finished row needs it
-    # (CASE is lazy: the payload of a running row is not read for it).
-    ignored = sa.case(
-        (
-            jobs.c.status.in_([s.value for s in FINISHED]),
-            sa.func.coalesce(jobs.c.payload.contains({"headers": {"ignore_result": True}}), False),
-        ),
-        else_=False,
-    )
     columns: list[Any] = [
         jobs.c.id,
         jobs.c.status,
@@ -414,7 +403,6 @@ def _read_statement(ready_only: bool, with_payload: bool, with_failure_log: bool
         jobs.c.last_error_message,
         finished_at.label("finished_at"),
         jobs.c.queue_name,
-        ignored.label("result_ignored"),
     ]
     if with_payload:
         columns.append(jobs.c.payload)
