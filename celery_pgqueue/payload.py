@@ -29,8 +29,6 @@ from celery_pgqueue.errors import (
 from celery_pgqueue.storable import jsonb_keeps, suspect
 
 JSON_TYPES = ("application/json",)
-DEFAULT_CANVAS_BYTES = 1_048_576
-"""Default ``max_canvas_bytes``: a chain into a chord of a few thousand tasks."""
 _PER_DELIVERY = ("delivery_tag", "delivery_info", "body_encoding")
 # How a stored body is encoded: ours ("json": stored decoded) and Kombu's virtual
 # transports' (base64, or the text as is).
@@ -38,14 +36,14 @@ _BODY_ENCODINGS = (None, "json", "base64", "utf-8")
 
 
 def to_payload(
-    message: dict[str, Any], *, limit: int, canvas_limit: int = DEFAULT_CANVAS_BYTES
+    message: dict[str, Any], *, limit: int, canvas_limit: int | None = None
 ) -> tuple[dict[str, Any], int]:
     """The JSON document stored for ``message``, and its size in bytes.
 
     Raises PayloadTooLarge when the task's own data (args, kwargs, headers) is over
     ``limit`` (option ``max_payload_bytes``), CanvasTooLarge when Celery's canvas
-    bookkeeping in it is over ``canvas_limit`` (``max_canvas_bytes``), and
-    PayloadNotSerializable when headers or properties are not JSON.
+    bookkeeping in it is over ``canvas_limit`` (``max_canvas_bytes``; None: no cap),
+    and PayloadNotSerializable when headers or properties are not JSON.
     """
     properties = dict(message.get("properties") or {})
     body_encoding = properties.get("body_encoding")
@@ -85,13 +83,17 @@ def to_payload(
             "pass ids and plain values (str, int, float, bool, list, dict)"
         ) from exc
     size = len(text.encode())
-    if size > min(limit, canvas_limit):
+    if size > limit or (canvas_limit is not None and size > canvas_limit):
         _check_size(message, document, size, limit, canvas_limit)
     return document, size
 
 
 def _check_size(
-    message: dict[str, Any], document: dict[str, Any], size: int, limit: int, canvas_limit: int
+    message: dict[str, Any],
+    document: dict[str, Any],
+    size: int,
+    limit: int,
+    canvas_limit: int | None,
 ) -> None:
     """Refuse a message whose data, or whose canvas, is over its own limit.
 
@@ -109,7 +111,7 @@ def _check_size(
             "(option max_payload_bytes in broker_transport_options); the queue tier "
             "carries ids and small config: store large data elsewhere and pass its id"
         )
-    if canvas > canvas_limit:
+    if canvas_limit is not None and canvas > canvas_limit:
         raise CanvasTooLarge(
             f"{what} carries {canvas:,} bytes of canvas (the rest of its chain, chord "
             f"and callback signatures), over the {canvas_limit:,}-byte limit (option "
