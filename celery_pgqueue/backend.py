@@ -868,14 +868,17 @@ class PgQueueBackend(Backend, AsyncBackendMixin):  # type: ignore[misc]
         super()._fail_chain(chain, exc, traceback, store_result=store_result, state=state)
         if not store_result or state not in states.PROPAGATE_STATES:
             return
+        tasks = list(_unreached_tasks(chain, self.app))
+        if not tasks:
+            return
         result = self.encode_result(exc, state)
         writes = []
-        for task in _unreached_tasks(chain, self.app):
+        for task in tasks:
             request = Context(
                 {**task, **task.options, "id": task.id, "group": task.options.get("group_id")}
             )
             writes.append(self._state_write(task.id, result, state, traceback, request))
-        # One transaction for a group of any size: each member's waiter is woken at once.
+        # One statement for a group of any size: each member's waiter is woken at once.
         self.store.retrying(
             lambda: self.store.write_unrun_states(writes, notify=self.options.use_notify),
             what=f"the {state} state of {len(writes)} tasks a failed chain never started",
