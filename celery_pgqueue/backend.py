@@ -23,6 +23,7 @@ Features
   FAILURE                       failed       failed_at, last_error_message (type:
                                              message, 255 chars); log row -> failed
   REVOKED                       cancelled    log row (if any) -> failed
+  PENDING (ignore_result)       finished     jobs.result = {"ignored": true}
   ============================  ===========  =========================================
 
 * Results: ``jobs.result`` is a JSON document an operator can read: with the json
@@ -60,6 +61,8 @@ backend uses:
 * ``polling_interval`` (1.0 s): how often a waiting client polls without NOTIFY.
 * ``max_payload_bytes`` (65,536): largest stored result document; a bigger result is
   stored as a FAILURE (``ResultTooLarge``) instead.
+* ``max_canvas_bytes`` (1 MiB): cap on a result's ``children`` (the group a chain went
+  on into, say), which do not count in ``max_payload_bytes``.
 * ``store_traceback`` (False): keep the last 1,000 characters of a failure's
   traceback in ``job_logs.log_message`` and return it as ``AsyncResult.traceback``.
   Costs up to 1 KB per failed attempt in ``job_logs`` (kept ``log_retention``) and puts
@@ -79,19 +82,20 @@ import base64
 import json
 import logging
 import os
-import re
 import sys
 import threading
 import weakref
+from collections import deque
 from collections.abc import Iterable, Iterator, Mapping
 from datetime import UTC, datetime
 from time import monotonic, sleep
 from typing import Any
 
 from celery import signals, states
+from celery.app.task import Context
 from celery.backends.asynchronous import AsyncBackendMixin, BaseResultConsumer, Drainer
 from celery.backends.base import Backend, _create_chord_error_with_cause
-from celery.canvas import maybe_signature
+from celery.canvas import _chain, chord, group, maybe_signature
 from celery.exceptions import ChordError, Retry
 from celery.exceptions import TimeoutError as ResultTimeout
 from celery.result import GroupResult, allow_join_result, result_from_tuple
@@ -115,6 +119,7 @@ from celery_pgqueue.options import (
     pool_conflict,
 )
 from celery_pgqueue.states import CELERY_TO_LOG, JobStatus, job_status_for
+from celery_pgqueue.storable import jsonb_keeps_text
 from celery_pgqueue.store import Store
 from celery_pgqueue.store.notify import ResultListener, ResultNote
 from celery_pgqueue.store.results import StateWrite, StoredResult
@@ -131,10 +136,6 @@ WAKE_INTERVAL = 1.0
 RESYNC_INTERVAL = 10.0
 """A listening client still re-reads what it waits for this often, for rows finished by
 something that sent no NOTIFY (an operator's SQL, a transport that cancels a row)."""
-
-# A JSON string escape of NUL, which jsonb refuses; an escaped backslash before "u0000"
-# is ordinary text.
-_NUL_ESCAPE = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
 
 # FINISHED job statuses -> the Celery state a row reads as when the backend did not
 # write that status itself (a rescued job, a transport-cancelled one).
@@ -409,13 +410,26 @@ class PgQueueBackend(Backend, AsyncBackendMixin):  # type: ignore[misc]
         request: Any = None,
         **kwargs: Any,
     ) -> Any:
+        write = self._state_write(task_id, result, state, traceback, request)
+        # A task's outcome waits out a restart (and a pooled session the server closed)
+        # instead of failing the task and leaving its row to lease rescue.
+        self.store.retrying(
+            lambda: self.store.write_state(write, notify=self.options.use_notify),
+            what=f"the {state} state of task {task_id}",
+        )
+        return result
+
+    def _state_write(
+        self, task_id: str, result: Any, state: str, traceback: str | None, request: Any
+    ) -> StateWrite:
+        """The row change that records ``state`` for ``task_id``."""
         delivered = _delivered_attempt(request)
         transport_owned = delivered is not None
         attempt = delivered if transport_owned else _attempt_of(request, state)
         error = _error_summary(result) if state in states.EXCEPTION_STATES else None
         retry_in, retry_at = _retry_eta() if state == states.RETRY else (None, None)
         document = self._document(result, state, request, transport_owned)
-        write = StateWrite(
+        return StateWrite(
             job_id=job_id_for(task_id),
             status=job_status_for(state),
             log_status=CELERY_TO_LOG.get(state),
@@ -431,13 +445,6 @@ class PgQueueBackend(Backend, AsyncBackendMixin):  # type: ignore[misc]
             retry_at=retry_at,
             started_at=None if transport_owned else _attempt_starts.get(task_id),
         )
-        # A task's outcome waits out a restart (and a pooled session the server closed)
-        # instead of failing the task and leaving its row to lease rescue.
-        self.store.retrying(
-            lambda: self.store.write_state(write, notify=self.options.use_notify),
-            what=f"the {state} state of task {task_id}",
-        )
-        return result
 
     def _document(
         self, value: Any, state: str, request: Any, transport_owned: bool
@@ -485,8 +492,7 @@ class PgQueueBackend(Backend, AsyncBackendMixin):  # type: ignore[misc]
         """
         limit = self.options.max_payload_bytes
         try:
-            text = self._serialize(document)
-            value = _strict_json(text)
+            text, value = self._stored_json(document)
         except (EncodeError, TypeError, ValueError) as exc:
             if state not in states.EXCEPTION_STATES:
                 name = getattr(request, "task", None) or "task"
@@ -495,24 +501,59 @@ class PgQueueBackend(Backend, AsyncBackendMixin):  # type: ignore[misc]
                     f"result_serializer={self.serializer!r}: {_first_line(exc)}; "
                     "return plain values (str, int, float, bool, None, list, dict)"
                 ) from exc
-            text = self._serialize(_shrunk_failure(document, limit))
-            value = _strict_json(text)
+            text, value = self._stored_json(_shrunk_failure(document, limit))
         size = len(text.encode())
-        if size <= limit:
+        canvas_limit = self.options.max_canvas_bytes
+        if size <= min(limit, canvas_limit):
+            return value
+        # The children (a chain's next group, say) are Celery's canvas bookkeeping: they
+        # count under max_canvas_bytes, as they do in the message that started them.
+        canvas = 0
+        if document.get("children"):
+            bare = {k: v for k, v in document.items() if k != "children"}
+            canvas = size - len(self._stored_json(bare)[0].encode())
+        if size - canvas <= limit and canvas <= canvas_limit:
             return value
         if state in states.EXCEPTION_STATES:
-            return _strict_json(self._serialize(_shrunk_failure(document, limit)))
+            return self._stored_json(_shrunk_failure(document, limit))[1]
         name = getattr(request, "task", None) or "task"
+        if size - canvas > limit:
+            raise ResultTooLarge(
+                f"the result of {name}[{task_id}] is {size - canvas:,} bytes encoded, over "
+                f"the {limit:,}-byte limit (max_payload_bytes in "
+                "result_backend_transport_options); the queue tier keeps ids and small "
+                "values: store large data elsewhere and return its id"
+            )
         raise ResultTooLarge(
-            f"the result of {name}[{task_id}] is {size:,} bytes encoded, over the "
-            f"{limit:,}-byte limit (max_payload_bytes in result_backend_transport_options); "
-            "the queue tier keeps ids and small values: store large data elsewhere and "
-            "return its id"
+            f"the children of {name}[{task_id}] are {canvas:,} bytes encoded, over the "
+            f"{canvas_limit:,}-byte limit (max_canvas_bytes in "
+            "result_backend_transport_options); raise the option or start fewer tasks "
+            "from one task"
         )
 
-    def _serialize(self, document: dict[str, Any]) -> str:
+    def _stored_json(self, document: dict[str, Any]) -> tuple[str, Any]:
+        """``document`` as JSON text and value, exactly as ``jsonb`` will keep it.
+
+        Valid JSON that jsonb refuses or changes (NUL, lone surrogates, ``1e+20``,
+        ``-0.0``) is rare: only then are result, args and kwargs enveloped (base64 of
+        their JSON text, as for other serializers), and only in that row.
+        """
+        text = self._serialize(document)
+        value = _strict_json(text)
+        if jsonb_keeps_text(text, value):
+            return text, value
+        text = self._serialize(document, envelope=True)
+        value = _strict_json(text)
+        if not jsonb_keeps_text(text, value):
+            raise ValueError(
+                "it holds text PostgreSQL cannot store (NUL, an unpaired surrogate) "
+                "outside the result, args and kwargs"
+            )
+        return text, value
+
+    def _serialize(self, document: dict[str, Any], envelope: bool = False) -> str:
         """The document as JSON text: inline values (json), else enveloped ones."""
-        if self._inline_json:
+        if self._inline_json and not envelope:
             _, _, text = dumps(document, serializer=self.serializer)
             return text.decode() if isinstance(text, bytes) else str(text)
         document = dict(document)
@@ -644,7 +685,7 @@ class PgQueueBackend(Backend, AsyncBackendMixin):  # type: ignore[misc]
         """Celery's meta for a stored row, exceptions rebuilt."""
         document = self._decode_document(row.result_json) if row.result_json else {}
         stored = document.get("status")
-        state = _state_of(row.status, stored)
+        state = _state_of(row.status, stored, document.get("ignored") is True)
         if state == stored:
             result = document.get("result")
         elif state == states.FAILURE:
@@ -819,6 +860,43 @@ class PgQueueBackend(Backend, AsyncBackendMixin):  # type: ignore[misc]
         finally:
             self.store.forget_chord_parts(job_id_for(group_id))
 
+    # -- failures down a chain --------------------------------------------------------
+
+    def _fail_chain(
+        self,
+        chain: Any,
+        exc: Any,
+        traceback: Any = None,
+        store_result: bool = True,
+        state: str = states.FAILURE,
+    ) -> None:
+        """Celery's propagation down the rest of a failed chain, reaching into groups.
+
+        Celery stores the failure for each later step that has an id of its own and
+        follows chord bodies, but a group's tasks (and a chord's header), never
+        published because an earlier step failed, would stay PENDING: ``get()`` on
+        the chain waits for its timeout (celery#6437; Redis fails the same way). Any
+        task id can have a row here, so each of them gets the failure too.
+        """
+        super()._fail_chain(chain, exc, traceback, store_result=store_result, state=state)
+        if not store_result or state not in states.PROPAGATE_STATES:
+            return
+        tasks = list(_unreached_tasks(chain, self.app))
+        if not tasks:
+            return
+        result = self.encode_result(exc, state)
+        writes = []
+        for task in tasks:
+            request = Context(
+                {**task, **task.options, "id": task.id, "group": task.options.get("group_id")}
+            )
+            writes.append(self._state_write(task.id, result, state, traceback, request))
+        # One statement for a group of any size: each member's waiter is woken at once.
+        self.store.retrying(
+            lambda: self.store.write_unrun_states(writes, notify=self.options.use_notify),
+            what=f"the {state} state of {len(writes)} tasks a failed chain never started",
+        )
+
     def _chord_values(self, group_id: str) -> list[Any]:
         """The header's results in header order; ChordError if a part failed."""
         header = GroupResult.restore(group_id, app=self.app, backend=self)
@@ -845,6 +923,43 @@ class PgQueueBackend(Backend, AsyncBackendMixin):  # type: ignore[misc]
 
 
 # -- helpers ---------------------------------------------------------------------------
+
+
+def _unreached_tasks(steps: Any, app: Any) -> Iterator[Any]:
+    """The tasks inside the rest of a chain that Celery's ``_fail_chain`` leaves alone.
+
+    It stores each step's own id and follows a chord step into its body; what it never
+    reaches is a group's tasks and a chord's header, at any depth.
+    """
+    try:
+        pending = deque(steps)
+    except TypeError:  # a request's chain may be None or a placeholder
+        return
+    while pending:
+        step = maybe_signature(pending.popleft(), app=app)
+        if isinstance(step, chord):
+            yield from _tasks_in(step.tasks, app)
+            if step.body is not None:
+                pending.append(step.body)  # Celery follows the body: so do we
+        elif isinstance(step, (group, _chain)):
+            yield from _tasks_in(step, app)
+
+
+def _tasks_in(canvas: Any, app: Any) -> Iterator[Any]:
+    """Every task signature with an id inside ``canvas``, at any depth."""
+    if isinstance(canvas, (list, tuple)):  # a chord's header, as its message carries it
+        for task in canvas:
+            yield from _tasks_in(task, app)
+        return
+    sig = maybe_signature(canvas, app=app)
+    if isinstance(sig, chord):
+        yield from _tasks_in(sig.tasks, app)
+        if sig.body is not None:
+            yield from _tasks_in(sig.body, app)
+    elif isinstance(sig, (group, _chain)):
+        yield from _tasks_in(sig.tasks, app)
+    elif sig is not None and sig.id:
+        yield sig
 
 
 def _check_shared_pool(app: Any, url: DatabaseURL, ours: PgQueueOptions) -> None:
@@ -936,14 +1051,19 @@ def _exception_from_summary(summary: str | None) -> dict[str, Any]:
     return {"exc_type": name, "exc_module": None, "exc_message": [message]}
 
 
-def _state_of(status: str, stored: str | None) -> str:
+def _state_of(status: str, stored: str | None, ignored: bool = False) -> str:
     """The Celery state a row reads as.
 
     The backend's own state name wins while it agrees with ``jobs.status``; a row
     finished by something else (lease rescue, a cancel) reads as that status implies.
     A queued row is PENDING (or RETRY, when the backend put it back for a retry); a
-    running one is PENDING until the backend stored a state for it.
+    running one is PENDING until the backend stored a state for it. A task whose
+    result Celery ignored (``ignore_result``; the worker marks its row, see
+    ``finalize.IGNORED_RESULT``) reads as Celery stored nothing: PENDING, while
+    ``jobs.status`` still says how it ended, for operators.
     """
+    if ignored:
+        return str(stored or states.PENDING)
     if status in _DERIVED_STATE:
         if stored and job_status_for(stored).value == status:
             return str(stored)
@@ -956,11 +1076,8 @@ def _state_of(status: str, stored: str | None) -> str:
 
 
 def _strict_json(text: str) -> Any:
-    """``text`` parsed, refusing what ``jsonb`` refuses: NaN/Infinity and NUL characters."""
-    value = json.loads(text, parse_constant=_reject_constant)
-    if "\\u0000" in text and _NUL_ESCAPE.search(text):
-        raise ValueError("NUL characters (\\u0000) cannot be stored in PostgreSQL jsonb")
-    return value
+    """``text`` parsed, refusing NaN and Infinity: not JSON, whatever Python writes."""
+    return json.loads(text, parse_constant=_reject_constant)
 
 
 def _reject_constant(name: str) -> Any:

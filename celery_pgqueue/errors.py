@@ -8,6 +8,8 @@ name the value and the fix.
 
 from __future__ import annotations
 
+from kombu.exceptions import EncodeError
+
 
 class PgQueueError(Exception):
     """Root of every celery-pgqueue error."""
@@ -38,8 +40,21 @@ class DatabaseNotFound(ConnectionRejected):
     """The URL's database does not exist on the server (3D000)."""
 
 
-class PayloadTooLarge(PgQueueError, ValueError):
-    """A message or result is larger than ``max_payload_bytes``: the tier holds IDs, not blobs."""
+class PayloadTooLarge(PgQueueError, EncodeError, ValueError):  # type: ignore[misc]
+    """A message or result is larger than ``max_payload_bytes``: the tier holds IDs, not blobs.
+
+    Also Kombu's ``EncodeError``: a worker whose next chain step is refused fails that
+    task (Celery's tracer treats it as a message it could not encode), and the failure
+    reaches the rest of the chain.
+    """
+
+
+class CanvasTooLarge(PayloadTooLarge):
+    """Celery's canvas bookkeeping in a message is larger than ``max_canvas_bytes``.
+
+    The rest of a chain, chord and callback signatures ride in the message next to the
+    task's own data; they have their own, larger cap than ``max_payload_bytes``.
+    """
 
 
 class PayloadNotSerializable(PgQueueError, TypeError):

@@ -14,7 +14,7 @@ import logging
 from typing import Any
 from uuid import UUID
 
-from celery import signals
+from celery import signals, states
 
 from celery_pgqueue.ids import job_id_for
 from celery_pgqueue.options import DatabaseURL, PgQueueOptions
@@ -36,14 +36,40 @@ def _job_id(properties: Any, task_id: str) -> UUID:
     return UUID(job) if job else job_id_for(task_id)
 
 
+IGNORED_RESULT = {"ignored": True}
+"""``jobs.result`` of a task whose result Celery ignored: the backend reads PENDING.
+
+Only the worker knows for sure: ``send_task`` by name sends no ``ignore_result``, and
+the task's own setting applies where it runs.
+"""
+
+
+def _result_ignored(task: Any, request: Any) -> bool:
+    """``ignore_result`` as the worker applies it: the request's, else the task's."""
+    ignored = getattr(request, "ignore_result", None)
+    if ignored is None:
+        ignored = getattr(task, "ignore_result", False)
+    return bool(ignored)
+
+
 def _backend_settles(task: Any, request: Any) -> bool:
     """Our result backend writes every state of tasks whose result it stores."""
     from celery_pgqueue.backend_name import is_pgqueue_backend
 
-    ignored = getattr(request, "ignore_result", None)
-    if ignored is None:
-        ignored = getattr(task, "ignore_result", False)
-    return is_pgqueue_backend(task.backend) and not ignored
+    return is_pgqueue_backend(task.backend) and not _result_ignored(task, request)
+
+
+def _marker(task: Any, request: Any, state: str) -> dict[str, bool] | None:
+    """IGNORED_RESULT when Celery stored nothing for this outcome, else None (keep it).
+
+    ``store_errors_even_if_ignored`` makes Celery store failures, retries and revokes
+    of such a task after all: those stay readable.
+    """
+    if not _result_ignored(task, request):
+        return None
+    if state in states.EXCEPTION_STATES and getattr(task, "store_errors_even_if_ignored", False):
+        return None
+    return IGNORED_RESULT
 
 
 _stores: dict[tuple[int, str], Store | None] = {}
@@ -88,6 +114,7 @@ def _on_task_postrun(sender: Any = None, task_id: str = "", state: str = "", **k
                 log_status=CELERY_TO_LOG.get(state),
                 error_message=error,
                 log_message=error[:1000] if error else None,
+                result=_marker(task, request, state),
                 max_attempts=(task.max_retries + 1) if task.max_retries is not None else None,
             ),
             what=f"the settle of job {task_id}",
@@ -116,6 +143,7 @@ def _on_task_revoked(sender: Any = None, request: Any = None, **kwargs: Any) -> 
             status=job_status_for("REVOKED"),
             log_status=CELERY_TO_LOG["REVOKED"],
             log_message=reason,
+            result=_marker(task, request, "REVOKED"),
         )
     except Exception as exc:
         logger.warning("pgqueue could not settle revoked job %s: %s", request.id, exc)

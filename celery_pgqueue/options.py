@@ -74,6 +74,10 @@ class PgQueueOptions:
     """LISTEN/NOTIFY wake-ups; turn off behind PgBouncer in transaction pooling mode."""
     max_payload_bytes: int = 65_536
     """Largest message or result accepted; the tier carries ids and small config."""
+    max_canvas_bytes: int = 1_048_576
+    """Largest part of a message (or result) that is Celery's canvas bookkeeping: the rest
+    of a chain, chord and callback signatures (a result's children); not counted in
+    max_payload_bytes."""
     lease_seconds: float = 20.0
     """How long a claimed job stays ours without a heartbeat before rescue takes it back
     (renewed every third of it; rescue then happens within this plus maintenance_interval)."""
@@ -156,7 +160,14 @@ class PgQueueOptions:
                 raise ConfigurationError(f"pgqueue option {name!r} must be > 0 seconds")
         if self.completed_retention is not None and self.completed_retention <= 0:
             raise ConfigurationError("pgqueue option 'completed_retention' must be > 0 seconds")
-        for name in ("max_payload_bytes", "pool_size", "prune_batch_size", "max_logs_per_job"):
+        at_least_one = (
+            "max_payload_bytes",
+            "max_canvas_bytes",
+            "pool_size",
+            "prune_batch_size",
+            "max_logs_per_job",
+        )
+        for name in at_least_one:
             if getattr(self, name) < 1:
                 raise ConfigurationError(f"pgqueue option {name!r} must be >= 1")
         if self.max_overflow < 0:

@@ -280,7 +280,9 @@ class Channel(virtual.Channel):  # type: ignore[misc]
         options = self.transport.options
         headers = message.get("headers") or {}
         properties = message.get("properties") or {}
-        document, _ = to_payload(message, limit=options.max_payload_bytes)
+        document, _ = to_payload(
+            message, limit=options.max_payload_bytes, canvas_limit=options.max_canvas_bytes
+        )
         task = is_task(headers)
         if task:
             job_id = job_id_for(headers["id"])

@@ -11,7 +11,9 @@ from typing import Any
 import pytest
 
 from celery_pgqueue.errors import (
+    CanvasTooLarge,
     ConfigurationError,
+    InvalidPayload,
     PayloadNotSerializable,
     PayloadTooLarge,
     PgQueueError,
@@ -37,6 +39,7 @@ def test_parse_of_nothing_gives_the_documented_defaults() -> None:
     assert options.polling_interval == 1.0
     assert options.use_notify is True
     assert options.max_payload_bytes == 65_536
+    assert options.max_canvas_bytes == 1_048_576
     assert options.lease_seconds == 20.0
     assert options.default_priority == 100
     assert options.completed_retention is None
@@ -122,6 +125,7 @@ def test_kombu_retry_keys_are_let_through() -> None:
         ("completed_retention", 0),
         ("completed_retention", -60),
         ("max_payload_bytes", 0),
+        ("max_canvas_bytes", 0),
         ("pool_size", 0),
         ("prune_batch_size", 0),
         ("max_logs_per_job", -1),
@@ -395,6 +399,9 @@ def test_json_payload_round_trips_to_the_same_message() -> None:
         ("application/json", "{not json"),
         ("application/json", "NaN"),
         ("application/json", '["nul \\u0000 inside"]'),
+        ("application/json", "[1e400]"),
+        ("application/json", "[1E20]"),
+        ("application/json", '["lone \\udc00"]'),
     ],
 )
 def test_non_json_bodies_are_kept_encoded(content_type: str, text: str) -> None:
@@ -407,6 +414,30 @@ def test_non_json_bodies_are_kept_encoded(content_type: str, text: str) -> None:
     assert document["body_encoding"] == "base64"
     assert rebuilt["body"] == message["body"]
     assert rebuilt["properties"]["body_encoding"] == "base64"
+
+
+@pytest.mark.parametrize("odd", ["nul \x00 inside", "lone \ud800", 1e20, -0.0, {"key \x00": 1}])
+def test_json_that_jsonb_would_change_round_trips_and_the_rest_stays_readable(odd: Any) -> None:
+    """Such values go to base64 (the body as Kombu sent it, odd header entries aside)."""
+    message = kombu_message([[odd], {}, {}], argsrepr=repr(odd), odd=odd)
+
+    document, _ = to_payload(message, limit=65_536)
+    stored = json.loads(json.dumps(document))  # what any JSON column gives back
+    rebuilt = from_payload(stored)
+
+    assert document["body_encoding"] == "base64" and document["body"] == message["body"]
+    assert document["headers"]["task"] == "tests.add", "the task name stays readable"
+    assert "odd" not in document["headers"] and "encoded" in document
+    assert rebuilt["headers"] == message["headers"]
+    assert json.dumps(rebuilt["headers"]["odd"]) == json.dumps(odd), "same value, same type"
+
+
+def test_a_hand_edited_encoded_section_is_refused_by_name() -> None:
+    document, _ = to_payload(kombu_message([1], odd="\x00"), limit=65_536)
+    document["encoded"] = {"headers": "not base64 json!"}
+
+    with pytest.raises(InvalidPayload, match="payload 'encoded'"):
+        from_payload(document)
 
 
 def test_payload_over_the_limit_states_size_limit_and_option() -> None:
@@ -431,6 +462,32 @@ def test_payload_at_exactly_the_limit_is_accepted() -> None:
     assert to_payload(message, limit=size)[1] == size
     with pytest.raises(PayloadTooLarge):
         to_payload(message, limit=size - 1)
+
+
+@pytest.mark.parametrize(
+    ("content_type", "serializer"),
+    [("application/json", "json"), ("application/x-python-serialize", "pickle")],
+)
+def test_a_tasks_canvas_counts_under_its_own_cap(content_type: str, serializer: str) -> None:
+    """args/kwargs/headers against max_payload_bytes; Celery's embed against the canvas cap."""
+    from kombu.serialization import dumps
+
+    chain = [
+        {"task": "tests.add", "args": [i], "options": {"task_id": "x" * 36}} for i in range(50)
+    ]
+    body = [[1], {}, {"callbacks": None, "errbacks": None, "chain": chain, "chord": None}]
+    _, _, raw = dumps(body, serializer=serializer)
+    message = kombu_message("", content_type=content_type)
+    message["body"] = base64.b64encode(raw if isinstance(raw, bytes) else raw.encode()).decode()
+
+    _, size = to_payload(message, limit=2_000, canvas_limit=10_000)
+    assert size > 2_000, "over max_payload_bytes as a whole, yet accepted"
+    with pytest.raises(CanvasTooLarge, match="max_canvas_bytes") as raised:
+        to_payload(message, limit=2_000, canvas_limit=1_000)
+    assert isinstance(raised.value, PayloadTooLarge)
+    message["headers"]["big"] = "y" * 3_000
+    with pytest.raises(PayloadTooLarge, match="max_payload_bytes"):
+        to_payload(message, limit=2_000, canvas_limit=10_000)
 
 
 @pytest.mark.parametrize("header", [object(), {1, 2}, b"bytes", float("nan")])

@@ -923,6 +923,27 @@ class Store:
                 conn, write=write, channel=self.result_channel if notify else None
             )
 
+    def write_unrun_states(self, writes: Sequence[StateWrite], *, notify: bool) -> int:
+        """Record one state for many tasks that never ran, in one statement; rows written.
+
+        For the tasks a failed chain never published (a later group's, say): no
+        attempt and no transport row to fence on, so each gets (or keeps) its own row.
+        A group of any size is one round trip and one commit.
+        """
+        if not writes:
+            return 0
+        statuses = {w.status for w in writes}
+        if len(statuses) != 1 or any(w.transport_owned or w.attempt is not None for w in writes):
+            raise ValueError("write_unrun_states takes one state of tasks that never ran")
+        self.ensure_queues(sorted({w.queue_name for w in writes}))
+        with self.single() as conn:
+            return result_sql.upsert_unrun(
+                conn,
+                status=statuses.pop(),
+                writes=writes,
+                channel=self.result_channel if notify else None,
+            )
+
     def read_results(
         self,
         job_ids: Sequence[UUID],

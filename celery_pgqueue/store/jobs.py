@@ -18,6 +18,7 @@ from sqlalchemy.dialects.postgresql import UUID as PG_UUID
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
 from celery_pgqueue.states import JobStatus, LogStatus
+from celery_pgqueue.storable import printable
 from celery_pgqueue.store.hot import Call
 from celery_pgqueue.store.notify import INLINE_RESULT_BYTES
 from celery_pgqueue.store.records import ClaimedJob, NewJob
@@ -537,8 +538,9 @@ def finish_call(
         "p_result": result,
         "p_max_attempts": max_attempts,
         "p_run_at": run_at,
-        "p_error_message": (error_message or "")[:255] or None,
-        "p_log_message": log_message,
+        # text columns refuse NUL and lone surrogates: such characters become escapes.
+        "p_error_message": printable(error_message or "")[:255] or None,
+        "p_log_message": printable(log_message) if log_message else log_message,
         "p_result_channel": result_channel,
     }
     return Call(stmt, params)

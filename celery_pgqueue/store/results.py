@@ -24,6 +24,7 @@ from sqlalchemy.dialects.postgresql import UUID as PG_UUID
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
 from celery_pgqueue.states import FINISHED, JobStatus, LogStatus
+from celery_pgqueue.storable import printable
 from celery_pgqueue.store.tables import TZ, job_logs, job_queues, jobs
 
 SECOND = sa.text("interval '1 second'")
@@ -116,8 +117,9 @@ def upsert_state(conn: sa.Connection, *, write: StateWrite, channel: str | None)
         "p_attempt": w.attempt or 0,
         "p_max_attempts": w.max_attempts,
         "p_result": w.document,
-        "p_error": (w.error_message or "")[:MAX_ERROR] or None,
-        "p_log_message": w.log_message,
+        # text columns refuse NUL and lone surrogates: such characters become escapes.
+        "p_error": printable(w.error_message or "")[:MAX_ERROR] or None,
+        "p_log_message": printable(w.log_message) if w.log_message else w.log_message,
         "p_started_at": w.started_at,
         "p_retry_in": w.retry_in,
         "p_retry_at": w.retry_at,
@@ -203,6 +205,105 @@ def _upsert_statement(
         for cte in _attempt_log(log_status):
             stmt = stmt.add_cte(cte)
     return stmt
+
+
+def upsert_unrun(
+    conn: sa.Connection, *, status: JobStatus, writes: Sequence[StateWrite], channel: str | None
+) -> int:
+    """Record one state for many tasks that never ran, in one statement; rows written.
+
+    The tasks of a group a failed chain never published: each gets (or keeps) a row
+    holding the state, with no attempt and no log row. A completed job is never
+    overwritten. ``channel`` set: each row's waiters are notified at commit.
+    """
+    if not writes:
+        return 0
+    stmt = _unrun_statement(status, channel is not None)
+    params = {
+        "p_ids": [w.job_id for w in writes],
+        "p_queues": [w.queue_name for w in writes],
+        "p_results": [w.document for w in writes],
+        "p_errors": [printable(w.error_message or "")[:MAX_ERROR] or None for w in writes],
+        "p_max_attempts": [w.max_attempts for w in writes],
+        "p_channel": channel,
+    }
+    row = conn.execute(stmt, params).first()
+    return int(row[0]) if row else 0
+
+
+@functools.lru_cache(maxsize=8)
+def _unrun_statement(status: JobStatus, notify: bool) -> sa.Select[Any]:
+    now = sa.func.now()
+    v: Any = (
+        sa.func.unnest(
+            sa.bindparam("p_ids", type_=ARRAY(PG_UUID(as_uuid=True))),
+            sa.bindparam("p_queues", type_=ARRAY(sa.String)),
+            sa.bindparam("p_results", type_=ARRAY(JSONB)),
+            sa.bindparam("p_errors", type_=ARRAY(sa.String)),
+            sa.bindparam("p_max_attempts", type_=ARRAY(sa.Integer)),
+        )
+        .table_valued("id", "queue_name", "result", "error", "max_attempts")
+        .render_derived(name="v", with_types=False)
+    )
+    q = job_queues.alias("q")
+    failed = status is JobStatus.FAILED
+    rows = sa.select(
+        v.c.id,
+        v.c.queue_name,
+        sa.literal(status.value),
+        sa.func.coalesce(q.c.default_priority, 100),
+        v.c.max_attempts,
+        v.c.result,
+        now,
+        now if status is JobStatus.COMPLETED else sa.null(),
+        now if failed else sa.null(),
+        v.c.error if failed else sa.null(),
+    ).select_from(v.outerjoin(q, q.c.name == v.c.queue_name))
+    columns = [
+        "id",
+        "queue_name",
+        "status",
+        "priority",
+        "max_attempts",
+        "result",
+        "run_at",
+        "completed_at",
+        "failed_at",
+        "last_error_message",
+    ]
+    insert = pg_insert(jobs).from_select(columns, rows)
+    new = insert.excluded
+    changes: dict[str, Any] = {
+        "status": new.status,
+        "result": new.result,
+        "max_attempts": sa.func.coalesce(new.max_attempts, jobs.c.max_attempts),
+        "completed_at": new.completed_at,
+        "failed_at": new.failed_at,
+        "last_error_message": new.last_error_message,
+        "updated_at": now,
+    }
+    if status in FINISHED:
+        changes.update(lease_owner=None, lease_expires_at=None)
+    written = (
+        insert.on_conflict_do_update(
+            index_elements=["id"],
+            set_=changes,
+            where=jobs.c.status != _status(JobStatus.COMPLETED),
+        )
+        .returning(jobs.c.id)
+        .cte("written")
+    )
+    columns_out: list[sa.ColumnElement[Any]] = [
+        sa.select(sa.func.count()).select_from(written).scalar_subquery()
+    ]
+    if notify:
+        channel = sa.bindparam("p_channel", type_=sa.String)
+        columns_out.append(
+            sa.select(sa.func.count(sa.func.pg_notify(channel, sa.cast(written.c.id, sa.Text))))
+            .select_from(written)
+            .scalar_subquery()
+        )
+    return sa.select(*columns_out)
 
 
 def _attempt_log(log_status: LogStatus | None) -> list[sa.CTE]:

@@ -142,6 +142,26 @@ def define_tasks(app: Celery, database_url: str, broker: str) -> Tasks:
     def nan() -> float:
         return float("nan")
 
+    @app.task(name="t.quiet", shared=False, ignore_result=True)
+    def quiet(key: Any) -> Any:
+        tasks.finished_at[key] = time.monotonic()
+        return key
+
+    @app.task(name="t.quiet_fail", shared=False, ignore_result=True)
+    def quiet_fail(key: Any) -> None:
+        tasks.finished_at[key] = time.monotonic()
+        raise ValueError(f"quiet {key}")
+
+    @app.task(
+        name="t.quiet_fail_kept",
+        shared=False,
+        ignore_result=True,
+        store_errors_even_if_ignored=True,
+    )
+    def quiet_fail_kept(key: Any) -> None:
+        tasks.finished_at[key] = time.monotonic()
+        raise ValueError(f"kept {key}")
+
     @app.task(name="t.on_error", shared=False)
     def on_error(request: Any, exc: BaseException, traceback: Any) -> None:
         tasks.errbacks.append((request.id, f"{type(exc).__name__}: {exc}"))

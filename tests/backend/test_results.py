@@ -14,7 +14,7 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
-from celery import states
+from celery import group, states
 from celery.app.task import Context
 from celery.exceptions import TaskRevokedError
 
@@ -126,8 +126,6 @@ def test_results_the_tier_cannot_hold_are_refused_with_the_fix(
         backend.store_result(str(uuid.uuid4()), "x" * 2_000, states.SUCCESS)
     with pytest.raises(ResultNotSerializable, match="NaN"):
         backend.store_result(str(uuid.uuid4()), float("nan"), states.SUCCESS)
-    with pytest.raises(ResultNotSerializable, match="NUL"):
-        backend.store_result(str(uuid.uuid4()), "a\x00b", states.SUCCESS)
     with pytest.raises(ResultNotSerializable, match="not JSON serializable"):
         backend.store_result(str(uuid.uuid4()), object(), states.SUCCESS)
     assert rows(tasks.database_url, "SELECT count(*) FROM jobs") == [(0,)]
@@ -135,6 +133,50 @@ def test_results_the_tier_cannot_hold_are_refused_with_the_fix(
     escaped = str(uuid.uuid4())
     backend.store_result(escaped, "a literal \\u0000 is just text", states.SUCCESS)
     assert tasks.app.AsyncResult(escaped).get(timeout=1) == "a literal \\u0000 is just text"
+
+
+def test_a_results_children_count_under_the_canvas_cap_not_the_payload_limit(
+    backend_tasks: Callable[..., Tasks],
+) -> None:
+    """A task whose chain went on into a big group records the group as its child."""
+    tasks = backend_tasks(backend_options={"max_payload_bytes": 2_000})
+    app, backend = tasks.app, tasks.app.backend
+    children = [app.GroupResult(str(uuid.uuid4()), [app.AsyncResult(str(uuid.uuid4()))] * 500)]
+    task_id = str(uuid.uuid4())
+    spawned = request(task_id)
+    spawned.children.extend(children)  # what apply_async inside the task does
+
+    backend.store_result(task_id, 1, states.SUCCESS, request=spawned)
+
+    assert app.AsyncResult(task_id).get(timeout=1) == 1
+    assert len(app.AsyncResult(task_id).children[0].results) == 500
+
+    small = backend_tasks(backend_options={"max_payload_bytes": 2_000, "max_canvas_bytes": 4_096})
+    with pytest.raises(ResultTooLarge, match=r"4,096-byte limit \(max_canvas_bytes"):
+        small.app.backend.store_result(task_id, 1, states.SUCCESS, request=spawned)
+
+
+def test_a_failed_chain_fails_later_group_tasks_in_one_write_but_never_a_success(
+    backend_tasks: Callable[..., Tasks],
+) -> None:
+    """What Celery's tracer does when a chain step fails: the rest of the chain fails."""
+    tasks = backend_tasks()
+    app, backend = tasks.app, tasks.app.backend
+    step = group(tasks.add.s(1), tasks.add.s(2), tasks.add.s(3))
+    ids = [r.id for r in step.freeze().results]
+    backend.store_result(ids[0], 5, states.SUCCESS)  # ran already (a hand-made case)
+    failed_id = str(uuid.uuid4())
+    backend.mark_as_failure(
+        failed_id, ValueError("upstream"), request=request(failed_id, chain=[dict(step)])
+    )
+
+    assert app.AsyncResult(ids[0]).get(timeout=1) == 5, "a success is never overwritten"
+    for task_id in ids[1:]:
+        with pytest.raises(ValueError, match="upstream"):
+            app.AsyncResult(task_id).get(timeout=1)
+        row = stored(tasks, task_id)
+        assert (row["status"], row["attempt_count"]) == ("failed", 0)
+        assert row["last_error_message"] == "ValueError: upstream"
 
 
 def test_a_failure_is_always_stored_even_when_its_message_is_huge(

@@ -7,7 +7,10 @@ there is no row until the backend writes one.
 
 from __future__ import annotations
 
+import json
+import math
 import uuid
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
@@ -22,7 +25,7 @@ from celery_pgqueue.backend import ResultNotSerializable, ResultTooLarge
 from celery_pgqueue.ids import job_id_for
 from celery_pgqueue.store.notify import INLINE_RESULT_BYTES
 
-from .conftest import Tasks, rows
+from .conftest import Tasks, rows, running_worker
 
 pytestmark = pytest.mark.worker
 
@@ -81,6 +84,110 @@ def test_failure_reraises_the_exception_class_with_its_message(worker_tasks: Tas
     [attempt] = t.attempts(result.id)
     assert attempt["status"] == "failed"
     assert attempt["log_message"] == "ValueError: card declined"
+
+
+def _ran(t: Tasks, task_id: str, key: str, status: str) -> bool:
+    """The task ran; with the pgqueue broker, its row also reached ``status``."""
+    if key not in t.finished_at:
+        return False
+    return t.broker != "pgqueue" or (t.job(task_id) or {}).get("status") == status
+
+
+def test_ignore_result_reads_pending_while_the_row_says_completed(worker_tasks: Tasks) -> None:
+    """Celery keeps nothing for ignore_result: PENDING, None, as on Redis."""
+    t = worker_tasks
+    on_task, per_call, by_name = (f"{k}-{uuid.uuid4()}" for k in ("task", "call", "name"))
+    results = {
+        on_task: t.quiet.delay(on_task),  # @app.task(ignore_result=True)
+        per_call: t.timed.apply_async((per_call,), ignore_result=True),
+        by_name: t.app.send_task("t.quiet", (by_name,)),  # only the worker knows
+    }
+    for key, result in results.items():
+        wait_until(lambda r=result, k=key: _ran(t, r.id, k, "completed"), timeout=10)
+        meta = t.app.backend.get_task_meta(result.id)
+        assert (meta["status"], meta["result"]) == ("PENDING", None), key
+        assert t.app.AsyncResult(result.id).state == "PENDING"
+        if key != by_name:
+            assert result.get(timeout=1) is None, "an ignored result returns None at once"
+        if t.broker == "pgqueue":
+            job = t.job(result.id)
+            assert job is not None and job["completed_at"] is not None, "operators see it done"
+            assert job["result"] == {"ignored": True}, "no result, only a marker"
+            assert [a["status"] for a in t.attempts(result.id)] == ["success"]
+
+
+def test_an_ignored_failure_reads_pending_unless_errors_are_kept(worker_tasks: Tasks) -> None:
+    """store_errors_even_if_ignored decides, as in Celery; the row says failed either way."""
+    t = worker_tasks
+    dropped, kept = f"dropped-{uuid.uuid4()}", f"kept-{uuid.uuid4()}"
+    quiet, loud = t.quiet_fail.delay(dropped), t.quiet_fail_kept.delay(kept)
+
+    wait_until(lambda: _ran(t, quiet.id, dropped, "failed"), timeout=10)
+    assert t.app.backend.get_task_meta(quiet.id)["status"] == "PENDING"
+    wait_until(lambda: _ran(t, loud.id, kept, "failed"), timeout=10)
+    with pytest.raises(ValueError, match="kept"):
+        t.app.AsyncResult(loud.id).get(timeout=10)
+    if t.broker == "pgqueue":
+        job = t.job(quiet.id)
+        assert job is not None and job["last_error_message"] == f"ValueError: quiet {dropped}"
+        assert job["result"] == {"ignored": True}
+
+
+def test_task_ignore_result_setting_reads_pending(
+    backend_tasks: Callable[..., Tasks],
+) -> None:
+    t = backend_tasks(task_ignore_result=True)
+    key = f"setting-{uuid.uuid4()}"
+    with running_worker(t.app):
+        result = t.timed.delay(key)
+        wait_until(lambda: _ran(t, result.id, key, "completed"), timeout=10)
+    assert t.app.backend.get_task_meta(result.id)["status"] == "PENDING"
+    job = t.job(result.id)
+    assert job is not None and job["result"] == {"ignored": True}
+
+
+# Valid JSON that jsonb would refuse (NUL, a lone surrogate) or change (a float in
+# exponent form comes back an integer, -0.0 loses its sign; Redis keeps them all).
+ODD_JSON: dict[str, Any] = {
+    "nul": "a\x00b",
+    "key\x00": 1,
+    "lone": "\ud800 alone",
+    "pair": "\U0001f600",
+    "big": 1e20,
+    "huge": 1.5e300,
+    "negative_zero": -0.0,
+    "int": 2**70,
+    "small": 1e-7,
+}
+
+
+def test_any_json_round_trips_exactly_as_args_and_result(worker_tasks: Tasks) -> None:
+    t = worker_tasks
+    odd, plain = t.echo.delay(ODD_JSON), t.echo.delay({"plain": [1, 2.5]})
+
+    value = odd.get(timeout=10)
+    assert value == ODD_JSON
+    assert json.dumps(value) == json.dumps(ODD_JSON), "same types, same key order"
+    assert math.copysign(1.0, value["negative_zero"]) == -1.0
+    assert plain.get(timeout=10) == {"plain": [1, 2.5]}
+    if t.broker == "pgqueue":
+        [odd_job, plain_job] = [t.job(r.id) or {} for r in (odd, plain)]
+        assert plain_job["payload"]["body"][0] == [{"plain": [1, 2.5]}], "readable JSON"
+        assert plain_job["result"]["result"] == {"plain": [1, 2.5]}
+        assert odd_job["payload"]["body_encoding"] == "base64", "only this row degrades"
+        assert odd_job["result"]["result"]["content_type"] == "application/json"
+
+
+def test_a_failure_message_with_nul_round_trips(worker_tasks: Tasks) -> None:
+    t = worker_tasks
+    result = t.fail.delay("bad\x00input \ud800")
+
+    with pytest.raises(ValueError) as raised:
+        result.get(timeout=10)
+    assert str(raised.value) == "bad\x00input \ud800"
+    if t.broker == "pgqueue":
+        job = t.job(result.id) or {}
+        assert job["last_error_message"] == "ValueError: bad\\x00input \\ud800"
 
 
 def test_retry_n_times_leaves_one_job_and_n_plus_one_attempts(worker_tasks: Tasks) -> None:
@@ -257,6 +364,52 @@ def test_a_failed_header_fails_every_task_of_a_group_body(worker_tasks: Tasks) -
     for member in result.results:
         job = t.job(member.id)
         assert job is not None and job["status"] == "failed", "no body task left hanging"
+
+
+def test_a_failure_reaches_every_task_of_a_later_group_that_never_ran(
+    worker_tasks: Tasks,
+) -> None:
+    """Celery's test_error_propagates_from_chord (xfail on Redis, celery#6437), widened.
+
+    The group is never published; its tasks (a plain one, a chain, a chord) still get
+    the failure, so get() on the chain raises instead of waiting for its timeout.
+    """
+    t = worker_tasks
+    later = group(
+        t.add.s(1),
+        t.add.s(1) | t.add.s(2),
+        chord([t.add.s(1), t.add.s(2)], t.tsum.s()),
+    )
+    result = (t.add.s(1, 1) | t.fail.s() | later).delay()
+
+    with pytest.raises(ValueError, match="2"):
+        result.get(timeout=15)
+    unpublished = [r.id for r in result.results]
+    unpublished += [result.results[1].parent.id]  # the chain's first task
+    unpublished += [r.id for r in result.results[2].parent.results]  # the chord's header
+    for task_id in unpublished:
+        member = t.app.AsyncResult(task_id)
+        with pytest.raises(ValueError, match="2"):
+            member.get(timeout=10)
+        if t.broker == "pgqueue":
+            job = t.job(task_id)
+            assert job is not None and job["status"] == "failed" and job["attempt_count"] == 0
+
+
+def test_a_failed_chord_header_fails_the_rest_of_its_chain(worker_tasks: Tasks) -> None:
+    t = worker_tasks
+    workflow = chain(
+        chord([t.fail.s("header broke"), t.add.s(1, 1)], t.tsum.s()),
+        t.add.s(1),
+        group(t.add.s(1), t.add.s(2)),
+    )
+    result = workflow.delay()
+
+    with pytest.raises(ChordError, match="header broke"):
+        result.get(timeout=15)
+    for member in result.results:
+        with pytest.raises(ChordError, match="header broke"):
+            member.get(timeout=10)
 
 
 def test_link_error_runs_the_errback_of_a_failed_task(worker_tasks: Tasks) -> None:
