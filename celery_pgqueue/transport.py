@@ -40,8 +40,10 @@ import os
 import socket
 import threading
 import uuid
+import weakref
 from collections.abc import Iterable
 from datetime import UTC, datetime
+from multiprocessing.util import Finalize
 from queue import Empty
 from time import monotonic
 from typing import Any
@@ -108,6 +110,59 @@ def _parse_eta(value: Any) -> datetime | None:
     return eta if eta.tzinfo else eta.replace(tzinfo=UTC)
 
 
+def process_owner() -> str:
+    """The lease owner of this process: every connection it opens holds leases as one.
+
+    A worker's consumer reconnects on a new Transport while its pool runs on; a lease
+    tied to one connection would lapse with it, and rescue would hand still-running
+    tasks to another worker.
+    """
+    global _owner
+    if _owner is None or _owner[0] != os.getpid():
+        _owner = (os.getpid(), f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}")
+    return _owner[1]
+
+
+_owner: tuple[int, str] | None = None
+# Channels closed by a lost connection whose deliveries the worker's pool still runs.
+_detached: weakref.WeakSet[QoS] = weakref.WeakSet()
+
+
+def detached_held() -> list[tuple[uuid.UUID, int]]:
+    """Deliveries kept across a consumer restart (see ``QoS.restore_unacked``).
+
+    The lease keeper renews them with the ones it holds itself: a task handed to the
+    pool before the restart may wait there for longer than a lease.
+    """
+    held: list[tuple[uuid.UUID, int]] = []
+    for qos in list(_detached):
+        held.extend(held_of(m) for m in list(qos.kept.values()))
+    return held
+
+
+def _still_running(qos: QoS) -> set[str]:
+    """Delivery tags of ``qos`` whose tasks the worker's pool has and will still run.
+
+    Active requests, and reserved ones already handed to the pool (Celery forgets
+    those at a consumer restart, but the pool still runs them). Requests waiting for a
+    free process (prefork's semaphore), an ETA or a rate limit are dropped by Celery at
+    the restart: not in this set, so they go back in line.
+    """
+    try:
+        from celery.worker import state as worker_state
+    except ImportError:  # pragma: no cover - a Kombu application without Celery
+        return set()
+    tags: set[str] = set()
+    active = set(worker_state.active_requests)
+    for request in list(worker_state.reserved_requests) + list(active):
+        message: Any = getattr(request, "message", None)
+        if getattr(message, "channel", None) is not qos.channel:
+            continue
+        if request in active or getattr(request, "_apply_result", None) is not None:
+            tags.add(message.delivery_tag)
+    return tags
+
+
 class QoS(virtual.QoS):  # type: ignore[misc]
     """Acks, rejects and restores act on the rows, fenced by (job id, attempt).
 
@@ -115,8 +170,16 @@ class QoS(virtual.QoS):  # type: ignore[misc]
     so a crashed worker loses nothing: rescue puts its rows back.
     """
 
+    def __init__(self, channel: Any, prefetch_count: int = 0) -> None:
+        super().__init__(channel, prefetch_count)
+        # Deliveries the pool still runs after the connection was lost: their later
+        # ack or reject still reaches the row.
+        self.kept: dict[str, Any] = {}
+
     def ack(self, delivery_tag: str) -> None:
         message = self._delivered.get(delivery_tag)
+        if message is None:
+            message = self.kept.pop(delivery_tag, None)
         if message is not None:
             self.channel._settle_ack(message)
         super().ack(delivery_tag)
@@ -124,6 +187,8 @@ class QoS(virtual.QoS):  # type: ignore[misc]
 
     def reject(self, delivery_tag: str, requeue: bool = False) -> None:
         message = self._delivered.get(delivery_tag)
+        if message is None:
+            message = self.kept.pop(delivery_tag, None)
         if message is not None:
             if requeue:
                 self.channel._requeue([message])
@@ -135,6 +200,11 @@ class QoS(virtual.QoS):  # type: ignore[misc]
     def restore_unacked(self) -> list[tuple[BaseException, Any]]:
         """Put every unacked delivery back in line in one statement (warm shutdown).
 
+        After a lost connection (Celery's consumer restarts; the process lives on)
+        the deliveries the pool still runs stay claimed instead: requeued, another
+        worker would start them while they run here. Their lease is renewed and their
+        ack still written (see ``kept``); the rest go back in line.
+
         When the database is unreachable (why a worker's connection usually closes with
         deliveries in hand) nothing is lost: the rows stay claimed under our lease and
         rescue requeues them when it runs out. Kombu would log a panic and pickle the
@@ -144,8 +214,27 @@ class QoS(virtual.QoS):  # type: ignore[misc]
         self._flush()
         messages = list(self._delivered.values())
         self._delivered.clear()
+        if messages and self.channel.transport.connection_lost:
+            running = _still_running(self)
+            self.kept.update((tag, m) for m in messages if (tag := m.delivery_tag) in running)
+            messages = [m for m in messages if m.delivery_tag not in running]
+            if self.kept:
+                _detached.add(self)
+                # At exit (or once nothing references this channel) whatever the pool
+                # never acked goes back in line, as Kombu's own restore would.
+                self._kept_at_exit = Finalize(self, self._restore_kept, exitpriority=1)
         if not messages:
             return []
+        self._requeue_or_warn(messages)
+        return []
+
+    def _restore_kept(self) -> None:
+        messages = list(self.kept.values())
+        self.kept.clear()
+        if messages:
+            self._requeue_or_warn(messages)
+
+    def _requeue_or_warn(self, messages: list[Any]) -> None:
         try:
             self.channel._requeue(messages)
         except Exception as exc:
@@ -156,7 +245,6 @@ class QoS(virtual.QoS):  # type: ignore[misc]
                 exc,
                 self.channel.transport.options.lease_seconds,
             )
-        return []
 
     def has_unacked(self) -> bool:
         """Whether deliveries are still waiting for their ack (work in hand)."""
@@ -540,7 +628,12 @@ class Transport(virtual.Transport):  # type: ignore[misc]
             )
         super().__init__(client, **kwargs)
         self.polling_interval = self.options.polling_interval
-        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.owner = process_owner()
+        # Set when Kombu collects this connection after an error (Celery's consumer
+        # restart): its channels then keep what the pool still runs.
+        self.connection_lost = False
+        self._closed = False
+        self._created_pid = os.getpid()
         self.queue_expiry: dict[str, float] = {}
         self._bindings: dict[str, tuple[float, list[tuple[str, str, str]]]] = {}
         self._binding_types: dict[str, str | None] = {}
@@ -585,9 +678,23 @@ class Transport(virtual.Transport):  # type: ignore[misc]
         """
         self.store.check_schema(round_trip=True)
         result: Transport = super().establish_connection()
+        self._closed = self.connection_lost = False  # Kombu may reopen a closed transport
         return result
 
+    def _collect(self, connection: Any) -> None:
+        """Kombu's ``Connection.collect``: the connection is gone, the process lives on.
+
+        Celery calls it when its consumer restarts after a connection error, and Kombu
+        after a fork. Unlike a close, nothing the worker is still running is given back
+        (see ``QoS.restore_unacked``). A forked child leaves everything to its parent.
+        """
+        if os.getpid() != self._created_pid:
+            return
+        self.connection_lost = True
+        self.close_connection(connection)
+
     def close_connection(self, connection: Any) -> None:
+        self._closed = True
         self._stopping.set()
         with contextlib.suppress(Exception):
             self.flush_acks(force=True)
@@ -650,6 +757,14 @@ class Transport(virtual.Transport):  # type: ignore[misc]
         worker that dies in that window (at most ``ACK_DELAY``, or one poll interval
         when idle) has the task requeued rather than marked lost.
         """
+        if self._closed:
+            # A delivery kept across a consumer restart, acked after this connection
+            # closed: nothing will flush for it, so write it now.
+            try:
+                (self.store.delete_held if transient else self.store.mark_acked)([held])
+            except Exception as exc:
+                logger.warning("pgqueue could not record the ack of job %s: %s", held[0], exc)
+            return
         with self._ack_lock:
             if transient:
                 self._pending_deletes.append(held)
@@ -882,6 +997,7 @@ class Transport(virtual.Transport):  # type: ignore[misc]
     def held_jobs(self) -> list[uuid.UUID]:
         """Jobs this process can vouch for: unacked deliveries and live task requests."""
         ids = {job_id for channel in list(self.channels) for job_id, _ in channel.qos.held()}
+        ids.update(job_id for job_id, _ in detached_held())  # kept across a consumer restart
         with contextlib.suppress(Exception):
             from celery.worker import state as worker_state
 
