@@ -11,7 +11,9 @@ Features
 * Supports Fanout: Yes (bindings are stored, so every process routes alike)
 * Supports Priority: Yes, lower number runs sooner; none given -> the queue's
   ``default_priority`` (100)
-* Supports TTL: Yes (message ``expiration``; queue ``x-expires``)
+* Supports TTL: Yes (message ``expiration``; queue ``x-message-ttl`` and ``x-expires``).
+  Other messages wait until consumed; only Celery's control replies and events get
+  the short ``message_ttl``.
 * Asynchronous: Yes (the LISTEN socket is registered with the worker's event loop)
 * ETA/countdown: held in the database (``run_at``), never in worker memory
 
@@ -50,6 +52,7 @@ from typing import Any
 
 import psycopg
 from kombu.transport import virtual
+from kombu.transport.base import to_rabbitmq_queue_arguments
 
 from celery_pgqueue import batching, finalize, transaction
 from celery_pgqueue.batching import PublishBatch
@@ -80,21 +83,74 @@ AUTO_DELETE_AFTER = 60.0
 BINDINGS_TTL = 1.0
 # Mailbox exchanges (``<app>.pidbox``) carry ``revoke``; we cancel the rows too.
 PIDBOX_SUFFIX = ".pidbox"
+# Celery's events exchange (``event_exchange``) and the prefix of its receivers' queues.
+EVENT_EXCHANGE = "celeryev"
 
 
 def _tag(job_id: uuid.UUID, attempt: int) -> str:
     return f"{job_id}:{attempt}"
 
 
+def _properties(message: Any) -> dict[str, Any]:
+    props = message.properties if hasattr(message, "properties") else message["properties"]
+    return props if isinstance(props, dict) else {}
+
+
+def is_task_delivery(message: Any) -> bool:
+    """Whether a delivered message is a Celery task (kept as history when acked)."""
+    flag = _properties(message).get("pgqueue_task")
+    if flag is not None:
+        return bool(flag)
+    headers = message.headers if hasattr(message, "headers") else message.get("headers")
+    return is_task(headers)
+
+
 def held_of(message: Any) -> tuple[uuid.UUID, int]:
     """``(job id, attempt)`` of a delivered message: the fence for every later write."""
-    props = message.properties if hasattr(message, "properties") else message["properties"]
+    props = _properties(message)
     return uuid.UUID(props["pgqueue_job"]), int(props["pgqueue_attempt"])
 
 
 def is_task(headers: Any) -> bool:
-    """Celery task messages keep history in ``jobs``; other messages are transient."""
+    """A Celery task message of protocol 2: name and id in the headers."""
     return isinstance(headers, dict) and "task" in headers and "id" in headers
+
+
+def task_fields(headers: Any, body: Any) -> dict[str, Any] | None:
+    """The fields naming a Celery task (``task``, ``id``, ``eta``, ``retries``), if it is one.
+
+    Protocol 2 carries them in the headers; protocol 1 (``task_protocol=1``) in the
+    body, readable when it is JSON. Tasks keep their row as history under their id;
+    other messages are deleted once consumed.
+    """
+    if is_task(headers):
+        return dict(headers)
+    if is_task(body) and not (isinstance(headers, dict) and "task" in headers):
+        return dict(body)
+    return None
+
+
+def is_celery_transient(queue: str, exchange: str) -> bool:
+    """Celery's own short-lived traffic: remote-control mailboxes and replies, events.
+
+    Recognised by Celery's names (``<app>.pidbox`` and ``reply.<app>.pidbox``
+    exchanges, ``*.pidbox`` queues, the ``celeryev`` exchange and its ``celeryev.*``
+    queues), never by the lack of a task header: every other message waits until
+    consumed, unless it or its queue sets a TTL.
+    """
+    return (
+        exchange.endswith(PIDBOX_SUFFIX)
+        or queue.endswith(PIDBOX_SUFFIX)
+        or exchange == EVENT_EXCHANGE
+        or queue.startswith(EVENT_EXCHANGE + ".")
+    )
+
+
+def _stored_body(payload: Any) -> Any:
+    """The body of a stored payload when it is JSON kept readable, else None."""
+    if isinstance(payload, dict) and payload.get("body_encoding") == "json":
+        return payload.get("body")
+    return None
 
 
 def _parse_eta(value: Any) -> datetime | None:
@@ -357,9 +413,9 @@ class Channel(virtual.Channel):  # type: ignore[misc]
         headers = message.get("headers") or {}
         properties = message.get("properties") or {}
         document, _ = to_payload(message, limit=options.max_payload_bytes)
-        task = is_task(headers)
+        task = task_fields(headers, _stored_body(document))
         if task:
-            job_id = job_id_for(headers["id"])
+            job_id = job_id_for(task["id"])
             if shared:  # one task sent to several queues: one row each
                 job_id = uuid.uuid5(job_id, queue)
         else:
@@ -371,7 +427,8 @@ class Channel(virtual.Channel):  # type: ignore[misc]
                 ttl = max(0.0, float(expiration) / 1000.0)
             except (TypeError, ValueError):
                 ttl = None
-        if not task:
+        exchange = (properties.get("delivery_info") or {}).get("exchange") or ""
+        if not task and is_celery_transient(queue, exchange):
             ttl = min(ttl, options.message_ttl) if ttl is not None else options.message_ttl
         priority = properties.get("priority")
         if priority is not None:
@@ -386,7 +443,7 @@ class Channel(virtual.Channel):  # type: ignore[misc]
             queue_name=queue,
             payload=document,
             priority=priority,
-            run_at=_parse_eta(headers.get("eta")) if task else None,
+            run_at=_parse_eta(task.get("eta")) if task else None,
             ttl_seconds=ttl,
         )
 
@@ -426,7 +483,7 @@ class Channel(virtual.Channel):  # type: ignore[misc]
     def basic_get(self, queue: str, no_ack: bool = False, **kwargs: Any) -> Any:
         message = super().basic_get(queue, no_ack=no_ack, **kwargs)
         if message is not None and no_ack:
-            self.transport.defer_ack(held_of(message), transient=not is_task(message.headers))
+            self.transport.defer_ack(held_of(message), transient=not is_task_delivery(message))
         return message
 
     def claim_into(self, queue: str, limit: int) -> int:
@@ -451,7 +508,7 @@ class Channel(virtual.Channel):  # type: ignore[misc]
                 # A no_ack consumer (remote-control mailboxes) never acks: the
                 # delivery itself settles the row.
                 self.transport.defer_ack(
-                    (job.id, job.attempt), transient=not is_task(message["headers"])
+                    (job.id, job.attempt), transient=not is_task_delivery(message)
                 )
             try:
                 self.connection._deliver(message, queue)
@@ -501,11 +558,11 @@ class Channel(virtual.Channel):  # type: ignore[misc]
         return super().basic_consume(queue, no_ack, callback, consumer_tag, **kwargs)
 
     def _settle_ack(self, message: Any) -> None:
-        self.transport.defer_ack(held_of(message), transient=not is_task(message.headers))
+        self.transport.defer_ack(held_of(message), transient=not is_task_delivery(message))
 
     def _settle_reject(self, message: Any) -> None:
         held = held_of(message)
-        if is_task(message.headers):
+        if is_task_delivery(message):
             self.store.finish(
                 held[0],
                 attempt=held[1],
@@ -528,6 +585,17 @@ class Channel(virtual.Channel):  # type: ignore[misc]
 
     # -- queues and bindings ---------------------------------------------------------
 
+    def prepare_queue_arguments(self, arguments: Any, **kwargs: Any) -> Any:
+        """``Queue(message_ttl=…)`` becomes ``x-message-ttl``, as on RabbitMQ and Redis.
+
+        Kombu's default drops these keywords for virtual transports. Only the message
+        TTL is taken: a queue's expiry stays as ``_new_queue`` decides it.
+        """
+        message_ttl = kwargs.get("message_ttl")
+        if message_ttl is None:
+            return arguments
+        return to_rabbitmq_queue_arguments(arguments or {}, message_ttl=message_ttl)
+
     def _new_queue(self, queue: str, **kwargs: Any) -> None:
         self.store.ensure_queues([queue])
         arguments = kwargs.get("arguments") or {}
@@ -541,6 +609,9 @@ class Channel(virtual.Channel):  # type: ignore[misc]
         if seconds:
             self.transport.queue_expiry[queue] = seconds
             self.store.touch_queues([(queue, seconds)])
+        message_ttl = arguments.get("x-message-ttl")
+        if message_ttl is not None:
+            self.store.set_queue_message_ttl(queue, max(0.0, float(message_ttl) / 1000.0))
 
     def _has_queue(self, queue: str, **kwargs: Any) -> bool:
         return self.store.queue_exists(queue)
@@ -725,14 +796,15 @@ class Transport(virtual.Transport):  # type: ignore[misc]
         """The Kombu message for a claimed row, stamped for this delivery."""
         payload = job.payload
         stored_headers = payload.get("headers") if isinstance(payload, dict) else None
-        message = from_payload(payload, json_body=is_task(stored_headers))
+        task = task_fields(stored_headers, _stored_body(payload))
+        message = from_payload(payload, json_body=task is not None)
         headers = message["headers"]
         if headers.get("eta"):
             # The database already held the job until run_at: the worker runs it now
             # rather than waiting again on its own clock.
             headers["eta"] = None
         properties = message["properties"]
-        retries = headers.get("retries") or 0 if is_task(headers) else 0
+        retries = (task.get("retries") or 0) if task else 0
         if not isinstance(retries, int) or isinstance(retries, bool):
             raise InvalidPayload("payload header 'retries' is not an integer")
         properties.update(
@@ -745,6 +817,7 @@ class Transport(virtual.Transport):  # type: ignore[misc]
             },
             pgqueue_job=str(job.id),
             pgqueue_attempt=job.attempt,
+            pgqueue_task=task is not None,
         )
         return message
 
@@ -788,7 +861,7 @@ class Transport(virtual.Transport):  # type: ignore[misc]
                 self._pending_acks[:0] = acks
 
     def flush_acks(self, force: bool = False) -> None:
-        """Write deferred acks: ``acked_at`` for tasks, delete consumed transient rows.
+        """Write deferred acks: ``acked_at`` for tasks, delete other consumed messages.
 
         Task acks younger than ``ACK_DELAY`` wait (for a claim to carry them) unless
         ``force``.

@@ -426,6 +426,11 @@ class Store:
         with self.begin() as conn:
             return [tuple(r) for r in binding_sql.table(conn, exchange=exchange)]
 
+    def set_queue_message_ttl(self, name: str, seconds: float) -> None:
+        """Messages published to ``name`` from now on expire after ``seconds`` waiting."""
+        with self.begin() as conn:
+            queue_sql.set_message_ttl(conn, name=name, seconds=seconds)
+
     def touch_queues(self, expiries: Sequence[tuple[str, float]]) -> None:
         """Keep queues with an expiry alive while they are consumed."""
         if not expiries:
@@ -487,7 +492,7 @@ class Store:
             )
 
     def delete_held(self, held: Sequence[tuple[UUID, int]]) -> int:
-        """Remove consumed transient messages."""
+        """Remove consumed messages that are not tasks."""
         if not held:
             return 0
         with self.single() as conn:
