@@ -807,6 +807,11 @@ class Transport(virtual.Transport):  # type: ignore[misc]
         retries = (task.get("retries") or 0) if task else 0
         if not isinstance(retries, int) or isinstance(retries, bool):
             raise InvalidPayload("payload header 'retries' is not an integer")
+        if properties.get("priority") is None:
+            # Shown as Redis and RabbitMQ show it (Kombu stamps 0 when none is given),
+            # though the row got its queue's default_priority. The mark lets a retry,
+            # which re-sends this 0, keep the queue's default (finalize.py).
+            properties.update(priority=0, pgqueue_default_priority=True)
         properties.update(
             delivery_tag=_tag(job.id, job.attempt),
             delivery_info={

@@ -623,9 +623,13 @@ class Store:
         task: str | None = None,
         changed_within: float | None = None,
         changed_since: datetime | None = None,
+        scheduled: bool = False,
         limit: int = 50,
     ) -> list[JobRecord]:
-        """Jobs matching every filter given, most recently changed first."""
+        """Jobs matching every filter given, most recently changed first.
+
+        ``scheduled``: only waiting jobs not due yet, soonest first.
+        """
         with self.begin() as conn:
             rows = job_sql.find(
                 conn,
@@ -634,6 +638,7 @@ class Store:
                 task=task,
                 changed_within=changed_within,
                 changed_since=changed_since,
+                scheduled=scheduled,
                 limit=limit,
             )
         return [JobRecord(**row._mapping) for row in rows]

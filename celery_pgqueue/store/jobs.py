@@ -830,14 +830,20 @@ def find(
     task: str | None = None,
     changed_within: float | None = None,
     changed_since: Any = None,
+    scheduled: bool = False,
     limit: int,
 ) -> list[sa.Row[Any]]:
     """Jobs matching every given filter, most recently changed first.
 
     For operators (``pgqueue jobs``): ``changed_within`` is seconds by the database's
     clock, so an operator's skewed laptop clock can't hide recent failures.
+    ``scheduled``: only waiting jobs not due yet (countdown, ETA, a retry's delay), by
+    the same clock, soonest first: what ``celery inspect scheduled`` lists on brokers
+    whose workers hold such tasks in memory.
     """
     stmt = sa.select(jobs)
+    if scheduled:
+        stmt = stmt.where(IS_QUEUED, jobs.c.run_at > sa.func.now())
     if queues:
         stmt = stmt.where(jobs.c.queue_name.in_(list(queues)))
     if statuses:
@@ -848,7 +854,10 @@ def find(
         stmt = stmt.where(jobs.c.updated_at >= sa.func.now() - sa.literal(changed_within) * SECOND)
     if changed_since is not None:
         stmt = stmt.where(jobs.c.updated_at >= changed_since)
-    stmt = stmt.order_by(jobs.c.updated_at.desc(), jobs.c.id).limit(limit)
+    if scheduled:
+        stmt = stmt.order_by(jobs.c.run_at, jobs.c.priority, jobs.c.id).limit(limit)
+    else:
+        stmt = stmt.order_by(jobs.c.updated_at.desc(), jobs.c.id).limit(limit)
     return list(conn.execute(stmt))
 
 
