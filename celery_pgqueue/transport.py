@@ -77,6 +77,9 @@ logger = logging.getLogger("celery_pgqueue")
 MAX_BATCH = 100
 # Seconds an early ack may wait to ride on the next claim before it is written alone.
 ACK_DELAY = 0.1
+# Seconds a consumer with work in hand waits for half its prefetch to come free before
+# it claims what room it has: batches for short tasks, no idle process next to long ones.
+BATCH_WAIT = 0.05
 # Seconds an auto-delete/exclusive queue outlives its last consumer.
 AUTO_DELETE_AFTER = 60.0
 # How long a process trusts its copy of an exchange's bindings.
@@ -716,6 +719,7 @@ class Transport(virtual.Transport):  # type: ignore[misc]
         self._nudge: tuple[socket.socket, socket.socket] | None = None
         self._nudge_pending = False
         self._poll_timer: Any = None
+        self._batch_wait_since: float | None = None
         self._background: threading.Thread | None = None
         self._stopping = threading.Event()
         self._pid = os.getpid()
@@ -910,15 +914,24 @@ class Transport(virtual.Transport):  # type: ignore[misc]
                     continue
                 qos = channel.qos
                 if not qos.can_consume():
+                    self._batch_wait_since = None  # no room: nothing to wait for yet
                     wanted = True
                     break
                 room = qos.can_consume_max_estimate()
-                if room and qos.has_unacked() and room < max(1, qos.prefetch_count // 2):
-                    # Work is still in hand: wait until half the prefetch is free and
-                    # claim those together, instead of one commit per finished task.
+                if (
+                    room
+                    and qos.has_unacked()
+                    and room < max(1, qos.prefetch_count // 2)
+                    and not self._batch_wait_over()
+                ):
+                    # Work is still in hand: wait briefly for half the prefetch to be
+                    # free and claim those together, instead of one commit per finished
+                    # task. Briefly: with a prefetch of one per process (the setting
+                    # for priorities) the others may run long tasks.
                     wanted = True
                     break
                 limit = min(room, MAX_BATCH) if room else MAX_BATCH
+                self._batch_wait_since = None
                 got = channel.claim_into(queue, limit)
                 delivered += got
                 if got >= limit:
@@ -929,6 +942,22 @@ class Transport(virtual.Transport):  # type: ignore[misc]
         self._wanted = wanted
         return delivered
 
+    def _batch_wait_over(self) -> bool:
+        """Whether room has waited ``BATCH_WAIT`` for more; starts the wait (and a
+        wake-up at its end, in an event loop) the first time it is asked."""
+        now = monotonic()
+        if self._batch_wait_since is None:
+            self._batch_wait_since = now
+            if self._loop is not None:
+                self._loop.call_later(BATCH_WAIT, self._on_batch_wait)
+            return False
+        return now - self._batch_wait_since >= BATCH_WAIT
+
+    def _on_batch_wait(self) -> None:
+        if self._batch_wait_since is not None:
+            self._wanted = True
+            self._wake_loop()
+
     def drain_events(self, connection: Any, timeout: float | None = None) -> None:
         """Synchronous consumers: deliver, else sleep on the LISTEN socket."""
         deadline = None if timeout is None else monotonic() + timeout
@@ -936,6 +965,8 @@ class Transport(virtual.Transport):  # type: ignore[misc]
             if self.deliver_ready():
                 return
             remaining = self.polling_interval
+            if self._batch_wait_since is not None:
+                remaining = min(remaining, BATCH_WAIT)
             if deadline is not None:
                 left = deadline - monotonic()
                 if left <= 0:
