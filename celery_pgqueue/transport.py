@@ -279,8 +279,8 @@ class QoS(virtual.QoS):  # type: ignore[misc]
             messages = [m for m in messages if m.delivery_tag not in running]
             if self.kept:
                 _detached.add(self)
-                # At exit (or once nothing references this channel) whatever the pool
-                # never acked goes back in line, as Kombu's own restore would.
+                # At exit whatever the pool never acked (cancelled by a shutdown) goes
+                # back in line, as Kombu's own restore at close would have done.
                 self._kept_at_exit = Finalize(self, self._restore_kept, exitpriority=1)
         if not messages:
             return []
