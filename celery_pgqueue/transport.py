@@ -195,31 +195,32 @@ def detached_held() -> list[tuple[uuid.UUID, int]]:
     """
     held: list[tuple[uuid.UUID, int]] = []
     for qos in list(_detached):
-        held.extend(held_of(m) for m in list(qos.kept.values()))
+        held.extend(qos.kept_held())
     return held
 
 
-def _still_running(qos: QoS) -> set[str]:
-    """Delivery tags of ``qos`` whose tasks the worker's pool has and will still run.
+def _pool_tags(qos: QoS) -> tuple[set[str], set[str]]:
+    """Delivery tags of ``qos`` the worker's pool has: (started, handed over, not started).
 
-    Active requests, and reserved ones already handed to the pool (Celery forgets
-    those at a consumer restart, but the pool still runs them). Requests waiting for a
-    free process (prefork's semaphore), an ETA or a rate limit are dropped by Celery at
-    the restart: not in this set, so they go back in line.
+    Requests waiting for a free process (prefork's semaphore), an ETA or a rate limit
+    are dropped by Celery at a consumer restart: in neither set.
     """
     try:
         from celery.worker import state as worker_state
     except ImportError:  # pragma: no cover - a Kombu application without Celery
-        return set()
-    tags: set[str] = set()
+        return set(), set()
+    started: set[str] = set()
+    handed: set[str] = set()
     active = set(worker_state.active_requests)
     for request in list(worker_state.reserved_requests) + list(active):
         message: Any = getattr(request, "message", None)
         if getattr(message, "channel", None) is not qos.channel:
             continue
-        if request in active or getattr(request, "_apply_result", None) is not None:
-            tags.add(message.delivery_tag)
-    return tags
+        if request in active:
+            started.add(message.delivery_tag)
+        elif getattr(request, "_apply_result", None) is not None:
+            handed.add(message.delivery_tag)
+    return started, handed - started
 
 
 class QoS(virtual.QoS):  # type: ignore[misc]
@@ -231,23 +232,26 @@ class QoS(virtual.QoS):  # type: ignore[misc]
 
     def __init__(self, channel: Any, prefetch_count: int = 0) -> None:
         super().__init__(channel, prefetch_count)
-        # Deliveries the pool still runs after the connection was lost: their later
-        # ack or reject still reaches the row.
-        self.kept: dict[str, Any] = {}
+        # Deliveries the pool still runs after the connection was lost, with when they
+        # were kept: their later ack or reject still reaches the row.
+        self.kept: dict[str, tuple[Any, float]] = {}
 
-    def ack(self, delivery_tag: str) -> None:
+    def _take(self, delivery_tag: str) -> Any:
         message = self._delivered.get(delivery_tag)
         if message is None:
-            message = self.kept.pop(delivery_tag, None)
+            kept = self.kept.pop(delivery_tag, None)
+            message = kept[0] if kept else None
+        return message
+
+    def ack(self, delivery_tag: str) -> None:
+        message = self._take(delivery_tag)
         if message is not None:
             self.channel._settle_ack(message)
         super().ack(delivery_tag)
         self.channel.transport.room_freed()
 
     def reject(self, delivery_tag: str, requeue: bool = False) -> None:
-        message = self._delivered.get(delivery_tag)
-        if message is None:
-            message = self.kept.pop(delivery_tag, None)
+        message = self._take(delivery_tag)
         if message is not None:
             if requeue:
                 self.channel._requeue([message])
@@ -274,8 +278,12 @@ class QoS(virtual.QoS):  # type: ignore[misc]
         messages = list(self._delivered.values())
         self._delivered.clear()
         if messages and self.channel.transport.connection_lost:
-            running = _still_running(self)
-            self.kept.update((tag, m) for m in messages if (tag := m.delivery_tag) in running)
+            started, handed = _pool_tags(self)
+            running = started | handed
+            now = monotonic()
+            self.kept.update(
+                (tag, (m, now)) for m in messages if (tag := m.delivery_tag) in running
+            )
             messages = [m for m in messages if m.delivery_tag not in running]
             if self.kept:
                 _detached.add(self)
@@ -287,8 +295,41 @@ class QoS(virtual.QoS):  # type: ignore[misc]
         self._requeue_or_warn(messages)
         return []
 
+    def kept_held(self) -> list[tuple[uuid.UUID, int]]:
+        """Kept deliveries whose leases are still ours to renew.
+
+        Those the pool has started, and those handed to it less than ``lease_seconds``
+        ago. Prefork starts a handed task within milliseconds, but a restart can drop
+        a hand-over half written (Celery resets the event loop): one not started by
+        then goes back in line rather than being renewed for as long as we live.
+        """
+        if not self.kept:
+            return []
+        try:
+            started, _ = _pool_tags(self)
+        except RuntimeError:  # Celery's sets changed while read: decide next time
+            return [held_of(message) for message, _ in list(self.kept.values())]
+        grace = self.channel.transport.options.lease_seconds
+        now = monotonic()
+        held, stale = [], []
+        for tag, (message, since) in list(self.kept.items()):
+            if tag in started or now - since < grace:
+                held.append(held_of(message))
+            elif self.kept.pop(tag, None) is not None:
+                stale.append(message)
+        if stale:
+            logger.warning(
+                "pgqueue: %d task(s) handed to the pool before a consumer restart never"
+                " started within %s s; putting them back in line: %s",
+                len(stale),
+                grace,
+                ", ".join(str(held_of(m)[0]) for m in stale),
+            )
+            self._requeue_or_warn(stale)
+        return held
+
     def _restore_kept(self) -> None:
-        messages = list(self.kept.values())
+        messages = [message for message, _ in self.kept.values()]
         self.kept.clear()
         if messages:
             self._requeue_or_warn(messages)
