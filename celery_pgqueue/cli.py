@@ -571,6 +571,12 @@ JOB_ID = JobIdType()
     help="Only jobs changed since: a duration ago (10m, 2h, 1d) or an ISO time (UTC if naive).",
 )
 @click.option(
+    "--scheduled",
+    is_flag=True,
+    help="Only queued jobs not due yet (countdown, ETA, retry delay), soonest first: "
+    "what `celery inspect scheduled` shows on other brokers.",
+)
+@click.option(
     "--limit", type=click.IntRange(min=1), default=50, show_default=True, help="Most rows."
 )
 def jobs(
@@ -579,11 +585,14 @@ def jobs(
     statuses: tuple[str, ...],
     task: str | None,
     since: float | datetime | None,
+    scheduled: bool,
     limit: int,
 ) -> None:
-    """List jobs, most recently changed first."""
+    """List jobs, most recently changed first (with --scheduled: soonest due first)."""
     from celery_pgqueue.states import JobStatus
 
+    if scheduled and statuses:
+        raise UsageProblem("--scheduled lists queued jobs only: leave out --status")
     store = _runtime().store()
     found = store.find_jobs(
         queues=queues,
@@ -591,6 +600,7 @@ def jobs(
         task=task,
         changed_within=since if isinstance(since, float) else None,
         changed_since=since if isinstance(since, datetime) else None,
+        scheduled=scheduled,
         limit=limit,
     )
     if as_json:
@@ -598,6 +608,25 @@ def jobs(
         return
     if not found:
         click.echo("no jobs match")
+        return
+    if scheduled:
+        click.echo(
+            _table(
+                ("ID", "QUEUE", "TASK", "RUN AT (UTC)", "PRIO", "ATTEMPTS"),
+                [
+                    (
+                        str(j.id),
+                        j.queue_name,
+                        _task_of(j) or "-",
+                        _when(j.run_at),
+                        str(j.priority),
+                        _attempts(j),
+                    )
+                    for j in found
+                ],
+                left={0, 1, 2, 3},
+            )
+        )
         return
     click.echo(
         _table(

@@ -149,16 +149,42 @@ def _on_task_revoked(sender: Any = None, request: Any = None, **kwargs: Any) -> 
         logger.warning("pgqueue could not settle revoked job %s: %s", request.id, exc)
 
 
-def _keep_priority_absent(properties: dict[str, Any] | None = None, **kwargs: Any) -> None:
+def _keep_priority_absent(
+    properties: dict[str, Any] | None = None,
+    headers: dict[str, Any] | None = None,
+    body: Any = None,
+    **kwargs: Any,
+) -> None:
     """Mark "no priority given" so the queue's default_priority applies.
 
     Kombu's ``Producer.publish`` defaults ``priority`` to 0, so a task with no priority
     would be indistinguishable from one sent with ``priority=0``. Celery passes this
     dict on to ``publish(**properties)``: an explicit None survives, 0 stays 0. For
     other brokers None means their default, as before.
+
+    A retry re-sends the ``delivery_info['priority']`` its worker saw, which is 0 for
+    a task delivered without one (as on Redis): it keeps its queue's default instead
+    of jumping ahead of every other task.
     """
-    if properties is not None:
-        properties.setdefault("priority", None)
+    if properties is None:
+        return
+    properties.setdefault("priority", None)
+    if properties["priority"] == 0 and _retry_of_unprioritised(headers, body):
+        properties["priority"] = None
+
+
+def _retry_of_unprioritised(headers: dict[str, Any] | None, body: Any) -> bool:
+    """Whether this publish re-sends the running task, which was delivered without priority."""
+    from celery import current_task
+
+    request = getattr(current_task, "request", None)
+    delivered = getattr(request, "properties", None) or {}
+    if not delivered.get("pgqueue_default_priority"):
+        return False
+    task_id = (headers or {}).get("id")
+    if task_id is None and isinstance(body, dict):  # task_protocol 1
+        task_id = body.get("id")
+    return task_id is not None and task_id == getattr(request, "id", None)
 
 
 signals.before_task_publish.connect(_keep_priority_absent, weak=False)

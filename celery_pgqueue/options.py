@@ -92,7 +92,9 @@ class PgQueueOptions:
     connect_timeout: float = 10.0
     """Seconds to wait for PostgreSQL to accept a new connection."""
     message_ttl: float = 300.0
-    """Seconds a transient message (remote-control reply, event) may wait before it is dropped."""
+    """Seconds Celery's remote-control messages and events may wait before they are dropped
+    (only those, recognised by Celery's ``*.pidbox`` and ``celeryev`` names, and only when
+    neither the message nor its queue sets a TTL; every other message waits until consumed)."""
     completed_retention: float | None = None
     """Seconds to keep completed and cancelled jobs; None means Celery's result_expires
     (1 day; also when result_expires is None or 0: the tier keeps no permanent history)."""

@@ -11,7 +11,9 @@ Features
 * Supports Fanout: Yes (bindings are stored, so every process routes alike)
 * Supports Priority: Yes, lower number runs sooner; none given -> the queue's
   ``default_priority`` (100)
-* Supports TTL: Yes (message ``expiration``; queue ``x-expires``)
+* Supports TTL: Yes (message ``expiration``; queue ``x-message-ttl`` and ``x-expires``).
+  Other messages wait until consumed; only Celery's control replies and events get
+  the short ``message_ttl``.
 * Asynchronous: Yes (the LISTEN socket is registered with the worker's event loop)
 * ETA/countdown: held in the database (``run_at``), never in worker memory
 
@@ -42,12 +44,14 @@ import uuid
 import weakref
 from collections.abc import Iterable
 from datetime import UTC, datetime
+from multiprocessing.util import Finalize
 from queue import Empty
 from time import monotonic
 from typing import Any
 
 import psycopg
 from kombu.transport import virtual
+from kombu.transport.base import to_rabbitmq_queue_arguments
 
 from celery_pgqueue import batching, finalize, maintenance, transaction
 from celery_pgqueue.batching import PublishBatch
@@ -78,27 +82,83 @@ logger = logging.getLogger("celery_pgqueue")
 MAX_BATCH = 100
 # Seconds an early ack may wait to ride on the next claim before it is written alone.
 ACK_DELAY = 0.1
+# Seconds a consumer with work in hand waits for half its prefetch to come free before
+# it claims what room it has: batches for short tasks, no idle process next to long ones.
+BATCH_WAIT = 0.05
 # Seconds an auto-delete/exclusive queue outlives its last consumer.
 AUTO_DELETE_AFTER = 60.0
 # How long a process trusts its copy of an exchange's bindings.
 BINDINGS_TTL = 1.0
 # Mailbox exchanges (``<app>.pidbox``) carry ``revoke``; we cancel the rows too.
 PIDBOX_SUFFIX = ".pidbox"
+# Celery's events exchange (``event_exchange``) and the prefix of its receivers' queues.
+EVENT_EXCHANGE = "celeryev"
 
 
 def _tag(job_id: uuid.UUID, attempt: int) -> str:
     return f"{job_id}:{attempt}"
 
 
+def _properties(message: Any) -> dict[str, Any]:
+    props = message.properties if hasattr(message, "properties") else message["properties"]
+    return props if isinstance(props, dict) else {}
+
+
+def is_task_delivery(message: Any) -> bool:
+    """Whether a delivered message is a Celery task (kept as history when acked)."""
+    flag = _properties(message).get("pgqueue_task")
+    if flag is not None:
+        return bool(flag)
+    headers = message.headers if hasattr(message, "headers") else message.get("headers")
+    return is_task(headers)
+
+
 def held_of(message: Any) -> tuple[uuid.UUID, int]:
     """``(job id, attempt)`` of a delivered message: the fence for every later write."""
-    props = message.properties if hasattr(message, "properties") else message["properties"]
+    props = _properties(message)
     return uuid.UUID(props["pgqueue_job"]), int(props["pgqueue_attempt"])
 
 
 def is_task(headers: Any) -> bool:
-    """Celery task messages keep history in ``jobs``; other messages are transient."""
+    """A Celery task message of protocol 2: name and id in the headers."""
     return isinstance(headers, dict) and "task" in headers and "id" in headers
+
+
+def task_fields(headers: Any, body: Any) -> dict[str, Any] | None:
+    """The fields naming a Celery task (``task``, ``id``, ``eta``, ``retries``), if it is one.
+
+    Protocol 2 carries them in the headers; protocol 1 (``task_protocol=1``) in the
+    body, readable when it is JSON. Tasks keep their row as history under their id;
+    other messages are deleted once consumed.
+    """
+    if is_task(headers):
+        return dict(headers)
+    if is_task(body) and not (isinstance(headers, dict) and "task" in headers):
+        return dict(body)
+    return None
+
+
+def is_celery_transient(queue: str, exchange: str) -> bool:
+    """Celery's own short-lived traffic: remote-control mailboxes and replies, events.
+
+    Recognised by Celery's names (``<app>.pidbox`` and ``reply.<app>.pidbox``
+    exchanges, ``*.pidbox`` queues, the ``celeryev`` exchange and its ``celeryev.*``
+    queues), never by the lack of a task header: every other message waits until
+    consumed, unless it or its queue sets a TTL.
+    """
+    return (
+        exchange.endswith(PIDBOX_SUFFIX)
+        or queue.endswith(PIDBOX_SUFFIX)
+        or exchange == EVENT_EXCHANGE
+        or queue.startswith(EVENT_EXCHANGE + ".")
+    )
+
+
+def _stored_body(payload: Any) -> Any:
+    """The body of a stored payload when it is JSON kept readable, else None."""
+    if isinstance(payload, dict) and payload.get("body_encoding") == "json":
+        return payload.get("body")
+    return None
 
 
 def _parse_eta(value: Any) -> datetime | None:
@@ -114,6 +174,46 @@ def _parse_eta(value: Any) -> datetime | None:
     return eta if eta.tzinfo else eta.replace(tzinfo=UTC)
 
 
+# Channels closed by a lost connection whose deliveries the worker's pool still runs.
+_detached: weakref.WeakSet[QoS] = weakref.WeakSet()
+
+
+def detached_held() -> list[tuple[uuid.UUID, int]]:
+    """Deliveries kept across a consumer restart (see ``QoS.restore_unacked``).
+
+    The lease keeper renews them with the ones it holds itself: a task handed to the
+    pool before the restart may wait there for longer than a lease.
+    """
+    held: list[tuple[uuid.UUID, int]] = []
+    for qos in list(_detached):
+        held.extend(qos.kept_held())
+    return held
+
+
+def _pool_tags(qos: QoS) -> tuple[set[str], set[str]]:
+    """Delivery tags of ``qos`` the worker's pool has: (started, handed over, not started).
+
+    Requests waiting for a free process (prefork's semaphore), an ETA or a rate limit
+    are dropped by Celery at a consumer restart: in neither set.
+    """
+    try:
+        from celery.worker import state as worker_state
+    except ImportError:  # pragma: no cover - a Kombu application without Celery
+        return set(), set()
+    started: set[str] = set()
+    handed: set[str] = set()
+    active = set(worker_state.active_requests)
+    for request in list(worker_state.reserved_requests) + list(active):
+        message: Any = getattr(request, "message", None)
+        if getattr(message, "channel", None) is not qos.channel:
+            continue
+        if request in active:
+            started.add(message.delivery_tag)
+        elif getattr(request, "_apply_result", None) is not None:
+            handed.add(message.delivery_tag)
+    return started, handed - started
+
+
 class QoS(virtual.QoS):  # type: ignore[misc]
     """Acks, rejects and restores act on the rows, fenced by (job id, attempt).
 
@@ -121,15 +221,28 @@ class QoS(virtual.QoS):  # type: ignore[misc]
     so a crashed worker loses nothing: rescue puts its rows back.
     """
 
-    def ack(self, delivery_tag: str) -> None:
+    def __init__(self, channel: Any, prefetch_count: int = 0) -> None:
+        super().__init__(channel, prefetch_count)
+        # Deliveries the pool still runs after the connection was lost, with when they
+        # were kept: their later ack or reject still reaches the row.
+        self.kept: dict[str, tuple[Any, float]] = {}
+
+    def _take(self, delivery_tag: str) -> Any:
         message = self._delivered.get(delivery_tag)
+        if message is None:
+            kept = self.kept.pop(delivery_tag, None)
+            message = kept[0] if kept else None
+        return message
+
+    def ack(self, delivery_tag: str) -> None:
+        message = self._take(delivery_tag)
         if message is not None:
             self.channel._settle_ack(message)
         super().ack(delivery_tag)
         self.channel.transport.room_freed()
 
     def reject(self, delivery_tag: str, requeue: bool = False) -> None:
-        message = self._delivered.get(delivery_tag)
+        message = self._take(delivery_tag)
         if message is not None:
             if requeue:
                 self.channel._requeue([message])
@@ -141,6 +254,11 @@ class QoS(virtual.QoS):  # type: ignore[misc]
     def restore_unacked(self) -> list[tuple[BaseException, Any]]:
         """Put every unacked delivery back in line in one statement (warm shutdown).
 
+        After a lost connection (Celery's consumer restarts; the process lives on)
+        the deliveries the pool still runs stay claimed instead: requeued, another
+        worker would start them while they run here. Their lease is renewed and their
+        ack still written (see ``kept``); the rest go back in line.
+
         When the database is unreachable (why a worker's connection usually closes with
         deliveries in hand) nothing is lost: the rows stay claimed under our lease and
         rescue requeues them when it runs out. Kombu would log a panic and pickle the
@@ -150,8 +268,64 @@ class QoS(virtual.QoS):  # type: ignore[misc]
         self._flush()
         messages = list(self._delivered.values())
         self._delivered.clear()
+        if messages and self.channel.transport.connection_lost:
+            started, handed = _pool_tags(self)
+            running = started | handed
+            now = monotonic()
+            self.kept.update(
+                (tag, (m, now)) for m in messages if (tag := m.delivery_tag) in running
+            )
+            messages = [m for m in messages if m.delivery_tag not in running]
+            if self.kept:
+                _detached.add(self)
+                # At exit whatever the pool never acked (cancelled by a shutdown) goes
+                # back in line, as Kombu's own restore at close would have done.
+                self._kept_at_exit = Finalize(self, self._restore_kept, exitpriority=1)
         if not messages:
             return []
+        self._requeue_or_warn(messages)
+        return []
+
+    def kept_held(self) -> list[tuple[uuid.UUID, int]]:
+        """Kept deliveries whose leases are still ours to renew.
+
+        Those the pool has started, and those handed to it less than ``lease_seconds``
+        ago. Prefork starts a handed task within milliseconds, but a restart can drop
+        a hand-over half written (Celery resets the event loop): one not started by
+        then goes back in line rather than being renewed for as long as we live.
+        """
+        if not self.kept:
+            return []
+        try:
+            started, _ = _pool_tags(self)
+        except RuntimeError:  # Celery's sets changed while read: decide next time
+            return [held_of(message) for message, _ in list(self.kept.values())]
+        grace = self.channel.transport.options.lease_seconds
+        now = monotonic()
+        held, stale = [], []
+        for tag, (message, since) in list(self.kept.items()):
+            if tag in started or now - since < grace:
+                held.append(held_of(message))
+            elif self.kept.pop(tag, None) is not None:
+                stale.append(message)
+        if stale:
+            logger.warning(
+                "pgqueue: %d task(s) handed to the pool before a consumer restart never"
+                " started within %s s; putting them back in line: %s",
+                len(stale),
+                grace,
+                ", ".join(str(held_of(m)[0]) for m in stale),
+            )
+            self._requeue_or_warn(stale)
+        return held
+
+    def _restore_kept(self) -> None:
+        messages = [message for message, _ in self.kept.values()]
+        self.kept.clear()
+        if messages:
+            self._requeue_or_warn(messages)
+
+    def _requeue_or_warn(self, messages: list[Any]) -> None:
         try:
             self.channel._requeue(messages)
         except Exception as exc:
@@ -163,7 +337,6 @@ class QoS(virtual.QoS):  # type: ignore[misc]
                 self.channel.transport.options.lease_seconds,
                 ", ".join(str(held_of(m)[0]) for m in messages),
             )
-        return []
 
     def has_unacked(self) -> bool:
         """Whether deliveries are still waiting for their ack (work in hand)."""
@@ -283,9 +456,9 @@ class Channel(virtual.Channel):  # type: ignore[misc]
         document, _ = to_payload(
             message, limit=options.max_payload_bytes, canvas_limit=options.max_canvas_bytes
         )
-        task = is_task(headers)
+        task = task_fields(headers, _stored_body(document))
         if task:
-            job_id = job_id_for(headers["id"])
+            job_id = job_id_for(task["id"])
             if shared:  # one task sent to several queues: one row each
                 job_id = uuid.uuid5(job_id, queue)
         else:
@@ -297,7 +470,8 @@ class Channel(virtual.Channel):  # type: ignore[misc]
                 ttl = max(0.0, float(expiration) / 1000.0)
             except (TypeError, ValueError):
                 ttl = None
-        if not task:
+        exchange = (properties.get("delivery_info") or {}).get("exchange") or ""
+        if not task and is_celery_transient(queue, exchange):
             ttl = min(ttl, options.message_ttl) if ttl is not None else options.message_ttl
         priority = properties.get("priority")
         if priority is not None:
@@ -312,7 +486,7 @@ class Channel(virtual.Channel):  # type: ignore[misc]
             queue_name=queue,
             payload=document,
             priority=priority,
-            run_at=_parse_eta(headers.get("eta")) if task else None,
+            run_at=_parse_eta(task.get("eta")) if task else None,
             ttl_seconds=ttl,
         )
 
@@ -356,7 +530,7 @@ class Channel(virtual.Channel):  # type: ignore[misc]
         self.transport.used_queue(queue)
         message = super().basic_get(queue, no_ack=no_ack, **kwargs)
         if message is not None and no_ack:
-            self.transport.defer_ack(held_of(message), transient=not is_task(message.headers))
+            self.transport.defer_ack(held_of(message), transient=not is_task_delivery(message))
         return message
 
     def claim_into(self, queue: str, limit: int) -> int:
@@ -381,7 +555,7 @@ class Channel(virtual.Channel):  # type: ignore[misc]
                 # A no_ack consumer (remote-control mailboxes) never acks: the
                 # delivery itself settles the row.
                 self.transport.defer_ack(
-                    (job.id, job.attempt), transient=not is_task(message["headers"])
+                    (job.id, job.attempt), transient=not is_task_delivery(message)
                 )
             try:
                 self.connection._deliver(message, queue)
@@ -436,11 +610,11 @@ class Channel(virtual.Channel):  # type: ignore[misc]
         return consumer
 
     def _settle_ack(self, message: Any) -> None:
-        self.transport.defer_ack(held_of(message), transient=not is_task(message.headers))
+        self.transport.defer_ack(held_of(message), transient=not is_task_delivery(message))
 
     def _settle_reject(self, message: Any) -> None:
         held = held_of(message)
-        if is_task(message.headers):
+        if is_task_delivery(message):
             self.store.finish(
                 held[0],
                 attempt=held[1],
@@ -463,6 +637,17 @@ class Channel(virtual.Channel):  # type: ignore[misc]
 
     # -- queues and bindings ---------------------------------------------------------
 
+    def prepare_queue_arguments(self, arguments: Any, **kwargs: Any) -> Any:
+        """``Queue(message_ttl=…)`` becomes ``x-message-ttl``, as on RabbitMQ and Redis.
+
+        Kombu's default drops these keywords for virtual transports. Only the message
+        TTL is taken: a queue's expiry stays as ``_new_queue`` decides it.
+        """
+        message_ttl = kwargs.get("message_ttl")
+        if message_ttl is None:
+            return arguments
+        return to_rabbitmq_queue_arguments(arguments or {}, message_ttl=message_ttl)
+
     def _new_queue(self, queue: str, **kwargs: Any) -> None:
         self.store.ensure_queues([queue])
         arguments = kwargs.get("arguments") or {}
@@ -476,6 +661,9 @@ class Channel(virtual.Channel):  # type: ignore[misc]
         if seconds:
             self.transport.queue_expiry[queue] = seconds
             self.store.touch_queues([(queue, seconds)])
+        message_ttl = arguments.get("x-message-ttl")
+        if message_ttl is not None:
+            self.store.set_queue_message_ttl(queue, max(0.0, float(message_ttl) / 1000.0))
 
     def _has_queue(self, queue: str, **kwargs: Any) -> bool:
         return self.store.queue_exists(queue)
@@ -566,6 +754,11 @@ class Transport(virtual.Transport):  # type: ignore[misc]
             )
         super().__init__(client, **kwargs)
         self.polling_interval = self.options.polling_interval
+        # Set when Kombu collects this connection after an error (Celery's consumer
+        # restart): its channels then keep what the pool still runs.
+        self.connection_lost = False
+        self._closed = False
+        self._created_pid = os.getpid()
         self.queue_expiry: dict[str, float] = {}
         self._queue_gets: dict[str, float] = {}
         self._bindings: dict[str, tuple[float, list[tuple[str, str, str]]]] = {}
@@ -578,6 +771,7 @@ class Transport(virtual.Transport):  # type: ignore[misc]
         self._nudge: tuple[socket.socket, socket.socket] | None = None
         self._nudge_pending = False
         self._poll_timer: Any = None
+        self._batch_wait_since: float | None = None
         self._background: threading.Thread | None = None
         self._keeper: LeaseKeeper | None = None
         self._stopping = threading.Event()
@@ -633,9 +827,23 @@ class Transport(virtual.Transport):  # type: ignore[misc]
         """
         self.store.check_schema(round_trip=True)
         result: Transport = super().establish_connection()
+        self._closed = self.connection_lost = False  # Kombu may reopen a closed transport
         return result
 
+    def _collect(self, connection: Any) -> None:
+        """Kombu's ``Connection.collect``: the connection is gone, the process lives on.
+
+        Celery calls it when its consumer restarts after a connection error, and Kombu
+        after a fork. Unlike a close, nothing the worker is still running is given back
+        (see ``QoS.restore_unacked``). A forked child leaves everything to its parent.
+        """
+        if os.getpid() != self._created_pid:
+            return
+        self.connection_lost = True
+        self.close_connection(connection)
+
     def close_connection(self, connection: Any) -> None:
+        self._closed = True
         self._stopping.set()
         if self._keeper is not None:
             self._keeper.detach(self)
@@ -678,16 +886,22 @@ class Transport(virtual.Transport):  # type: ignore[misc]
         """The Kombu message for a claimed row, stamped for this delivery."""
         payload = job.payload
         stored_headers = payload.get("headers") if isinstance(payload, dict) else None
-        message = from_payload(payload, json_body=is_task(stored_headers))
+        task = task_fields(stored_headers, _stored_body(payload))
+        message = from_payload(payload, json_body=task is not None)
         headers = message["headers"]
         if headers.get("eta"):
             # The database already held the job until run_at: the worker runs it now
             # rather than waiting again on its own clock.
             headers["eta"] = None
         properties = message["properties"]
-        retries = headers.get("retries") or 0 if is_task(headers) else 0
+        retries = (task.get("retries") or 0) if task else 0
         if not isinstance(retries, int) or isinstance(retries, bool):
             raise InvalidPayload("payload header 'retries' is not an integer")
+        if properties.get("priority") is None:
+            # Shown as Redis and RabbitMQ show it (Kombu stamps 0 when none is given),
+            # though the row got its queue's default_priority. The mark lets a retry,
+            # which re-sends this 0, keep the queue's default (finalize.py).
+            properties.update(priority=0, pgqueue_default_priority=True)
         properties.update(
             delivery_tag=_tag(job.id, job.attempt),
             delivery_info={
@@ -698,6 +912,7 @@ class Transport(virtual.Transport):  # type: ignore[misc]
             },
             pgqueue_job=str(job.id),
             pgqueue_attempt=job.attempt,
+            pgqueue_task=task is not None,
         )
         return message
 
@@ -710,6 +925,14 @@ class Transport(virtual.Transport):  # type: ignore[misc]
         worker that dies in that window (at most ``ACK_DELAY``, or one poll interval
         when idle) has the task requeued rather than marked lost.
         """
+        if self._closed:
+            # A delivery kept across a consumer restart, acked after this connection
+            # closed: nothing will flush for it, so write it now.
+            try:
+                (self.store.delete_held if transient else self.store.mark_acked)([held])
+            except Exception as exc:
+                logger.warning("pgqueue could not record the ack of job %s: %s", held[0], exc)
+            return
         with self._ack_lock:
             if transient:
                 self._pending_deletes.append(held)
@@ -733,7 +956,7 @@ class Transport(virtual.Transport):  # type: ignore[misc]
                 self._pending_acks[:0] = acks
 
     def flush_acks(self, force: bool = False) -> None:
-        """Write deferred acks: ``acked_at`` for tasks, delete consumed transient rows.
+        """Write deferred acks: ``acked_at`` for tasks, delete other consumed messages.
 
         Task acks younger than ``ACK_DELAY`` wait (for a claim to carry them) unless
         ``force``.
@@ -777,15 +1000,24 @@ class Transport(virtual.Transport):  # type: ignore[misc]
                     continue
                 qos = channel.qos
                 if not qos.can_consume():
+                    self._batch_wait_since = None  # no room: nothing to wait for yet
                     wanted = True
                     break
                 room = qos.can_consume_max_estimate()
-                if room and qos.has_unacked() and room < max(1, qos.prefetch_count // 2):
-                    # Work is still in hand: wait until half the prefetch is free and
-                    # claim those together, instead of one commit per finished task.
+                if (
+                    room
+                    and qos.has_unacked()
+                    and room < max(1, qos.prefetch_count // 2)
+                    and not self._batch_wait_over()
+                ):
+                    # Work is still in hand: wait briefly for half the prefetch to be
+                    # free and claim those together, instead of one commit per finished
+                    # task. Briefly: with a prefetch of one per process (the setting
+                    # for priorities) the others may run long tasks.
                     wanted = True
                     break
                 limit = min(room, MAX_BATCH) if room else MAX_BATCH
+                self._batch_wait_since = None
                 got = channel.claim_into(queue, limit)
                 delivered += got
                 if got >= limit:
@@ -796,6 +1028,22 @@ class Transport(virtual.Transport):  # type: ignore[misc]
         self._wanted = wanted
         return delivered
 
+    def _batch_wait_over(self) -> bool:
+        """Whether room has waited ``BATCH_WAIT`` for more; starts the wait (and a
+        wake-up at its end, in an event loop) the first time it is asked."""
+        now = monotonic()
+        if self._batch_wait_since is None:
+            self._batch_wait_since = now
+            if self._loop is not None:
+                self._loop.call_later(BATCH_WAIT, self._on_batch_wait)
+            return False
+        return now - self._batch_wait_since >= BATCH_WAIT
+
+    def _on_batch_wait(self) -> None:
+        if self._batch_wait_since is not None:
+            self._wanted = True
+            self._wake_loop()
+
     def drain_events(self, connection: Any, timeout: float | None = None) -> None:
         """Synchronous consumers: deliver, else sleep on the LISTEN socket."""
         deadline = None if timeout is None else monotonic() + timeout
@@ -803,6 +1051,8 @@ class Transport(virtual.Transport):  # type: ignore[misc]
             if self.deliver_ready():
                 return
             remaining = self.polling_interval
+            if self._batch_wait_since is not None:
+                remaining = min(remaining, BATCH_WAIT)
             if deadline is not None:
                 left = deadline - monotonic()
                 if left <= 0:
@@ -941,11 +1191,11 @@ class Transport(virtual.Transport):  # type: ignore[misc]
 
     def held_jobs(self) -> list[uuid.UUID]:
         """Deliveries of this connection not yet acked (the lease keeper reads them).
-
         Celery's running and reserved tasks are added by the keeper itself, for the
         whole process (see ``leases.py``); may raise, and the keeper then says so.
         """
         held = {job_id for channel in list(self.channels) for job_id, _ in channel.qos.held()}
+        held.update(job_id for job_id, _ in detached_held())  # kept across a consumer restart
         return sorted(held)
 
     def used_queue(self, queue: str) -> None:

@@ -568,6 +568,11 @@ class Store:
         with self.begin() as conn:
             return [tuple(r) for r in binding_sql.table(conn, exchange=exchange)]
 
+    def set_queue_message_ttl(self, name: str, seconds: float) -> None:
+        """Messages published to ``name`` from now on expire after ``seconds`` waiting."""
+        with self.begin() as conn:
+            queue_sql.set_message_ttl(conn, name=name, seconds=seconds)
+
     def touch_queues(self, expiries: Sequence[tuple[str, float]]) -> None:
         """Keep queues with an expiry alive while they are consumed."""
         if not expiries:
@@ -629,7 +634,7 @@ class Store:
             )
 
     def delete_held(self, held: Sequence[tuple[UUID, int]]) -> int:
-        """Remove consumed transient messages."""
+        """Remove consumed messages that are not tasks."""
         if not held:
             return 0
         with self.single() as conn:
@@ -797,9 +802,13 @@ class Store:
         task: str | None = None,
         changed_within: float | None = None,
         changed_since: datetime | None = None,
+        scheduled: bool = False,
         limit: int = 50,
     ) -> list[JobRecord]:
-        """Jobs matching every filter given, most recently changed first."""
+        """Jobs matching every filter given, most recently changed first.
+
+        ``scheduled``: only waiting jobs not due yet, soonest first.
+        """
         with self.begin() as conn:
             rows = job_sql.find(
                 conn,
@@ -808,6 +817,7 @@ class Store:
                 task=task,
                 changed_within=changed_within,
                 changed_since=changed_since,
+                scheduled=scheduled,
                 limit=limit,
             )
         return [JobRecord(**row._mapping) for row in rows]

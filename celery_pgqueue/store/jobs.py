@@ -155,7 +155,9 @@ def _insert_statement(notify: bool, single: bool = False) -> sa.Executable:
         sa.func.coalesce(v.c.priority, q.c.default_priority, 100),
         sa.func.coalesce(v.c.run_at, sa.func.now()),
         v.c.max_attempts,
-        sa.func.now() + v.c.ttl * SECOND,
+        # The message's own expiration or its queue's x-message-ttl, whichever is
+        # shorter (least() skips NULLs); neither: it waits until consumed.
+        sa.func.now() + sa.func.least(v.c.ttl, q.c.message_ttl) * SECOND,
     ).select_from(v.outerjoin(q, q.c.name == v.c.queue_name))
     base = pg_insert(jobs).from_select(
         ["id", "queue_name", "payload", "priority", "run_at", "max_attempts", "expires_at"], rows
@@ -579,7 +581,7 @@ def _delete_held_statement() -> sa.Executable:
 
 
 def delete_held(conn: sa.Connection, *, held: Sequence[tuple[UUID, int]]) -> int:
-    """Remove consumed transient messages (replies, events): they keep no history."""
+    """Remove consumed messages that are not Celery tasks: they keep no history."""
     if not held:
         return 0
     return conn.execute(_delete_held_statement(), _held_params(held)).rowcount
@@ -861,14 +863,20 @@ def find(
     task: str | None = None,
     changed_within: float | None = None,
     changed_since: Any = None,
+    scheduled: bool = False,
     limit: int,
 ) -> list[sa.Row[Any]]:
     """Jobs matching every given filter, most recently changed first.
 
     For operators (``pgqueue jobs``): ``changed_within`` is seconds by the database's
     clock, so an operator's skewed laptop clock can't hide recent failures.
+    ``scheduled``: only waiting jobs not due yet (countdown, ETA, a retry's delay), by
+    the same clock, soonest first: what ``celery inspect scheduled`` lists on brokers
+    whose workers hold such tasks in memory.
     """
     stmt = sa.select(jobs)
+    if scheduled:
+        stmt = stmt.where(IS_QUEUED, jobs.c.run_at > sa.func.now())
     if queues:
         stmt = stmt.where(jobs.c.queue_name.in_(list(queues)))
     if statuses:
@@ -879,7 +887,10 @@ def find(
         stmt = stmt.where(jobs.c.updated_at >= sa.func.now() - sa.literal(changed_within) * SECOND)
     if changed_since is not None:
         stmt = stmt.where(jobs.c.updated_at >= changed_since)
-    stmt = stmt.order_by(jobs.c.updated_at.desc(), jobs.c.id).limit(limit)
+    if scheduled:
+        stmt = stmt.order_by(jobs.c.run_at, jobs.c.priority, jobs.c.id).limit(limit)
+    else:
+        stmt = stmt.order_by(jobs.c.updated_at.desc(), jobs.c.id).limit(limit)
     return list(conn.execute(stmt))
 
 
@@ -939,10 +950,11 @@ def count_prunable(conn: sa.Connection, *, status: JobStatus, older_than: float)
 
 
 def drop_expired(conn: sa.Connection, *, limit: int) -> int:
-    """Delete up to ``limit`` waiting messages whose TTL has passed (Kombu ``expiration``).
+    """Delete up to ``limit`` waiting messages whose TTL has passed.
 
-    Only transient traffic (control replies, events) carries a TTL; a message nobody
-    consumed in time is never delivered, so it is deleted rather than kept as history.
+    A TTL comes from the message (Kombu ``expiration``), its queue (``x-message-ttl``)
+    or, for Celery's control replies and events only, the ``message_ttl`` option; a
+    message nobody consumed in time is never delivered, so it is deleted.
     ``ix_jobs_expiring`` holds only such rows: with none expired this is one probe.
     """
     return _delete_jobs(

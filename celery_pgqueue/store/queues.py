@@ -38,6 +38,16 @@ def set_default_priority(conn: sa.Connection, *, name: str, priority: int) -> bo
     return result.rowcount > 0
 
 
+def set_message_ttl(conn: sa.Connection, *, name: str, seconds: float | None) -> bool:
+    """Record a queue's ``x-message-ttl``; False if unchanged (no write) or no such queue."""
+    result = conn.execute(
+        sa.update(job_queues)
+        .where(job_queues.c.name == name, job_queues.c.message_ttl.is_distinct_from(seconds))
+        .values(message_ttl=seconds)
+    )
+    return result.rowcount > 0
+
+
 def get(conn: sa.Connection, *, name: str) -> sa.Row[Any] | None:
     """One queue's settings."""
     row: sa.Row[Any] | None = conn.execute(

@@ -25,6 +25,9 @@ job_queues = sa.Table(
     # + queues declared with x-expires (remote-control mailboxes, event receivers) are
     # dropped when unused this long, so short-lived consumers leave nothing behind.
     sa.Column("expires_at", TZ),
+    # + seconds a message may wait in this queue (Kombu's x-message-ttl), applied at
+    # insert whoever publishes; None: messages wait until consumed.
+    sa.Column("message_ttl", sa.Float),
 )
 
 jobs = sa.Table(
@@ -192,8 +195,8 @@ job_channels = sa.Table(
 
 # -- operations: indexes maintenance needs (migration 0003) ---------------------------
 
-# Maintenance drops waiting transient messages past their TTL; only they have
-# expires_at, so this index stays tiny and the idle check is one probe.
+# Maintenance drops waiting messages past their TTL; few rows have expires_at
+# (control replies, events, messages sent with a TTL), so the idle check is one probe.
 sa.Index(
     "ix_jobs_expiring",
     jobs.c.expires_at,

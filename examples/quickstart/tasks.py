@@ -11,7 +11,9 @@ DATABASE = os.environ.get("CELERY_PGQUEUE_URL", "pgqueue://postgres@127.0.0.1:54
 
 app = Celery("quickstart", broker=DATABASE, backend=DATABASE)
 app.conf.update(
-    worker_prefetch_multiplier=1,  # so priorities show in the order tasks start
+    # Lower-number-first across a backlog: each process holds only the task it runs.
+    worker_prefetch_multiplier=1,
+    task_acks_late=True,
     broker_transport_options={"polling_interval": 0.5},
     result_expires=3600,
 )

@@ -13,3 +13,4 @@ CELERY_BROKER_URL = DATABASE_URL
 CELERY_RESULT_BACKEND = DATABASE_URL
 CELERY_BROKER_TRANSPORT_OPTIONS = {"polling_interval": 0.5, "lease_seconds": 60}
 CELERY_TASK_ACKS_LATE = True
+CELERY_WORKER_PREFETCH_MULTIPLIER = 1  # with acks_late: priorities hold across a backlog

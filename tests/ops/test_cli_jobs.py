@@ -64,6 +64,27 @@ def test_jobs_since_takes_durations_and_iso_times_and_limit_caps(
     assert listed(celery_cli("jobs", "--limit", "1", "--json")) == [str(new)]
 
 
+def test_jobs_scheduled_lists_countdown_and_eta_tasks_soonest_first(
+    celery_cli: Callable[..., Result], jobs: Jobs
+) -> None:
+    """What ``celery inspect scheduled`` shows on Redis: here the rows wait in the database."""
+    now = datetime.now(UTC)
+    later = jobs.queued(run_at=now + timedelta(hours=2))
+    sooner = jobs.queued("emails", task="proj.tasks.mail", run_at=now + timedelta(minutes=5))
+    jobs.queued()  # due now: not scheduled
+    jobs.failed()
+    assert listed(celery_cli("jobs", "--scheduled", "--json")) == [str(sooner), str(later)]
+    assert listed(celery_cli("jobs", "--scheduled", "--queue", "default", "--json")) == [str(later)]
+    table = celery_cli("jobs", "--scheduled")
+    assert table.code == 0, table
+    header, first, second = table.out.splitlines()
+    assert header.split()[:5] == ["ID", "QUEUE", "TASK", "RUN", "AT"]
+    assert first.startswith(str(sooner)) and "proj.tasks.mail" in first
+    assert second.startswith(str(later))
+    refused = celery_cli("jobs", "--scheduled", "--status", "failed")
+    assert refused.code == 2 and "--scheduled" in refused.err, refused
+
+
 def test_jobs_rejects_a_bad_since(celery_cli: Callable[..., Result]) -> None:
     result = celery_cli("jobs", "--since", "yesterday")
     assert result.code == 2, result
