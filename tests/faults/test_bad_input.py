@@ -46,6 +46,7 @@ from celery_pgqueue.errors import (
     SchemaMissing,
 )
 from celery_pgqueue.store import Store
+from celery_pgqueue.store.schema import REQUIRED_REVISION
 from celery_pgqueue.transaction import enqueue_in
 
 pytestmark = [pytest.mark.worker]
@@ -348,7 +349,7 @@ def unmigrated_url(request: pytest.FixtureRequest) -> tuple[str, str]:
         return request.getfixturevalue("empty_database_url"), "tables are missing"
     url = request.getfixturevalue("database_url")
     migrate.downgrade(url, "0002")
-    return url, "at revision 0002, this version needs 0003"
+    return url, f"at revision 0002, this version needs {REQUIRED_REVISION}"
 
 
 def test_publishing_to_a_database_without_the_current_tables_names_the_migrate_command(
