@@ -68,9 +68,7 @@ def schedulers() -> Iterator[Callable[[Celery], Scheduler]]:
             scheduler.close()
 
 
-def tick_until(
-    check: Callable[[], Any], *schedulers: Scheduler, timeout: float = 10.0
-) -> Any:
+def tick_until(check: Callable[[], Any], *schedulers: Scheduler, timeout: float = 10.0) -> Any:
     """Tick every scheduler (as `celery beat` does, without its sleep) until ``check``."""
 
     def step() -> Any:

@@ -9,17 +9,18 @@ holder id, as a process would.
 
 from __future__ import annotations
 
+import itertools
 import uuid
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
 import pytest
-from beat.conftest import tick_until
 from celery import Celery
 from celery.schedules import crontab
 from transport_process.procs import Database
 
+from beat.conftest import tick_until
 from celery_pgqueue.beat import Scheduler
 from celery_pgqueue.errors import ConfigurationError
 from celery_pgqueue.store.schedule import Sent
@@ -153,7 +154,7 @@ def test_a_due_tick_is_one_job_whose_id_the_entry_records(
 
     tick_until(lambda: sent(db, "beat.quick"), scheduler)
 
-    job_id, created = sent(db, "beat.quick")[0]
+    job_id, _created = sent(db, "beat.quick")[0]
     row = entry(db, "quick")
     assert row["last_job_id"] == job_id
     assert row["total_run_count"] == 1
@@ -170,7 +171,7 @@ def test_an_entry_ticks_at_its_interval_not_faster(
     tick_until(lambda: len(sent(db, "beat.quick")) >= 4, scheduler)
 
     times = [created for _, created in sent(db, "beat.quick")]
-    gaps = [(b - a).total_seconds() for a, b in zip(times, times[1:], strict=False)]
+    gaps = [(b - a).total_seconds() for a, b in itertools.pairwise(times)]
     # Each job's created_at trails its tick by the send's own round trips: a tick
     # sent twice would show as two jobs a few milliseconds apart.
     assert min(gaps) >= 0.3 / 2, gaps
@@ -264,7 +265,7 @@ def test_of_two_schedulers_one_leads_and_only_it_sends(
     leader = one if one.is_leader else two
     assert db.value("SELECT holder FROM job_beat_leases") == leader.holder
     times = [created for _, created in sent(db, "beat.quick")]
-    gaps = [(b - a).total_seconds() for a, b in zip(times, times[1:], strict=False)]
+    gaps = [(b - a).total_seconds() for a, b in itertools.pairwise(times)]
     # Each job's created_at trails its tick by the send's own round trips: a tick
     # sent twice would show as two jobs a few milliseconds apart.
     assert min(gaps) >= 0.3 / 2, gaps
