@@ -125,16 +125,14 @@ class PgQueueCollector:
             labels=["outcome"],
         )
         outcomes = {metrics_sql.RESCUED_REQUEUED: "requeued", metrics_sql.RESCUED_FAILED: "failed"}
-        seen = set()
-        for c in snapshot.counters:
-            if c.counter in metrics_sql.FINISHED:
-                finished.add_metric([c.queue_name, c.counter], c.value)
-            elif c.counter in outcomes:
-                rescues.add_metric([outcomes[c.counter]], c.value)
-                seen.add(c.counter)
+        values = {(c.counter, c.queue_name): c.value for c in snapshot.counters}
+        # Every work queue's counters exist from 0, so rate() sees the first failure.
+        queues = sorted({q.name for q in snapshot.queues} | {q for (_, q) in values if q})
+        for queue in queues:
+            for status in metrics_sql.FINISHED:
+                finished.add_metric([queue, status], values.get((status, queue), 0))
         for counter, outcome in outcomes.items():
-            if counter not in seen:  # a counter exists from 0, before the first rescue
-                rescues.add_metric([outcome], 0)
+            rescues.add_metric([outcome], values.get((counter, ""), 0))
         yield from (finished, rescues)
 
 

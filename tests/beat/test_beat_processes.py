@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from faults.test_worker_clock import _skewed
 from helpers import wait_until
 from transport_process.procs import App, Database, Record, Workers
 
@@ -56,6 +57,7 @@ app.conf.update(
             "schedule": solar("sunrise", 0, 0),
             "args": ("sunrise",),
         }},
+        "hourly": {{"task": "beatproc.tick", "schedule": 3600.0, "args": ("hourly",)}},
     }},
     **{extra!r},
 )
@@ -228,6 +230,7 @@ def test_two_beats_and_a_sigkilled_leader_send_every_tick_once_and_fail_over_wit
         "every-second": len(every),
         "every-minute": len(minute),
         "sunrise": 1,
+        "hourly": 0,  # new entries first run one period after they appear
     }
     # And the worker ran each sent task exactly once.
     wait_until(lambda: len(app.record.executions()) >= len(sent), timeout=60)
@@ -238,3 +241,38 @@ def test_two_beats_and_a_sigkilled_leader_send_every_tick_once_and_fail_over_wit
 
 def _s(seconds: float) -> timedelta:
     return timedelta(seconds=seconds)
+
+
+@pytest.mark.parametrize(
+    ("skew", "last_run_minutes_ago", "sent"),
+    [(3600.0, 59, 0), (-3600.0, 61, 1)],
+    ids=["beat-clock-1h-fast", "beat-clock-1h-slow"],
+)
+def test_a_beat_whose_clock_is_an_hour_off_sends_when_due_by_the_database_clock(
+    tmp_path: Path, broker_url: str, db: Database, skew: float, last_run_minutes_ago: int, sent: int
+) -> None:
+    """An hourly entry last sent 59 (61) minutes ago by the database's clock: a beat an
+    hour fast would send it at once by its own clock, one an hour slow not for an hour."""
+    app = write_beat_app(tmp_path, broker_url)
+    db.rows(
+        "INSERT INTO job_schedules (beat_name, name, task, schedule, last_run_at)"
+        " VALUES ('beatproc', 'hourly', 'beatproc.tick', '?', now() - make_interval(mins => %s))"
+        " RETURNING 1",
+        last_run_minutes_ago,
+    )
+    beat = Beat(_skewed(app, skew), "skewed")
+    try:
+        wait_until(beat.started, timeout=60, interval=0.1, message="skewed beat")
+        # Five ticks of the 1 s entry: the beat leads and has judged every entry.
+        wait_until(
+            lambda: len([t for t in ticks(db) if t.label == "every-second"]) >= 5, timeout=60
+        )
+    finally:
+        beat.stop()
+
+    assert len([t for t in ticks(db) if t.label == "hourly"]) == sent, beat.log()[-2000:]
+    last, upcoming = db.rows(
+        "SELECT last_run_at, next_run_at FROM job_schedules WHERE name = 'hourly'"
+    )[0]
+    # The next run it announced is an hour after the last, on the database's timeline.
+    assert abs((upcoming - last - timedelta(hours=1)).total_seconds()) < 5
