@@ -131,24 +131,23 @@ def counters(conn: sa.Connection) -> list[CounterValue]:
     return [CounterValue(*row) for row in rows]
 
 
-def ensure_mark(conn: sa.Connection) -> None:
-    """Recreate the mark if someone deleted it: counting restarts from now."""
-    conn.execute(
-        pg_insert(job_counters)
-        .values(counter=MARK, queue_name="", value=0, counted_until=sa.func.now())
-        .on_conflict_do_nothing(index_elements=["counter", "queue_name"])
-    )
-
-
 def fold_finished(conn: sa.Connection, *, lag: float, window: float) -> int:
     """Add jobs finished since the mark (up to ``lag`` seconds ago) to the totals.
 
     One statement: the mark row is locked, the window's finished jobs of work queues
     are counted per queue and status through ``ix_jobs_finished`` (status,
     updated_at), added to ``job_counters``, and the mark moved to the window's end.
-    Returns how many jobs were counted.
+    A mark someone deleted is made again, at now: counting restarts there. Returns
+    how many jobs were counted.
     """
     c = job_counters
+    remade = (
+        pg_insert(c)
+        .values(counter=MARK, queue_name="", value=0, counted_until=sa.func.now())
+        .on_conflict_do_nothing(index_elements=[c.c.counter, c.c.queue_name])
+        .returning(c.c.counter)
+        .cte("remade")
+    )
     mark = (
         sa.select(c.c.counted_until.label("since"))
         .where(c.c.counter == MARK, c.c.queue_name == "")
@@ -201,6 +200,7 @@ def fold_finished(conn: sa.Connection, *, lag: float, window: float) -> int:
             sa.select(sa.func.coalesce(sa.func.sum(finished.c.n), 0)).scalar_subquery(),
             sa.select(sa.func.count()).select_from(added).scalar_subquery(),
             sa.select(sa.func.count()).select_from(moved).scalar_subquery(),
+            sa.select(sa.func.count()).select_from(remade).scalar_subquery(),
         )
     ).first()
     return int(total[0]) if total else 0
@@ -247,7 +247,6 @@ def snapshot(store: Store) -> Snapshot:
 def fold(store: Store, *, lag: float = FOLD_LAG, window: float = FOLD_WINDOW) -> int:
     """Count jobs that finished since the last fold (maintenance calls this)."""
     with store.begin() as conn:
-        ensure_mark(conn)
         return fold_finished(conn, lag=lag, window=window)
 
 
