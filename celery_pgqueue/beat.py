@@ -27,7 +27,7 @@ Settings (Celery configuration keys, beside ``beat_schedule``):
     ``default``): apps sharing one database keep separate schedules and leaders.
 ``pgqueue_beat_lease_seconds``
     How soon another beat sends after the leader dies (default 10 s). The lease row
-    expires 0.8 of this after each renewal, followers look every 0.1 of it, the
+    expires 0.7 of this after each renewal, followers look every 0.1 of it, the
     leader renews every 0.2 of it (which also bounds how late an enable/disable is
     seen).
 """
@@ -66,8 +66,9 @@ LEASE_SETTING = "pgqueue_beat_lease_seconds"
 DEFAULT_LEASE_SECONDS = 10.0
 
 # Fractions of the lease: the row lapses after TTL, followers look every POLL, the
-# leader renews every RENEW. TTL + POLL < 1 keeps a takeover within the lease.
-TTL = 0.8
+# leader renews every RENEW. TTL + POLL = 0.8 leaves a fifth of the lease for the new
+# leader to read the table and send, so the next tick comes within the lease.
+TTL = 0.7
 POLL = 0.1
 RENEW = 0.2
 

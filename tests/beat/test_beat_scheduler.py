@@ -283,7 +283,7 @@ def test_a_follower_takes_over_when_the_lease_lapses_with_a_higher_fence(
     assert not follower.is_leader
     fence = db.value("SELECT fence FROM job_beat_leases")
 
-    # The leader stops ticking (hung, or killed): its lease lapses after 0.8 x 2 s.
+    # The leader stops ticking (hung, or killed): its lease lapses after 0.7 x 2 s.
     tick_until(lambda: follower.is_leader, follower, timeout=5)
 
     assert db.value("SELECT fence FROM job_beat_leases") == fence + 1
