@@ -10,6 +10,7 @@ holder id, as a process would.
 from __future__ import annotations
 
 import itertools
+import json
 import uuid
 from collections.abc import Callable
 from datetime import timedelta
@@ -426,3 +427,34 @@ def test_leadership_and_sends_work_through_pgbouncer_in_transaction_pooling(
 
     times = [created for _, created in sent(db, "beat.quick")]
     assert min(gaps(times)) >= 0.3 / 2
+
+
+def test_with_a_redis_broker_the_schedule_lives_in_the_result_backend_and_ticks_reach_redis(
+    make_app: MakeApp, schedulers: Build, db: Database, broker_url: str
+) -> None:
+    """At most once there: the tick is committed, then published (see the README)."""
+    redis = pytest.importorskip("redis").Redis(host="127.0.0.1", port=6379, socket_timeout=2)
+    try:
+        redis.ping()
+    except Exception:
+        pytest.skip("no Redis at 127.0.0.1:6379")
+    queue = f"cpq-beat-test-{uuid.uuid4().hex[:8]}"
+    app = make_app(
+        QUICK,
+        broker_url="redis://127.0.0.1:6379/0",
+        result_backend=broker_url,
+        task_default_queue=queue,
+    )
+    scheduler = schedulers(app)
+    try:
+        tick_until(lambda: redis.llen(queue) >= 2, scheduler)
+        assert not scheduler._publishes_atomically()
+        row = entry(db, "quick")
+        assert row["total_run_count"] >= 2
+        message = json.loads(redis.lindex(queue, 0))
+        ids = {json.loads(m)["headers"]["id"] for m in redis.lrange(queue, 0, -1)}
+        assert str(row["last_job_id"]) in ids
+        assert message["headers"]["task"] == "beat.quick"
+        assert sent(db, "beat.quick") == []  # no jobs row: the broker is Redis
+    finally:
+        redis.delete(queue)
