@@ -1031,3 +1031,11 @@ def _print_json(document: Any) -> None:
 
 if __name__ == "__main__":  # pragma: no cover
     main(sys.argv[1:])
+
+
+# Commands kept in modules of their own (they import this one: register them last).
+from celery_pgqueue.cli_metrics import metrics as _metrics_command  # noqa: E402
+from celery_pgqueue.cli_schedule import schedule as _schedule_group  # noqa: E402
+
+pgqueue.add_command(_schedule_group)
+pgqueue.add_command(_metrics_command)

@@ -88,6 +88,10 @@ class UnknownJob(PgQueueError, LookupError):
     """No ``jobs`` row has that id."""
 
 
+class UnknownScheduleEntry(PgQueueError, LookupError):
+    """No periodic task entry (``job_schedules`` row) has that name."""
+
+
 class TransactionError(PgQueueError, RuntimeError):
     """Enqueue-in-transaction was used with a closed transaction or another database."""
 

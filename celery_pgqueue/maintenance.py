@@ -4,7 +4,8 @@ Every worker calls :func:`run_once` every ``maintenance_interval`` seconds; a se
 advisory lock lets one process at a time do the work, so adding workers adds no
 contention, only one cheap ``pg_try_advisory_lock`` each. A pass:
 
-1. rescues running jobs whose lease ran out (their worker died or hung);
+1. rescues running jobs whose lease ran out (their worker died or hung), and adds
+   the rescues and newly finished jobs to the metrics' totals (``job_counters``);
 2. drops waiting transient messages past their TTL;
 3. drops queues past their ``x-expires`` with their waiting messages;
 4. prunes finished jobs and ``job_logs`` past retention, in short batches.
@@ -24,6 +25,7 @@ from dataclasses import dataclass, field
 from uuid import UUID
 
 from celery_pgqueue.store import PruneCounts, Store
+from celery_pgqueue.store import metrics as counters
 
 LOCK_PURPOSE = "maintenance"
 
@@ -85,6 +87,9 @@ def run_once(
             rescued, rescued_failed = rescued + requeued, rescued_failed + failed
             if requeued + failed < batch or time.monotonic() >= deadline:
                 break
+        # Totals for the metrics: rescues now, finished jobs before retention prunes them.
+        counters.count_rescues(store, requeued=rescued, failed=rescued_failed)
+        counters.fold(store)
         while time.monotonic() < deadline:
             n = store.drop_expired_messages(limit=batch)
             messages += n

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
+import psycopg
 import pytest
+from helpers import wait_until
+
+from celery_pgqueue.store.schema import REQUIRED_REVISION
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -82,3 +87,72 @@ def test_orders_example_confirms_an_order_committed_with_its_task(database_url: 
         "place_order(42, 'ada@example.com'); print(wait_confirmed(42))"
     )
     assert _roundtrip(EXAMPLES / "orders", "shop", call, database_url) == "True"
+
+
+def test_periodic_example_runs_two_beats_and_one_sends(database_url: str, tmp_path: Path) -> None:
+    folder = EXAMPLES / "periodic"
+    url = _pgqueue(database_url)
+    env = {**os.environ, "CELERY_PGQUEUE_URL": url, "PYTHONPATH": str(folder)}
+    migrated = subprocess.run(
+        [sys.executable, "-m", "celery_pgqueue", "migrate", "--url", url],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    assert REQUIRED_REVISION in migrated.stdout
+    commands = {
+        "worker": ["worker", "-l", "info", "-c", "1"],
+        "beat-1": ["beat", "-S", "celery_pgqueue.beat:Scheduler", "-l", "info"],
+        "beat-2": ["beat", "-S", "celery_pgqueue.beat:Scheduler", "-l", "info"],
+    }
+    started = {}
+    for name, args in commands.items():
+        log = open(tmp_path / f"{name}.log", "wb")
+        started[name] = (
+            subprocess.Popen(
+                [sys.executable, "-m", "celery", "-A", "clock", *args],
+                cwd=folder,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            ),
+            log,
+        )
+    try:
+        with psycopg.connect(database_url, autocommit=True) as conn:
+            wait_until(
+                lambda: (
+                    conn.execute(
+                        "SELECT count(*) FROM jobs WHERE status = 'completed'"
+                        " AND payload->'headers'->>'task' = 'clock.heartbeat'"
+                    ).fetchone()[0]  # type: ignore[index]
+                    >= 3
+                ),
+                timeout=90,
+                interval=0.5,
+            )
+        listed = subprocess.run(
+            [sys.executable, "-m", "celery", "-A", "clock", "pgqueue", "schedule", "list"],
+            cwd=folder,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
+    finally:
+        for process, log in started.values():
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+            log.close()
+    assert "heartbeat" in listed.stdout and "led by" in listed.stdout, listed.stdout
+    beats = [(tmp_path / f"beat-{n}.log").read_text() for n in (1, 2)]
+    assert sum("leading schedule 'clock'" in log for log in beats) >= 1
+    assert sum("standing by" in log for log in beats) >= 1

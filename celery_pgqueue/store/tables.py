@@ -207,3 +207,57 @@ sa.Index(
 sa.Index("ix_jobs_queue_name", jobs.c.queue_name)
 # Capping job_logs per job looks only at jobs claimed more than once.
 sa.Index("ix_jobs_retried", jobs.c.attempt_count, postgresql_where=sa.text("attempt_count > 1"))
+
+# -- periodic tasks and metrics counters (migration 0006) -----------------------------
+
+# + The state of `celery beat`'s entries, one row per entry of one schedule
+# (``beat_name``: several apps share a database). beat_schedule defines an entry; this
+# row says whether it is enabled and when it last sent, durably, for whichever beat
+# process leads. ``schedule`` is a readable copy of the definition, for operators.
+job_schedules = sa.Table(
+    "job_schedules",
+    metadata,
+    sa.Column("beat_name", sa.String(100), primary_key=True),
+    sa.Column("name", sa.String(255), primary_key=True),
+    sa.Column("task", sa.String(255), nullable=False),
+    sa.Column("schedule", sa.String(255), nullable=False),
+    sa.Column("enabled", sa.Boolean, nullable=False, server_default=sa.true()),
+    # When the last tick was sent, by the database's clock; NULL: never (the first
+    # tick is then due one period after created_at, as with Celery's own schedulers).
+    sa.Column("last_run_at", TZ),
+    sa.Column("total_run_count", sa.Integer, nullable=False, server_default="0"),
+    # The task id (jobs.id) of the last tick sent.
+    sa.Column("last_job_id", UUID(as_uuid=True)),
+    # The leader's estimate of the next tick, for operators (never read back).
+    sa.Column("next_run_at", TZ),
+    sa.Column("created_at", TZ, nullable=False, server_default=sa.func.now()),
+    sa.Column("updated_at", TZ, nullable=False, server_default=sa.func.now()),
+)
+
+# + Who sends a schedule's ticks: the one beat process whose lease has not expired.
+# ``fence`` grows whenever another process takes over; a send is one transaction that
+# renews this row only if holder and fence are still the sender's.
+job_beat_leases = sa.Table(
+    "job_beat_leases",
+    metadata,
+    sa.Column("beat_name", sa.String(100), primary_key=True),
+    sa.Column("holder", sa.String(255), nullable=False),
+    sa.Column("fence", sa.BigInteger, nullable=False),
+    sa.Column("acquired_at", TZ, nullable=False, server_default=sa.func.now()),
+    sa.Column("renewed_at", TZ, nullable=False, server_default=sa.func.now()),
+    sa.Column("expires_at", TZ, nullable=False),
+)
+
+# + Monotonic totals for metrics, which retention must not take back: finished jobs
+# per queue and status (folded in by maintenance from ``jobs``), lease rescues
+# (queue_name ''), and the ``mark`` row whose ``counted_until`` says up to when
+# finished jobs have been counted.
+job_counters = sa.Table(
+    "job_counters",
+    metadata,
+    sa.Column("counter", sa.String(50), primary_key=True),
+    sa.Column("queue_name", sa.String(100), primary_key=True),
+    sa.Column("value", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("counted_until", TZ),
+    sa.Column("updated_at", TZ, nullable=False, server_default=sa.func.now()),
+)
