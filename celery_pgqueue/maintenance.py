@@ -5,7 +5,8 @@ advisory lock lets one process at a time do the work, so adding workers adds no
 contention, only one cheap ``pg_try_advisory_lock`` each. A pass:
 
 1. rescues running jobs whose lease ran out (their worker died or hung);
-2. drops waiting transient messages past their TTL;
+2. records tasks still queued past their ``expires`` as cancelled (Celery's REVOKED,
+   with a log row), and drops waiting transient messages past their TTL;
 3. drops queues past their ``x-expires`` with their waiting messages;
 4. prunes finished jobs and ``job_logs`` past retention, in short batches.
 
@@ -37,6 +38,8 @@ class MaintenanceReport:
     """Running jobs with an expired lease marked failed (acked early, or out of attempts)."""
     expired_messages: int = 0
     """Waiting messages deleted: past their TTL, or in a queue that expired."""
+    expired_tasks: int = 0
+    """Queued tasks past their ``expires`` recorded as cancelled (REVOKED)."""
     expired_queues: int = 0
     """Queues past their ``x-expires`` deleted (bindings by cascade)."""
     pruned: PruneCounts = field(default_factory=PruneCounts)
@@ -68,13 +71,18 @@ def run_once(
     with store.advisory_lock(LOCK_PURPOSE) as held:
         if not held:
             return MaintenanceReport(ran=False)
-        rescued = rescued_failed = messages = queues = 0
+        rescued = rescued_failed = messages = queues = tasks = 0
         pruned = PruneCounts()
         finished = False
         while True:
             requeued, failed = store.rescue_expired(limit=batch)
             rescued, rescued_failed = rescued + requeued, rescued_failed + failed
             if requeued + failed < batch or time.monotonic() >= deadline:
+                break
+        while time.monotonic() < deadline:
+            n = store.expire_tasks(limit=batch)
+            tasks += n
+            if n < batch:
                 break
         while time.monotonic() < deadline:
             n = store.drop_expired_messages(limit=batch)
@@ -98,6 +106,7 @@ def run_once(
         rescued=rescued,
         rescued_failed=rescued_failed,
         expired_messages=messages,
+        expired_tasks=tasks,
         expired_queues=queues,
         pruned=pruned,
         finished=finished,

@@ -41,7 +41,7 @@ import socket
 import threading
 import uuid
 from collections.abc import Iterable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from queue import Empty
 from time import monotonic
 from typing import Any
@@ -49,7 +49,7 @@ from typing import Any
 import psycopg
 from kombu.transport import virtual
 
-from celery_pgqueue import batching, finalize, transaction
+from celery_pgqueue import batching, clock, finalize, transaction
 from celery_pgqueue.batching import PublishBatch
 from celery_pgqueue.errors import (
     ConfigurationError,
@@ -61,10 +61,11 @@ from celery_pgqueue.options import DatabaseURL, PgQueueOptions, mask_password
 from celery_pgqueue.payload import from_payload, to_payload
 from celery_pgqueue.states import JobStatus, LogStatus
 from celery_pgqueue.store import ClaimedJob, NewJob, Store
-from celery_pgqueue.store.listener import Listener
+from celery_pgqueue.store.listener import Listener, wake_note
 
-# Imported for its signal handlers (settling rows the result backend won't).
-__all__ = ["Channel", "QoS", "Transport", "finalize"]
+# Imported for their signal handlers (settling rows the result backend won't; running
+# delivered tasks now, whatever the worker's clock says).
+__all__ = ["Channel", "QoS", "Transport", "clock", "finalize"]
 
 logger = logging.getLogger("celery_pgqueue")
 
@@ -76,6 +77,9 @@ ACK_DELAY = 0.1
 AUTO_DELETE_AFTER = 60.0
 # How long a process trusts its copy of an exchange's bindings.
 BINDINGS_TTL = 1.0
+# Seconds a wake-up for a scheduled job waits past its run_at: a timer that fires a
+# hair early would find nothing due and have to wake again.
+WAKE_MARGIN = 0.002
 # Mailbox exchanges (``<app>.pidbox``) carry ``revoke``; we cancel the rows too.
 PIDBOX_SUFFIX = ".pidbox"
 
@@ -93,19 +97,6 @@ def held_of(message: Any) -> tuple[uuid.UUID, int]:
 def is_task(headers: Any) -> bool:
     """Celery task messages keep history in ``jobs``; other messages are transient."""
     return isinstance(headers, dict) and "task" in headers and "id" in headers
-
-
-def _parse_eta(value: Any) -> datetime | None:
-    if not value:
-        return None
-    if isinstance(value, datetime):
-        eta = value
-    else:
-        try:
-            eta = datetime.fromisoformat(str(value))
-        except ValueError:
-            return None
-    return eta if eta.tzinfo else eta.replace(tzinfo=UTC)
 
 
 class QoS(virtual.QoS):  # type: ignore[misc]
@@ -283,7 +274,14 @@ class Channel(virtual.Channel):  # type: ignore[misc]
                 ttl = max(0.0, float(expiration) / 1000.0)
             except (TypeError, ValueError):
                 ttl = None
-        if not task:
+        delay: float | None = None
+        if task:
+            # Celery sends absolute times from this process's clock: back to intervals
+            # on the same clock, which the database adds to its own now().
+            delay = clock.seconds_until(headers.get("eta"))
+            if ttl is None and (left := clock.seconds_until(headers.get("expires"))) is not None:
+                ttl = max(0.0, left)
+        else:
             ttl = min(ttl, options.message_ttl) if ttl is not None else options.message_ttl
         priority = properties.get("priority")
         if priority is not None:
@@ -298,7 +296,7 @@ class Channel(virtual.Channel):  # type: ignore[misc]
             queue_name=queue,
             payload=document,
             priority=priority,
-            run_at=_parse_eta(headers.get("eta")) if task else None,
+            delay_seconds=delay,
             ttl_seconds=ttl,
         )
 
@@ -552,6 +550,11 @@ class Transport(virtual.Transport):  # type: ignore[misc]
         self._nudge: tuple[socket.socket, socket.socket] | None = None
         self._nudge_pending = False
         self._poll_timer: Any = None
+        # When the soonest scheduled job of our queues comes due (monotonic), its
+        # event-loop timer, and whether to ask the database again.
+        self._next_due: float | None = None
+        self._due_timer: Any = None
+        self._schedule_stale = True
         self._background: threading.Thread | None = None
         self._stopping = threading.Event()
         self._pid = os.getpid()
@@ -620,10 +623,13 @@ class Transport(virtual.Transport):  # type: ignore[misc]
         stored_headers = payload.get("headers") if isinstance(payload, dict) else None
         message = from_payload(payload, json_body=is_task(stored_headers))
         headers = message["headers"]
-        if headers.get("eta"):
-            # The database already held the job until run_at: the worker runs it now
-            # rather than waiting again on its own clock.
-            headers["eta"] = None
+        # The eta stays as sent (the task reads it); the database held the job until
+        # run_at, and clock.py has the worker run it at once instead of waiting again.
+        if job.expires_in is not None and headers.get("expires") and is_task(headers):
+            # Celery's worker drops an expired task by its own clock: give it the
+            # database's verdict, as a moment on that clock.
+            local = datetime.now(UTC) + timedelta(seconds=job.expires_in)
+            headers["expires"] = local.isoformat()
         properties = message["properties"]
         retries = headers.get("retries") or 0 if is_task(headers) else 0
         if not isinstance(retries, int) or isinstance(retries, bool):
@@ -700,6 +706,10 @@ class Transport(virtual.Transport):  # type: ignore[misc]
         Sets ``_wanted`` when more may be waiting (a full batch, or no room yet), so the
         event loop's tick comes back without waiting for a NOTIFY or the poll timer.
         """
+        if self._schedule_stale:
+            # Before the claim: a job that comes due in between is then either
+            # claimed now or still ahead of the answer, never missed by both.
+            self._plan_wake()
         delivered = 0
         wanted = False
         for channel in list(self.channels):
@@ -736,6 +746,79 @@ class Transport(virtual.Transport):  # type: ignore[misc]
         self._wanted = wanted
         return delivered
 
+    # -- waking for scheduled jobs ---------------------------------------------------
+    # A job with a countdown becomes due without any NOTIFY. The worker asks the
+    # database how long until the soonest scheduled job of its queues (an interval on
+    # the database's clock, waited out on our monotonic one) and sets a timer for it;
+    # a publish of a sooner one says so in its NOTIFY and moves the timer earlier. The
+    # poll every polling_interval stays the fallback.
+
+    def _consumed_queues(self) -> set[str]:
+        return {
+            queue
+            for channel in list(self.channels)
+            if channel._consumers and not channel.closed
+            for queue in channel._active_queues
+        }
+
+    def _plan_wake(self) -> None:
+        """Ask the database when the soonest scheduled job of our queues comes due."""
+        self._schedule_stale = False
+        queues = self._consumed_queues()
+        seconds = self.store.next_due(sorted(queues)) if queues else None
+        self._set_due(seconds, replace=True)
+
+    def _set_due(self, seconds: float | None, *, replace: bool) -> None:
+        """Wake ``seconds`` from now; ``replace``: the database's answer, else a hint
+        that only ever moves the wake-up earlier."""
+        if seconds is None:
+            if replace:
+                self._cancel_due()
+            return
+        seconds = max(0.0, seconds) + WAKE_MARGIN
+        deadline = monotonic() + seconds
+        if not replace and self._next_due is not None and self._next_due <= deadline:
+            return
+        self._cancel_due()
+        self._next_due = deadline
+        if self._loop is not None:
+            self._due_timer = self._loop.call_later(seconds, self._on_due)
+
+    def _cancel_due(self) -> None:
+        self._next_due = None
+        if self._due_timer is not None:
+            self._due_timer.cancel()
+            self._due_timer = None
+
+    def _on_due(self) -> None:
+        self._due_timer = None
+        self._came_due()
+        if self.deliver_ready():
+            self._wake_loop()  # start it now, not after the hub's next poll timeout
+
+    def _came_due(self) -> None:
+        """The soonest scheduled job is due: claim again, then ask for the next one."""
+        self._next_due = None
+        self._drained.clear()
+        self._wanted = True
+        self._schedule_stale = True
+
+    def _take_notes(self, notes: Iterable[tuple[str, str]]) -> bool:
+        """Apply NOTIFY payloads; True when one says jobs are due now."""
+        due = False
+        consumed: set[str] | None = None
+        for _, payload in notes:
+            # Always read as a queue name too: a name may contain the mark itself.
+            self._drained.discard(payload)
+            queue, seconds = wake_note(payload)
+            if seconds is None:
+                due = True
+                continue
+            consumed = self._consumed_queues() if consumed is None else consumed
+            if queue in consumed:
+                self._set_due(seconds, replace=False)
+        return due
+
     def drain_events(self, connection: Any, timeout: float | None = None) -> None:
         """Synchronous consumers: deliver, else sleep on the LISTEN socket."""
         deadline = None if timeout is None else monotonic() + timeout
@@ -743,17 +826,22 @@ class Transport(virtual.Transport):  # type: ignore[misc]
             if self.deliver_ready():
                 return
             remaining = self.polling_interval
+            if self._next_due is not None:
+                remaining = min(remaining, max(0.0, self._next_due - monotonic()))
             if deadline is not None:
                 left = deadline - monotonic()
                 if left <= 0:
                     raise TimeoutError()
                 remaining = min(remaining, left)
             self._sleep(remaining)
+            if self._next_due is not None and monotonic() >= self._next_due:
+                self._came_due()
 
     def _sleep(self, seconds: float) -> None:
         if not self.options.use_notify:
             self._stopping.wait(seconds)
             self._drained.clear()
+            self._schedule_stale = True
             return
         try:
             notes = self.listener.wait(seconds)
@@ -761,7 +849,7 @@ class Transport(virtual.Transport):  # type: ignore[misc]
             self._listen_dropped()
             raise
         if notes:
-            self._drained.difference_update(queue for _, queue in notes)
+            self._take_notes(notes)
         else:
             self._drained.clear()
 
@@ -778,6 +866,8 @@ class Transport(virtual.Transport):  # type: ignore[misc]
         loop.on_tick.add(self._on_tick)
         self._poll_timer = loop.call_repeatedly(self.polling_interval, self._on_poll_timer)
         self._wanted = True
+        self._cancel_due()
+        self._schedule_stale = True  # learn the soonest scheduled job on the first tick
         self.start_background()
 
     def unregister_from_event_loop(self, connection: Any, loop: Any) -> None:
@@ -791,6 +881,7 @@ class Transport(virtual.Transport):  # type: ignore[misc]
         if self._poll_timer is not None:
             self._poll_timer.cancel()
             self._poll_timer = None
+        self._cancel_due()
 
     def _listen_dropped(self) -> None:
         """Whatever ended the LISTEN session (a restart, a failover, an administrator)
@@ -806,8 +897,7 @@ class Transport(virtual.Transport):  # type: ignore[misc]
         except DatabaseUnavailable:
             self._listen_dropped()
             raise
-        if notes:
-            self._drained.difference_update(queue for _, queue in notes)
+        if notes and self._take_notes(notes):
             self._wanted = True
             self.deliver_ready()
 
@@ -846,7 +936,9 @@ class Transport(virtual.Transport):  # type: ignore[misc]
             self._nudge[0].recv(4096)  # type: ignore[index]
 
     def _on_poll_timer(self) -> None:
-        self._drained.clear()  # scheduled jobs come due without a NOTIFY
+        self._drained.clear()  # the fallback: a NOTIFY may have been missed
+        if not self.options.use_notify:
+            self._schedule_stale = True  # no publish tells us of sooner jobs
         self.deliver_ready()
 
     # -- bindings cache --------------------------------------------------------------

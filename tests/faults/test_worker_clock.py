@@ -36,7 +36,7 @@ SKEW_ENV = "PGQUEUE_TEST_CLOCK_SKEW"
 SKEWS = {"worker-5-min-fast": 300.0, "worker-5-min-slow": -300.0}
 POLLING = 0.5
 COUNTDOWN = 3.0
-# Late by at most one poll (NOTIFY does not fire when a row merely comes due) plus a
+# Workers wake for run_at themselves; the bound allows one poll anyway, plus a
 # claim and a pool hand-off on a busy 2-core machine.
 LATE = POLLING + 1.5
 
