@@ -169,7 +169,8 @@ def test_enqueue_notifies_due_queues_and_when_each_queues_soonest_new_job_comes_
         ]
     )
 
-    notes = [wake_note(p) for p in notifications_up_to_marker(listener, database_url, store.channel)]
+    payloads = notifications_up_to_marker(listener, database_url, store.channel)
+    notes = [wake_note(payload) for payload in payloads]
     assert sorted(queue for queue, seconds in notes if seconds is None) == ["due"]
     scheduled = {queue: seconds for queue, seconds in notes if seconds is not None}
     assert sorted(scheduled) == ["due", "scheduled"], "one per queue"
@@ -187,9 +188,7 @@ def test_enqueue_sends_no_notify_when_use_notify_is_off(
     assert notifications_up_to_marker(listener, database_url, quiet.channel) == []
 
 
-def test_ttl_and_delay_count_from_the_statement_by_the_database_clock(
-    store: Store, db: Db
-) -> None:
+def test_ttl_and_delay_count_from_the_statement_by_the_database_clock(store: Store, db: Db) -> None:
     """Inside a caller's transaction that began a while ago, an interval is not shortened
     by the transaction's age (``now()`` is when it began)."""
     short, later, plain = new_job(ttl_seconds=90.5), new_job(delay_seconds=30), new_job()
