@@ -1070,10 +1070,10 @@ def _next_due_statement() -> sa.Executable:
         sa.select(first.c.priority)
         .where(first.c.queue_name == names.c.name, queued(first))
         .order_by(first.c.priority)
-        .limit(1)
+        .limit(fixed(1))
         .scalar_subquery()
         .label("priority"),
-        sa.literal(1).label("depth"),
+        fixed(1).label("depth"),
     ).cte("levels", recursive=True)
     after = jobs.alias("next_level")
     levels = levels.union_all(
@@ -1086,10 +1086,10 @@ def _next_due_statement() -> sa.Executable:
                 after.c.priority > levels.c.priority,
             )
             .order_by(after.c.priority)
-            .limit(1)
+            .limit(fixed(1))
             .scalar_subquery(),
             levels.c.depth + 1,
-        ).where(levels.c.priority.is_not(None), levels.c.depth < MAX_PRIORITY_LEVELS)
+        ).where(levels.c.priority.is_not(None), levels.c.depth < fixed(MAX_PRIORITY_LEVELS))
     )
     row = jobs.alias("soonest_row")
     soonest = (
@@ -1101,7 +1101,7 @@ def _next_due_statement() -> sa.Executable:
             row.c.run_at > sa.func.now(),
         )
         .order_by(row.c.run_at)
-        .limit(1)
+        .limit(fixed(1))
         .lateral("soonest")
     )
     return sa.select(

@@ -57,8 +57,9 @@ jobs = sa.Table(
     sa.Column("lease_expires_at", TZ),
     # + set when the worker acked early: a lost worker then means "failed", not "requeue".
     sa.Column("acked_at", TZ),
-    # + message TTL (Kombu's ``expiration``): control replies and events that nobody
-    # consumed in time are never delivered and are pruned.
+    # + message TTL (Kombu's ``expiration``, Celery's ``expires``): control replies and
+    # events that nobody consumed in time are never delivered and are pruned; tasks are
+    # never delivered either and end cancelled (Celery's REVOKED, "expired").
     sa.Column("expires_at", TZ),
     sa.CheckConstraint(
         "status IN ('queued', 'running', 'completed', 'failed', 'cancelled')",
@@ -178,8 +179,8 @@ job_chord_parts = sa.Table(
 
 # -- operations: indexes maintenance needs (migration 0003) ---------------------------
 
-# Maintenance drops waiting transient messages past their TTL; only they have
-# expires_at, so this index stays tiny and the idle check is one probe.
+# Maintenance drops waiting transient messages past their TTL and records expired
+# tasks; only rows with a TTL are in it, so the idle check is one probe.
 sa.Index(
     "ix_jobs_expiring",
     jobs.c.expires_at,
