@@ -47,15 +47,21 @@ def _run_when_delivered(sender: Any = None, request: Any = None, **kwargs: Any) 
     """A task the pgqueue transport delivered is due by the database's clock: run it now.
 
     Celery's worker holds a task whose ``eta`` is ahead of its own clock in a timer; a
-    worker whose clock is behind the database's would hold a due task that long. The
-    message keeps the ``eta`` that was sent (the task sees it in ``self.request.eta``,
-    as on Redis); only the worker's scheduling copy is cleared. ``task_received`` is
-    sent after the request is built and before the worker looks at its eta.
+    worker whose clock is behind the database's (or the producer's) would hold a due
+    task that long. Its scheduling copy of the eta is clamped to the worker's now, so
+    the timer fires at once; the message keeps the ``eta`` that was sent, which is what
+    the task sees in ``self.request.eta`` (as on Redis) and, unless clamped, what the
+    ``task-received`` event reports. ``task_received`` is sent after the request is
+    built and before the worker looks at its eta.
     """
     message = getattr(request, "message", None)
     properties = getattr(message, "properties", None) or {}
-    if "pgqueue_job" in properties and getattr(request, "_eta", None) is not None:
-        request._eta = None
+    eta = getattr(request, "_eta", None)
+    if "pgqueue_job" not in properties or not isinstance(eta, datetime):
+        return
+    now = datetime.now(eta.tzinfo)
+    if eta > now:
+        request._eta = now
 
 
 signals.task_received.connect(_run_when_delivered, weak=False)

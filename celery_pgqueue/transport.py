@@ -899,7 +899,10 @@ class Transport(virtual.Transport):  # type: ignore[misc]
             raise
         if notes and self._take_notes(notes):
             self._wanted = True
-            self.deliver_ready()
+            if self.deliver_ready():
+                # A task with an eta goes through Celery's timer (due at once, see
+                # clock.py): have the hub fire it now, not after this round's poll.
+                self._wake_loop()
 
     def _on_tick(self) -> None:
         if not self._wanted:

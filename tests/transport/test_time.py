@@ -39,7 +39,7 @@ def test_a_countdown_task_sees_the_eta_its_caller_sent(make_app, database_url):
     app = make_app()
     seen = Recorder()
 
-    @app.task(name="t.when", bind=True)
+    @app.task(name="t.when", bind=True, shared=False)
     def when(self: Any) -> None:
         seen.add(self.request.eta)
 
@@ -55,7 +55,7 @@ def test_an_idle_worker_wakes_for_a_countdown_task_not_on_its_next_poll(make_app
     app = make_app(broker_transport_options=LONG_POLL)
     seen = Recorder()
 
-    @app.task(name="t.due")
+    @app.task(name="t.due", shared=False)
     def due(label: str) -> None:
         seen.add(label)
 
@@ -70,7 +70,7 @@ def test_a_shorter_countdown_published_later_moves_the_wake_up_earlier(make_app,
     app = make_app(broker_transport_options=LONG_POLL)
     seen = Recorder()
 
-    @app.task(name="t.due")
+    @app.task(name="t.due", shared=False)
     def due(label: str) -> None:
         seen.add(label)
 
@@ -86,7 +86,7 @@ def test_a_worker_wakes_for_countdown_tasks_published_before_it_started(make_app
     app = make_app(broker_transport_options=LONG_POLL)
     seen = Recorder()
 
-    @app.task(name="t.due")
+    @app.task(name="t.due", shared=False)
     def due(label: str) -> None:
         seen.add(label)
 
@@ -103,7 +103,7 @@ def test_a_synchronous_consumer_wakes_for_a_countdown_task(make_app, broker_url,
     """
     app = make_app(broker_transport_options=LONG_POLL)
 
-    @app.task(name="t.due")
+    @app.task(name="t.due", shared=False)
     def due() -> None: ...
 
     scheduled = due.apply_async(countdown=2)
