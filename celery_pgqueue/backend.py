@@ -22,7 +22,9 @@ Features
   SUCCESS                       completed    completed_at, result; log row -> success
   FAILURE                       failed       failed_at, last_error_message (type:
                                              message, 255 chars); log row -> failed
-  REVOKED                       cancelled    log row (if any) -> failed
+  REVOKED                       cancelled    log row (if any) -> failed; a task still
+                                             queued past its ``expires`` reads REVOKED
+                                             ("expired") and its first reader records it
   ============================  ===========  =========================================
 
 * Results: ``jobs.result`` is a JSON document an operator can read: with the json

@@ -13,7 +13,10 @@ Features
   ``default_priority`` (100)
 * Supports TTL: Yes (message ``expiration``; queue ``x-expires``)
 * Asynchronous: Yes (the LISTEN socket is registered with the worker's event loop)
-* ETA/countdown: held in the database (``run_at``), never in worker memory
+* ETA/countdown: held in the database (``run_at``), never in worker memory; an idle
+  worker wakes for the soonest ``run_at`` of its queues (database clock)
+* Expires: a task still queued at its ``expires`` is never delivered and ends
+  cancelled (Celery's REVOKED, "expired")
 
 Connection string
 =================
