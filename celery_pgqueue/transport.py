@@ -80,9 +80,10 @@ ACK_DELAY = 0.1
 AUTO_DELETE_AFTER = 60.0
 # How long a process trusts its copy of an exchange's bindings.
 BINDINGS_TTL = 1.0
-# Seconds a wake-up for a scheduled job waits past its run_at: a timer that fires a
-# hair early would find nothing due and have to wake again.
-WAKE_MARGIN = 0.002
+# Seconds added to the time the claims took when the look-up that follows them asks
+# for jobs that came due meanwhile (a look-up sent later than measured). Small: a job
+# in that window that we cannot claim (paused queue, no room) wakes us again at once.
+LOOKUP_SLACK = 0.005
 # Mailbox exchanges (``<app>.pidbox``) carry ``revoke``; we cancel the rows too.
 PIDBOX_SUFFIX = ".pidbox"
 
@@ -709,10 +710,7 @@ class Transport(virtual.Transport):  # type: ignore[misc]
         Sets ``_wanted`` when more may be waiting (a full batch, or no room yet), so the
         event loop's tick comes back without waiting for a NOTIFY or the poll timer.
         """
-        if self._schedule_stale:
-            # Before the claim: a job that comes due in between is then either
-            # claimed now or still ahead of the answer, never missed by both.
-            self._plan_wake()
+        claims_began = monotonic()
         delivered = 0
         wanted = False
         for channel in list(self.channels):
@@ -747,6 +745,16 @@ class Transport(virtual.Transport):  # type: ignore[misc]
                     self._drained.add(queue)
         self.flush_acks()
         self._wanted = wanted
+        if self._schedule_stale:
+            # After the claims, and with the event loop after what they delivered has
+            # gone to the pool (a countdown task starts a round trip sooner); so the
+            # look-up also counts jobs that came due since the claims began: each is
+            # either claimed or in the answer, never missed by both.
+            if delivered and self._loop is not None:
+                self._schedule_stale = False
+                self._loop.call_soon(self._plan_wake, claims_began)
+            else:
+                self._plan_wake(claims_began)
         return delivered
 
     # -- waking for scheduled jobs ---------------------------------------------------
@@ -764,11 +772,13 @@ class Transport(virtual.Transport):  # type: ignore[misc]
             for queue in channel._active_queues
         }
 
-    def _plan_wake(self) -> None:
-        """Ask the database when the soonest scheduled job of our queues comes due."""
+    def _plan_wake(self, claims_began: float) -> None:
+        """Ask the database when the soonest scheduled job of our queues comes due,
+        counting jobs that came due since ``claims_began`` (monotonic)."""
         self._schedule_stale = False
         queues = self._consumed_queues()
-        seconds = self.store.next_due(sorted(queues)) if queues else None
+        within = monotonic() - claims_began + LOOKUP_SLACK
+        seconds = self.store.next_due(sorted(queues), within) if queues else None
         self._set_due(seconds, replace=True)
 
     def _set_due(self, seconds: float | None, *, replace: bool) -> None:
@@ -778,7 +788,9 @@ class Transport(virtual.Transport):  # type: ignore[misc]
             if replace:
                 self._cancel_due()
             return
-        seconds = max(0.0, seconds) + WAKE_MARGIN
+        # No margin needed: both sources are late, never early (a NOTIFY arrives after
+        # its commit; the look-up's answer after the database's now()).
+        seconds = max(0.0, seconds)
         deadline = monotonic() + seconds
         if not replace and self._next_due is not None and self._next_due <= deadline:
             return

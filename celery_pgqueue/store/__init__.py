@@ -686,10 +686,14 @@ class Store:
         with self.single() as conn:
             return job_sql.seconds_to_expiry(conn, job_ids=job_ids)
 
-    def next_due(self, queue_names: Sequence[str]) -> float | None:
-        """Seconds until the soonest scheduled job of these queues comes due, or None."""
+    def next_due(self, queue_names: Sequence[str], came_due_within: float = 0.0) -> float | None:
+        """Seconds until the soonest scheduled job of these queues comes due, or None.
+
+        ``came_due_within``: count jobs that came due that many seconds ago too (the
+        answer is then negative): those a claim just before may have missed.
+        """
         with self.single() as conn:
-            return job_sql.next_due(conn, queue_names=queue_names)
+            return job_sql.next_due(conn, queue_names=queue_names, came_due_within=came_due_within)
 
     def drop_expired_queues(self, limit: int | None = None) -> tuple[int, int]:
         """Drop queues past their ``x-expires`` with their waiting messages (one batch).

@@ -1098,7 +1098,7 @@ def _next_due_statement() -> sa.Executable:
             row.c.queue_name == levels.c.queue_name,
             queued(row),
             row.c.priority == levels.c.priority,
-            row.c.run_at > sa.func.now(),
+            row.c.run_at > sa.func.now() - sa.bindparam("p_within", type_=sa.Float) * SECOND,
         )
         .order_by(row.c.run_at)
         .limit(fixed(1))
@@ -1109,15 +1109,21 @@ def _next_due_statement() -> sa.Executable:
     ).select_from(levels.join(soonest, sa.true()))
 
 
-def next_due(conn: sa.Connection, *, queue_names: Sequence[str]) -> float | None:
+def next_due(
+    conn: sa.Connection, *, queue_names: Sequence[str], came_due_within: float = 0.0
+) -> float | None:
     """Seconds until the soonest job of ``queue_names`` that is not due yet, or None.
 
+    ``came_due_within``: jobs that came due at most that many seconds ago count too (a
+    negative answer): a claim that ran just before may have missed them. Older due
+    jobs never count, so a paused queue's backlog cannot keep a worker spinning.
     Asked of the database, so the answer is on its clock: a worker waits that long on
     its own monotonic clock, whatever its wall clock says.
     """
     if not queue_names:
         return None
-    value = conn.execute(_next_due_statement(), {"p_queues": list(queue_names)}).scalar()
+    params = {"p_queues": list(queue_names), "p_within": max(0.0, came_due_within)}
+    value = conn.execute(_next_due_statement(), params).scalar()
     return None if value is None else float(value)
 
 
