@@ -6,9 +6,9 @@
 Per broker and round (interleaved): one idle ``celery worker`` (prefork ``-c 2``, the
 default early ack, no result backend), then N no-op tasks published with countdowns
 spread over 1-3 s at about 20 publishes a second, so a worker is always free when a
-task comes due. Each task appends ``time.time() - eta`` to a file: how long after the
-``eta`` its caller sent (``self.request.eta``) it started, on the one clock this
-machine has (PostgreSQL runs here too). pgqueue gets a scratch database on ``--url``
+task comes due. Each task appends its id and ``time.time()`` to a file: how long after
+the ``eta`` it was sent with (what ``countdown`` becomes) it started, on the one clock
+this machine has (PostgreSQL runs here too). pgqueue gets a scratch database on ``--url``
 (dropped afterwards); Redis is 127.0.0.1:6379 DB ``--redis-db`` with a key prefix of
 its own (its keys are deleted afterwards), skipped if it does not answer. Reports
 p50 / p99 / max lateness in ms. A measurement, not a test: it never fails, it reports.
@@ -27,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,6 @@ APP = """\
 import json
 import os
 import time
-from datetime import datetime
 
 from celery import Celery
 
@@ -48,10 +48,9 @@ app.conf.update(json.loads({config!r}))
 @app.task(name="lateness.noop", bind=True)
 def noop(self):
     started = time.time()
-    eta = datetime.fromisoformat(self.request.eta).timestamp()
     fd = os.open({record!r}, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
-        os.write(fd, f"{{started - eta:.6f}}\\n".encode())
+        os.write(fd, f"{{self.request.id}} {{started:.6f}}\\n".encode())
     finally:
         os.close(fd)
 """
@@ -114,20 +113,22 @@ def one_round(broker: str, target: str, n: int, workdir: Path) -> list[float]:
         sender = Celery(f"{module}-sender", set_as_current=False)
         sender.conf.update(config)
         rng = random.Random(7)
+        etas: dict[str, float] = {}
         with sender.producer_or_acquire() as producer:
             for _ in range(n):
-                sender.send_task(
-                    "lateness.noop", countdown=rng.uniform(1.0, 3.0), producer=producer
-                )
+                # What countdown=... becomes: an absolute eta from this clock.
+                eta = datetime.now(UTC) + timedelta(seconds=rng.uniform(1.0, 3.0))
+                sent = sender.send_task("lateness.noop", eta=eta, producer=producer)
+                etas[sent.id] = eta.timestamp()
                 time.sleep(0.05)
         sender.close()
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
-            done = record.read_text().split() if record.exists() else []
-            if len(done) >= n:
+            if record.exists() and len(record.read_text().splitlines()) >= n:
                 break
             time.sleep(0.2)
-        return [float(x) for x in (record.read_text().split() if record.exists() else [])]
+        lines = record.read_text().splitlines() if record.exists() else []
+        return [float(at) - etas[task_id] for task_id, at in (line.split() for line in lines)]
     finally:
         os.killpg(worker.pid, signal.SIGKILL)
         worker.wait(10)
