@@ -22,7 +22,9 @@ Features
   SUCCESS                       completed    completed_at, result; log row -> success
   FAILURE                       failed       failed_at, last_error_message (type:
                                              message, 255 chars); log row -> failed
-  REVOKED                       cancelled    log row (if any) -> failed
+  REVOKED                       cancelled    log row (if any) -> failed; a task still
+                                             queued past its ``expires`` reads REVOKED
+                                             ("expired") and its first reader records it
   PENDING (ignore_result)       finished     jobs.result = {"ignored": true}
   ============================  ===========  =========================================
 
@@ -90,6 +92,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from datetime import UTC, datetime
 from time import monotonic, sleep
 from typing import Any
+from uuid import UUID
 
 from celery import signals, states
 from celery.app.task import Context
@@ -104,6 +107,7 @@ from kombu.exceptions import EncodeError
 from kombu.serialization import dumps, loads, prepare_accept_content
 from kombu.utils import json as kombu_json
 
+from celery_pgqueue import clock
 from celery_pgqueue.errors import (
     ConfigurationError,
     DatabaseUnavailable,
@@ -118,7 +122,7 @@ from celery_pgqueue.options import (
     first_url,
     pool_conflict,
 )
-from celery_pgqueue.states import CELERY_TO_LOG, JobStatus, job_status_for
+from celery_pgqueue.states import CELERY_TO_LOG, EXPIRED_MESSAGE, JobStatus, job_status_for
 from celery_pgqueue.storable import jsonb_keeps_text
 from celery_pgqueue.store import Store
 from celery_pgqueue.store.notify import ResultListener, ResultNote
@@ -136,6 +140,10 @@ WAKE_INTERVAL = 1.0
 RESYNC_INTERVAL = 10.0
 """A listening client still re-reads what it waits for this often, for rows finished by
 something that sent no NOTIFY (an operator's SQL, a transport that cancels a row)."""
+EXPIRY_LOOKUP_AFTER = WAKE_INTERVAL
+"""A client that has waited this long on a task asks once when it expires (if ever), so
+a ``get()`` on a task nobody runs raises TaskRevokedError when it expires, while a
+``get()`` that returns sooner costs no query."""
 
 # FINISHED job statuses -> the Celery state a row reads as when the backend did not
 # write that status itself (a rescued job, a transport-cancelled one).
@@ -156,13 +164,15 @@ class ResultNotSerializable(PayloadNotSerializable, EncodeError):  # type: ignor
 
 # -- when did this attempt start? ------------------------------------------------------
 # With another broker the backend opens the attempt's log row itself; unless the task
-# tracks STARTED, the first write it sees is the last, so the start time is taken here.
-_attempt_starts: dict[str, datetime] = {}
+# tracks STARTED, the first write it sees is the last, so the start is taken here: on
+# the monotonic clock, stored as the database's now() minus the time since (a worker
+# whose wall clock is off must not shift started_at or the duration).
+_attempt_starts: dict[str, float] = {}
 
 
 def _on_task_prerun(task_id: str | None = None, **_: Any) -> None:
     if task_id:
-        _attempt_starts[task_id] = datetime.now(UTC)
+        _attempt_starts[task_id] = monotonic()
 
 
 def _on_task_postrun(task_id: str | None = None, **_: Any) -> None:
@@ -208,6 +218,11 @@ class ResultConsumer(BaseResultConsumer):  # type: ignore[misc]
         # on a thread that already holds it.
         self._cond = threading.Condition(threading.RLock())
         self._wanted: dict[str, str] = getattr(self, "_wanted", {})  # str(jobs.id) -> task id
+        # Expiry of what we wait for: since when (monotonic), asked already, and when
+        # each waited-for task expires by the database's clock (as a monotonic time).
+        self._since: dict[str, float] = getattr(self, "_since", {})
+        self._expiry_asked: set[str] = getattr(self, "_expiry_asked", set())
+        self._expiry_due: dict[str, float] = getattr(self, "_expiry_due", {})
         self._notified: set[str] = set()
         self._inline: dict[str, ResultNote] = {}  # successes their notification carried
         self._resync_due = resync
@@ -228,7 +243,9 @@ class ResultConsumer(BaseResultConsumer):  # type: ignore[misc]
 
     def consume_from(self, task_id: str) -> None:
         with self._cond:
-            self._wanted[str(job_id_for(task_id))] = task_id
+            key = str(job_id_for(task_id))
+            self._wanted[key] = task_id
+            self._since.setdefault(key, monotonic())
         listener = self._listener()
         if listener is not None:
             listener.register(self)
@@ -240,6 +257,9 @@ class ResultConsumer(BaseResultConsumer):  # type: ignore[misc]
             self._wanted.pop(key, None)
             self._notified.discard(key)
             self._inline.pop(key, None)
+            self._since.pop(key, None)
+            self._expiry_asked.discard(key)
+            self._expiry_due.pop(key, None)
 
     def stop(self) -> None:
         listener = self._listener()
@@ -282,6 +302,8 @@ class ResultConsumer(BaseResultConsumer):  # type: ignore[misc]
         if not listening:
             wait = min(wait, backend.options.polling_interval)
         with self._cond:
+            if self._expiry_due:
+                wait = min(wait, max(0.0, min(self._expiry_due.values()) - monotonic()))
             generation = self._generation
             self._cond.wait_for(
                 lambda: self._has_work(listening) or self._generation != generation, wait
@@ -309,12 +331,21 @@ class ResultConsumer(BaseResultConsumer):  # type: ignore[misc]
                         ids.append(task_id)
             self._notified.clear()
             self._inline.clear()
+            now = monotonic()
+            expiring = [k for k, at in self._expiry_due.items() if at <= now]
+            unasked = [
+                k
+                for k, since in self._since.items()
+                if k not in self._expiry_asked and now - since >= EXPIRY_LOOKUP_AFTER
+            ]
         try:
             for task_id, note in carried:
                 self.on_state_change(backend._carried_meta(task_id, note), None)
             if ids:
                 for meta in backend._ready_metas(ids):
                     self.on_state_change(meta, None)
+            if expiring or unasked:
+                self._mind_expiry(expiring, unasked)
         finally:
             with self._cond:
                 self._generation += 1
@@ -339,6 +370,32 @@ class ResultConsumer(BaseResultConsumer):  # type: ignore[misc]
             self._cond.notify_all()
 
     # -- internals -------------------------------------------------------------------
+
+    def _mind_expiry(self, expiring: list[str], unasked: list[str]) -> None:
+        """Record the waited-for tasks whose ``expires`` passed; learn when others expire.
+
+        Nobody may consume the queue (no worker, or a busy one): without this a
+        ``get()`` would wait for maintenance or forever. The database decides what has
+        expired; its NOTIFY (or the re-read asked for here) then wakes us with REVOKED.
+        """
+        store = self.backend.store
+        if expiring:
+            if store.expire_tasks([UUID(k) for k in expiring]):
+                self.resync()
+            with self._cond:
+                for key in expiring:
+                    self._expiry_due.pop(key, None)
+            unasked = [*unasked, *expiring]  # not expired yet by the database: ask again
+        left = store.seconds_to_expiry([UUID(k) for k in unasked])
+        now = monotonic()
+        with self._cond:
+            for key in unasked:
+                if key not in self._wanted:
+                    continue
+                self._expiry_asked.add(key)
+                seconds = left.get(UUID(key))
+                if seconds is not None:
+                    self._expiry_due[key] = now + max(0.0, seconds)
 
     def _has_work(self, listening: bool) -> bool:
         return self._resync_due or (listening and bool(self._notified))
@@ -441,9 +498,9 @@ class PgQueueBackend(Backend, AsyncBackendMixin):  # type: ignore[misc]
             error_message=error,
             log_message=self._log_message(state, error, traceback, retry_in, retry_at),
             max_attempts=self._max_attempts(request),
+            # run_at = the database's now() + the interval, whatever this clock says.
             retry_in=retry_in,
-            retry_at=retry_at,
-            started_at=None if transport_owned else _attempt_starts.get(task_id),
+            started_ago=None if transport_owned else _started_ago(task_id),
         )
 
     def _document(
@@ -616,6 +673,7 @@ class PgQueueBackend(Backend, AsyncBackendMixin):  # type: ignore[misc]
         )
         if not rows:
             return {"task_id": task_id, "status": states.PENDING, "result": None}
+        self._record_expired(rows)
         return self._meta(rows[0], task_id)
 
     def _carried_meta(self, task_id: str, note: ResultNote) -> dict[str, Any]:
@@ -639,7 +697,23 @@ class PgQueueBackend(Backend, AsyncBackendMixin):  # type: ignore[misc]
             with_payload=self._extended,
             with_failure_log=self.options.store_traceback,
         )
+        self._record_expired(rows)
         return [self._meta(row, by_job[row.id]) for row in rows]
+
+    def _record_expired(self, rows: Iterable[StoredResult]) -> None:
+        """The reader that first sees a task expired in its queue records it: the row
+        ends ``cancelled`` with its log row even when no worker ever looks at it."""
+        expired = [row.id for row in rows if row.expired]
+        if not expired:
+            return
+        try:
+            self.store.expire_tasks(expired)
+        except Exception as exc:  # the read itself succeeded; maintenance records it later
+            logger.warning(
+                "pgqueue could not record expired jobs %s as cancelled: %s",
+                ", ".join(map(str, expired)),
+                exc,
+            )
 
     def get_many(
         self,
@@ -685,16 +759,22 @@ class PgQueueBackend(Backend, AsyncBackendMixin):  # type: ignore[misc]
         """Celery's meta for a stored row, exceptions rebuilt."""
         document = self._decode_document(row.result_json) if row.result_json else {}
         stored = document.get("status")
-        state = _state_of(row.status, stored, document.get("ignored") is True)
+        # A task still queued past its expires is REVOKED already: the database's
+        # clock decided, whoever records it (maintenance, a waiting client, a worker).
+        if row.expired:
+            state = states.REVOKED
+        else:
+            state = _state_of(row.status, stored, document.get("ignored") is True)
         if state == stored:
             result = document.get("result")
         elif state == states.FAILURE:
             result = _exception_from_summary(row.last_error_message)
         elif state == states.REVOKED:
+            expired = row.expired or row.last_error_message == EXPIRED_MESSAGE
             result = {
                 "exc_type": "TaskRevokedError",
                 "exc_module": "celery.exceptions",
-                "exc_message": ["revoked"],
+                "exc_message": ["expired" if expired else "revoked"],
             }
         else:
             result = None
@@ -1009,17 +1089,24 @@ def _attempt_of(request: Any, state: str) -> int | None:
     return int(getattr(request, "retries", 0) or 0) + 1
 
 
+def _started_ago(task_id: str) -> float | None:
+    started = _attempt_starts.get(task_id)
+    return None if started is None else max(0.0, monotonic() - started)
+
+
 def _retry_eta() -> tuple[float | None, datetime | None]:
     """RETRY's next run, from the Retry being handled (Celery passes only its cause).
 
     ``Task.retry`` raises ``Retry(when=eta or countdown)``; the tracer stores RETRY
-    while handling it, so it is the exception in flight.
+    while handling it, so it is the exception in flight. Returns the interval (an
+    ``eta`` read on this process's clock, as Celery computed it) and the eta, if any.
     """
     exc = sys.exc_info()[1]
     if isinstance(exc, Retry):
         when = exc.when
         if isinstance(when, datetime):
-            return None, when if when.tzinfo else when.replace(tzinfo=UTC)
+            eta = when if when.tzinfo else when.replace(tzinfo=UTC)
+            return clock.seconds_until(eta), eta
         if isinstance(when, (int, float)) and not isinstance(when, bool):
             return float(when), None
     return None, None

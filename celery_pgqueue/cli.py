@@ -887,7 +887,8 @@ def maintain(as_json: bool) -> None:
         return
     p = report.pruned
     click.echo(
-        f"rescued {report.rescued} job(s) (failed {report.rescued_failed}), dropped "
+        f"rescued {report.rescued} job(s) (failed {report.rescued_failed}), cancelled "
+        f"{report.expired_tasks} expired task(s), dropped "
         f"{report.expired_messages} expired message(s) and {report.expired_queues} "
         f"expired queue(s), pruned {p.completed} completed, {p.cancelled} cancelled, "
         f"{p.failed} failed job(s) and {p.logs} log row(s) in {report.seconds:g}s"

@@ -6,7 +6,8 @@ contention, only one cheap ``pg_try_advisory_lock`` each. A pass:
 
 1. rescues running jobs whose lease ran out (their worker died or hung), and adds
    the rescues and newly finished jobs to the metrics' totals (``job_counters``);
-2. drops waiting transient messages past their TTL;
+2. records tasks still queued past their ``expires`` as cancelled (Celery's REVOKED,
+   with a log row), and drops waiting transient messages past their TTL;
 3. drops queues past their ``x-expires`` with their waiting messages;
 4. prunes finished jobs and ``job_logs`` past retention, in short batches.
 
@@ -41,6 +42,8 @@ class MaintenanceReport:
     """Running jobs with an expired lease marked failed (acked early, or out of attempts)."""
     expired_messages: int = 0
     """Waiting messages deleted: past their TTL, or in a queue that expired."""
+    expired_tasks: int = 0
+    """Queued tasks past their ``expires`` recorded as cancelled (REVOKED)."""
     expired_queues: int = 0
     """Queues past their ``x-expires`` deleted (bindings by cascade)."""
     pruned: PruneCounts = field(default_factory=PruneCounts)
@@ -78,7 +81,7 @@ def run_once(
     with store.advisory_lock(LOCK_PURPOSE) as held:
         if not held:
             return MaintenanceReport(ran=False)
-        rescued = rescued_failed = messages = queues = 0
+        rescued = rescued_failed = messages = queues = tasks = 0
         pruned = PruneCounts()
         finished = False
         ours = spare() if spare is not None else None
@@ -90,6 +93,11 @@ def run_once(
         # Totals for the metrics: rescues now, finished jobs before retention prunes them.
         counters.count_rescues(store, requeued=rescued, failed=rescued_failed)
         counters.fold(store)
+        while time.monotonic() < deadline:
+            n = store.expire_tasks(limit=batch)
+            tasks += n
+            if n < batch:
+                break
         while time.monotonic() < deadline:
             n = store.drop_expired_messages(limit=batch)
             messages += n
@@ -112,6 +120,7 @@ def run_once(
         rescued=rescued,
         rescued_failed=rescued_failed,
         expired_messages=messages,
+        expired_tasks=tasks,
         expired_queues=queues,
         pruned=pruned,
         finished=finished,

@@ -26,6 +26,10 @@ class LogStatus(StrEnum):
 
 FINISHED = (JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED)
 
+EXPIRED_MESSAGE = "TaskRevokedError: expired"
+"""``jobs.last_error_message`` of a task cancelled because its ``expires`` passed while it
+waited: Celery's own reason for revoking it."""
+
 # Celery state -> the job status it implies. States not listed (custom ones such as
 # PROGRESS, and STARTED/RECEIVED) mean the job is running.
 CELERY_TO_JOB: dict[str, JobStatus] = {

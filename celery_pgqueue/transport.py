@@ -15,7 +15,10 @@ Features
   Other messages wait until consumed; only Celery's control replies and events get
   the short ``message_ttl``.
 * Asynchronous: Yes (the LISTEN socket is registered with the worker's event loop)
-* ETA/countdown: held in the database (``run_at``), never in worker memory
+* ETA/countdown: held in the database (``run_at``), never in worker memory; an idle
+  worker wakes for the soonest ``run_at`` of its queues (database clock)
+* Expires: a task still queued at its ``expires`` is never delivered and ends
+  cancelled (Celery's REVOKED, "expired")
 
 Connection string
 =================
@@ -43,7 +46,7 @@ import threading
 import uuid
 import weakref
 from collections.abc import Iterable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from multiprocessing.util import Finalize
 from queue import Empty
 from time import monotonic
@@ -53,7 +56,7 @@ import psycopg
 from kombu.transport import virtual
 from kombu.transport.base import to_rabbitmq_queue_arguments
 
-from celery_pgqueue import batching, finalize, maintenance, transaction
+from celery_pgqueue import batching, clock, finalize, maintenance, transaction
 from celery_pgqueue.batching import PublishBatch
 from celery_pgqueue.errors import (
     ConfigurationError,
@@ -71,10 +74,11 @@ from celery_pgqueue.options import (
 from celery_pgqueue.payload import from_payload, to_payload
 from celery_pgqueue.states import JobStatus, LogStatus
 from celery_pgqueue.store import ClaimedJob, NewJob, Store
-from celery_pgqueue.store.listener import Listener
+from celery_pgqueue.store.listener import Listener, wake_note
 
-# Imported for its signal handlers (settling rows the result backend won't).
-__all__ = ["Channel", "QoS", "Transport", "finalize"]
+# Imported for their signal handlers (settling rows the result backend won't; running
+# delivered tasks now, whatever the worker's clock says).
+__all__ = ["Channel", "QoS", "Transport", "clock", "finalize"]
 
 logger = logging.getLogger("celery_pgqueue")
 
@@ -89,6 +93,10 @@ BATCH_WAIT = 0.05
 AUTO_DELETE_AFTER = 60.0
 # How long a process trusts its copy of an exchange's bindings.
 BINDINGS_TTL = 1.0
+# Seconds added to the time the claims took when the look-up that follows them asks
+# for jobs that came due meanwhile (a look-up sent later than measured). Small: a job
+# in that window that we cannot claim (paused queue, no room) wakes us again at once.
+LOOKUP_SLACK = 0.005
 # Mailbox exchanges (``<app>.pidbox``) carry ``revoke``; we cancel the rows too.
 PIDBOX_SUFFIX = ".pidbox"
 # Celery's events exchange (``event_exchange``) and the prefix of its receivers' queues.
@@ -159,19 +167,6 @@ def _stored_body(payload: Any) -> Any:
     if isinstance(payload, dict) and payload.get("body_encoding") == "json":
         return payload.get("body")
     return None
-
-
-def _parse_eta(value: Any) -> datetime | None:
-    if not value:
-        return None
-    if isinstance(value, datetime):
-        eta = value
-    else:
-        try:
-            eta = datetime.fromisoformat(str(value))
-        except ValueError:
-            return None
-    return eta if eta.tzinfo else eta.replace(tzinfo=UTC)
 
 
 # Channels closed by a lost connection whose deliveries the worker's pool still runs.
@@ -470,8 +465,15 @@ class Channel(virtual.Channel):  # type: ignore[misc]
                 ttl = max(0.0, float(expiration) / 1000.0)
             except (TypeError, ValueError):
                 ttl = None
+        delay: float | None = None
         exchange = (properties.get("delivery_info") or {}).get("exchange") or ""
-        if not task and is_celery_transient(queue, exchange):
+        if task:
+            # Celery sends absolute times from this process's clock: back to intervals
+            # on the same clock, which the database adds to its own now().
+            delay = clock.seconds_until(task.get("eta"))
+            if ttl is None and (left := clock.seconds_until(task.get("expires"))) is not None:
+                ttl = max(0.0, left)
+        elif is_celery_transient(queue, exchange):
             ttl = min(ttl, options.message_ttl) if ttl is not None else options.message_ttl
         priority = properties.get("priority")
         if priority is not None:
@@ -486,7 +488,7 @@ class Channel(virtual.Channel):  # type: ignore[misc]
             queue_name=queue,
             payload=document,
             priority=priority,
-            run_at=_parse_eta(task.get("eta")) if task else None,
+            delay_seconds=delay,
             ttl_seconds=ttl,
         )
 
@@ -772,6 +774,11 @@ class Transport(virtual.Transport):  # type: ignore[misc]
         self._nudge_pending = False
         self._poll_timer: Any = None
         self._batch_wait_since: float | None = None
+        # When the soonest scheduled job of our queues comes due (monotonic), its
+        # event-loop timer, and whether to ask the database again.
+        self._next_due: float | None = None
+        self._due_timer: Any = None
+        self._schedule_stale = True
         self._background: threading.Thread | None = None
         self._keeper: LeaseKeeper | None = None
         self._stopping = threading.Event()
@@ -889,10 +896,13 @@ class Transport(virtual.Transport):  # type: ignore[misc]
         task = task_fields(stored_headers, _stored_body(payload))
         message = from_payload(payload, json_body=task is not None)
         headers = message["headers"]
-        if headers.get("eta"):
-            # The database already held the job until run_at: the worker runs it now
-            # rather than waiting again on its own clock.
-            headers["eta"] = None
+        # The eta stays as sent (the task reads it); the database held the job until
+        # run_at, and clock.py has the worker run it at once instead of waiting again.
+        if job.expires_in is not None and headers.get("expires") and is_task(headers):
+            # Celery's worker drops an expired task by its own clock: give it the
+            # database's verdict, as a moment on that clock.
+            local = datetime.now(UTC) + timedelta(seconds=job.expires_in)
+            headers["expires"] = local.isoformat()
         properties = message["properties"]
         retries = (task.get("retries") or 0) if task else 0
         if not isinstance(retries, int) or isinstance(retries, bool):
@@ -983,6 +993,7 @@ class Transport(virtual.Transport):  # type: ignore[misc]
         Sets ``_wanted`` when more may be waiting (a full batch, or no room yet), so the
         event loop's tick comes back without waiting for a NOTIFY or the poll timer.
         """
+        claims_began = monotonic()
         delivered = 0
         wanted = False
         for channel in list(self.channels):
@@ -1026,6 +1037,16 @@ class Transport(virtual.Transport):  # type: ignore[misc]
                     self._drained.add(queue)
         self.flush_acks()
         self._wanted = wanted
+        if self._schedule_stale:
+            # After the claims, and with the event loop after what they delivered has
+            # gone to the pool (a countdown task starts a round trip sooner); so the
+            # look-up also counts jobs that came due since the claims began: each is
+            # either claimed or in the answer, never missed by both.
+            if delivered and self._loop is not None:
+                self._schedule_stale = False
+                self._loop.call_soon(self._plan_wake, claims_began)
+            else:
+                self._plan_wake(claims_began)
         return delivered
 
     def _batch_wait_over(self) -> bool:
@@ -1044,6 +1065,83 @@ class Transport(virtual.Transport):  # type: ignore[misc]
             self._wanted = True
             self._wake_loop()
 
+    # -- waking for scheduled jobs ---------------------------------------------------
+    # A job with a countdown becomes due without any NOTIFY. The worker asks the
+    # database how long until the soonest scheduled job of its queues (an interval on
+    # the database's clock, waited out on our monotonic one) and sets a timer for it;
+    # a publish of a sooner one says so in its NOTIFY and moves the timer earlier. The
+    # poll every polling_interval stays the fallback.
+
+    def _consumed_queues(self) -> set[str]:
+        return {
+            queue
+            for channel in list(self.channels)
+            if channel._consumers and not channel.closed
+            for queue in channel._active_queues
+        }
+
+    def _plan_wake(self, claims_began: float) -> None:
+        """Ask the database when the soonest scheduled job of our queues comes due,
+        counting jobs that came due since ``claims_began`` (monotonic)."""
+        self._schedule_stale = False
+        queues = self._consumed_queues()
+        within = monotonic() - claims_began + LOOKUP_SLACK
+        seconds = self.store.next_due(sorted(queues), within) if queues else None
+        self._set_due(seconds, replace=True)
+
+    def _set_due(self, seconds: float | None, *, replace: bool) -> None:
+        """Wake ``seconds`` from now; ``replace``: the database's answer, else a hint
+        that only ever moves the wake-up earlier."""
+        if seconds is None:
+            if replace:
+                self._cancel_due()
+            return
+        # No margin needed: both sources are late, never early (a NOTIFY arrives after
+        # its commit; the look-up's answer after the database's now()).
+        seconds = max(0.0, seconds)
+        deadline = monotonic() + seconds
+        if not replace and self._next_due is not None and self._next_due <= deadline:
+            return
+        self._cancel_due()
+        self._next_due = deadline
+        if self._loop is not None:
+            self._due_timer = self._loop.call_later(seconds, self._on_due)
+
+    def _cancel_due(self) -> None:
+        self._next_due = None
+        if self._due_timer is not None:
+            self._due_timer.cancel()
+            self._due_timer = None
+
+    def _on_due(self) -> None:
+        self._due_timer = None
+        self._came_due()
+        if self.deliver_ready():
+            self._wake_loop()  # start it now, not after the hub's next poll timeout
+
+    def _came_due(self) -> None:
+        """The soonest scheduled job is due: claim again, then ask for the next one."""
+        self._next_due = None
+        self._drained.clear()
+        self._wanted = True
+        self._schedule_stale = True
+
+    def _take_notes(self, notes: Iterable[tuple[str, str]]) -> bool:
+        """Apply NOTIFY payloads; True when one says jobs are due now."""
+        due = False
+        consumed: set[str] | None = None
+        for _, payload in notes:
+            # Always read as a queue name too: a name may contain the mark itself.
+            self._drained.discard(payload)
+            queue, seconds = wake_note(payload)
+            if seconds is None:
+                due = True
+                continue
+            consumed = self._consumed_queues() if consumed is None else consumed
+            if queue in consumed:
+                self._set_due(seconds, replace=False)
+        return due
+
     def drain_events(self, connection: Any, timeout: float | None = None) -> None:
         """Synchronous consumers: deliver, else sleep on the LISTEN socket."""
         deadline = None if timeout is None else monotonic() + timeout
@@ -1053,17 +1151,22 @@ class Transport(virtual.Transport):  # type: ignore[misc]
             remaining = self.polling_interval
             if self._batch_wait_since is not None:
                 remaining = min(remaining, BATCH_WAIT)
+            if self._next_due is not None:
+                remaining = min(remaining, max(0.0, self._next_due - monotonic()))
             if deadline is not None:
                 left = deadline - monotonic()
                 if left <= 0:
                     raise TimeoutError()
                 remaining = min(remaining, left)
             self._sleep(remaining)
+            if self._next_due is not None and monotonic() >= self._next_due:
+                self._came_due()
 
     def _sleep(self, seconds: float) -> None:
         if not self.options.use_notify:
             self._stopping.wait(seconds)
             self._drained.clear()
+            self._schedule_stale = True
             return
         try:
             notes = self.listener.wait(seconds)
@@ -1071,7 +1174,7 @@ class Transport(virtual.Transport):  # type: ignore[misc]
             self._listen_dropped()
             raise
         if notes:
-            self._drained.difference_update(queue for _, queue in notes)
+            self._take_notes(notes)
         else:
             self._drained.clear()
 
@@ -1088,6 +1191,8 @@ class Transport(virtual.Transport):  # type: ignore[misc]
         loop.on_tick.add(self._on_tick)
         self._poll_timer = loop.call_repeatedly(self.polling_interval, self._on_poll_timer)
         self._wanted = True
+        self._cancel_due()
+        self._schedule_stale = True  # learn the soonest scheduled job on the first tick
         self.start_background()
 
     def unregister_from_event_loop(self, connection: Any, loop: Any) -> None:
@@ -1101,6 +1206,7 @@ class Transport(virtual.Transport):  # type: ignore[misc]
         if self._poll_timer is not None:
             self._poll_timer.cancel()
             self._poll_timer = None
+        self._cancel_due()
 
     def _listen_dropped(self) -> None:
         """Whatever ended the LISTEN session (a restart, a failover, an administrator)
@@ -1116,10 +1222,12 @@ class Transport(virtual.Transport):  # type: ignore[misc]
         except DatabaseUnavailable:
             self._listen_dropped()
             raise
-        if notes:
-            self._drained.difference_update(queue for _, queue in notes)
+        if notes and self._take_notes(notes):
             self._wanted = True
-            self.deliver_ready()
+            if self.deliver_ready():
+                # A task with an eta goes through Celery's timer (due at once, see
+                # clock.py): have the hub fire it now, not after this round's poll.
+                self._wake_loop()
 
     def _on_tick(self) -> None:
         if not self._wanted:
@@ -1156,7 +1264,9 @@ class Transport(virtual.Transport):  # type: ignore[misc]
             self._nudge[0].recv(4096)  # type: ignore[index]
 
     def _on_poll_timer(self) -> None:
-        self._drained.clear()  # scheduled jobs come due without a NOTIFY
+        self._drained.clear()  # the fallback: a NOTIFY may have been missed
+        if not self.options.use_notify:
+            self._schedule_stale = True  # no publish tells us of sooner jobs
         self.deliver_ready()
 
     # -- bindings cache --------------------------------------------------------------

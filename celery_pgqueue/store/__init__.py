@@ -851,9 +851,38 @@ class Store:
         return PruneCounts(logs=logs, **jobs)
 
     def drop_expired_messages(self, limit: int | None = None) -> int:
-        """Delete waiting messages whose TTL has passed (one batch)."""
+        """Delete waiting transient messages whose TTL has passed (one batch)."""
         with self.begin() as conn:
             return job_sql.drop_expired(conn, limit=limit or self.options.prune_batch_size)
+
+    def expire_tasks(self, job_ids: Sequence[UUID] | None = None, limit: int | None = None) -> int:
+        """Record queued tasks past their ``expires`` as cancelled (REVOKED), one batch.
+
+        ``job_ids``: only those (a client waiting on them); else any. Waiting ``get()``
+        calls are woken.
+        """
+        results = self.result_channel if self.options.use_notify else None
+        with self.single() as conn:
+            return job_sql.expire_tasks(
+                conn,
+                limit=limit or self.options.prune_batch_size,
+                job_ids=job_ids,
+                result_channel=results,
+            )
+
+    def seconds_to_expiry(self, job_ids: Sequence[UUID]) -> dict[UUID, float]:
+        """Seconds until each still-queued task of ``job_ids`` expires (database clock)."""
+        with self.single() as conn:
+            return job_sql.seconds_to_expiry(conn, job_ids=job_ids)
+
+    def next_due(self, queue_names: Sequence[str], came_due_within: float = 0.0) -> float | None:
+        """Seconds until the soonest scheduled job of these queues comes due, or None.
+
+        ``came_due_within``: count jobs that came due that many seconds ago too (the
+        answer is then negative): those a claim just before may have missed.
+        """
+        with self.single() as conn:
+            return job_sql.next_due(conn, queue_names=queue_names, came_due_within=came_due_within)
 
     def drop_expired_queues(self, limit: int | None = None) -> tuple[int, int]:
         """Drop queues past their ``x-expires`` with their waiting messages (one batch).

@@ -17,9 +17,10 @@ from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlalchemy.dialects.postgresql import UUID as PG_UUID
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
-from celery_pgqueue.states import JobStatus, LogStatus
+from celery_pgqueue.states import EXPIRED_MESSAGE, JobStatus, LogStatus
 from celery_pgqueue.storable import printable
 from celery_pgqueue.store.hot import Call
+from celery_pgqueue.store.listener import SCHEDULED_MARK
 from celery_pgqueue.store.notify import INLINE_RESULT_BYTES
 from celery_pgqueue.store.records import ClaimedJob, NewJob
 from celery_pgqueue.store.tables import TZ, job_logs, job_queues, jobs
@@ -99,7 +100,16 @@ def _is_held(pairs: sa.TableValuedAlias) -> sa.ColumnElement[bool]:
 # named like a column would make SQLAlchemy add it to an UPDATE's SET clause.
 
 
-_INSERT_COLUMNS = ("id", "queue_name", "payload", "priority", "run_at", "max_attempts", "ttl")
+_INSERT_COLUMNS = (
+    "id",
+    "queue_name",
+    "payload",
+    "priority",
+    "run_at",
+    "max_attempts",
+    "ttl",
+    "delay",
+)
 _INSERT_TYPES: tuple[Any, ...] = (
     PG_UUID(as_uuid=True),
     sa.String,
@@ -108,7 +118,12 @@ _INSERT_TYPES: tuple[Any, ...] = (
     TZ,
     sa.Integer,
     sa.Float,
+    sa.Float,
 )
+# Intervals (countdowns, TTLs) count from the statement, by the database's clock. Not
+# now(): inside a caller's long transaction (enqueue_in) that is when it began, and a
+# countdown would shrink by the transaction's age.
+STATEMENT_TIME = sa.func.statement_timestamp()
 
 
 def _one_row() -> sa.Subquery:
@@ -142,6 +157,7 @@ def _insert_statement(notify: bool, single: bool = False) -> sa.Executable:
                 sa.bindparam("p_run_ats", type_=ARRAY(TZ)),
                 sa.bindparam("p_max_attempts", type_=ARRAY(sa.Integer)),
                 sa.bindparam("p_ttls", type_=ARRAY(sa.Float)),
+                sa.bindparam("p_delays", type_=ARRAY(sa.Float)),
             )
             .table_valued(*_INSERT_COLUMNS)
             .render_derived(name="v", with_types=False)
@@ -153,11 +169,11 @@ def _insert_statement(notify: bool, single: bool = False) -> sa.Executable:
         v.c.queue_name,
         v.c.payload,
         sa.func.coalesce(v.c.priority, q.c.default_priority, 100),
-        sa.func.coalesce(v.c.run_at, sa.func.now()),
+        sa.func.coalesce(STATEMENT_TIME + v.c.delay * SECOND, v.c.run_at, sa.func.now()),
         v.c.max_attempts,
         # The message's own expiration or its queue's x-message-ttl, whichever is
         # shorter (least() skips NULLs); neither: it waits until consumed.
-        sa.func.now() + sa.func.least(v.c.ttl, q.c.message_ttl) * SECOND,
+        STATEMENT_TIME + sa.func.least(v.c.ttl, q.c.message_ttl) * SECOND,
     ).select_from(v.outerjoin(q, q.c.name == v.c.queue_name))
     base = pg_insert(jobs).from_select(
         ["id", "queue_name", "payload", "priority", "run_at", "max_attempts", "expires_at"], rows
@@ -180,10 +196,43 @@ def _insert_statement(notify: bool, single: bool = False) -> sa.Executable:
         where=jobs.c.status != _status(JobStatus.CANCELLED),
     ).returning(jobs.c.queue_name, jobs.c.run_at)
     inserted = stmt.cte("inserted")
-    due = sa.select(inserted.c.queue_name).where(inserted.c.run_at <= sa.func.now()).cte("due")
+    due = sa.select(inserted.c.queue_name).where(inserted.c.run_at <= STATEMENT_TIME).cte("due")
     return sa.select(
         sa.select(sa.func.count()).select_from(inserted).scalar_subquery(),
         _notify_queues(due, notify),
+        _notify_scheduled(inserted, notify),
+    )
+
+
+def _notify_scheduled(inserted: sa.CTE, notify: bool) -> sa.ColumnElement[Any]:
+    """Tell idle workers when the soonest new scheduled job of each queue comes due.
+
+    One NOTIFY per queue, ``<queue><SCHEDULED_MARK><seconds>`` (see
+    :func:`~celery_pgqueue.store.listener.wake_note`): a worker waiting longer than
+    that moves its wake-up earlier without asking the database.
+    """
+    if not notify:
+        return sa.literal(0)
+    soonest = (
+        sa.select(
+            inserted.c.queue_name,
+            sa.func.min(inserted.c.run_at).label("run_at"),
+        )
+        .where(inserted.c.run_at > STATEMENT_TIME)
+        .group_by(inserted.c.queue_name)
+        .subquery("scheduled")
+    )
+    seconds = sa.extract("epoch", soonest.c.run_at - STATEMENT_TIME)
+    payload = (
+        soonest.c.queue_name
+        + sa.literal(SCHEDULED_MARK)
+        + sa.cast(sa.func.round(sa.cast(seconds, sa.Numeric), 3), sa.Text)
+    )
+    channel = sa.bindparam("p_channel", type_=sa.String)
+    return (
+        sa.select(sa.func.count(sa.func.pg_notify(channel, payload)))
+        .select_from(soonest)
+        .scalar_subquery()
     )
 
 
@@ -193,8 +242,9 @@ def insert_call(*, new_jobs: Sequence[NewJob], channel: str | None) -> Call:
     A task id already present goes back to ``queued`` with its new payload and
     ``run_at``; its ``attempt_count`` and logs stay (Celery's ``retry`` does this). A
     cancelled job stays cancelled: cancel is durable. ``channel`` set: workers are
-    notified at commit, once per queue with a job due now. Returns one row: the
-    number of rows written.
+    notified at commit, once per queue with a job due now and once per queue with
+    scheduled jobs (when the soonest comes due). Returns one row: the number of rows
+    written.
     """
     params: dict[str, Any]
     if len(new_jobs) == 1:
@@ -207,6 +257,7 @@ def insert_call(*, new_jobs: Sequence[NewJob], channel: str | None) -> Call:
             "p_run_at": job.run_at,
             "p_max_attempts": job.max_attempts,
             "p_ttl": job.ttl_seconds,
+            "p_delay": job.delay_seconds,
         }
         if channel is not None:
             params["p_channel"] = channel
@@ -219,6 +270,7 @@ def insert_call(*, new_jobs: Sequence[NewJob], channel: str | None) -> Call:
         "p_run_ats": [j.run_at for j in new_jobs],
         "p_max_attempts": [j.max_attempts for j in new_jobs],
         "p_ttls": [j.ttl_seconds for j in new_jobs],
+        "p_delays": [j.delay_seconds for j in new_jobs],
     }
     if channel is not None:
         params["p_channel"] = channel
@@ -275,6 +327,7 @@ def _claim_statement(with_acks: bool = False) -> sa.Executable:
             jobs.c.max_attempts,
             jobs.c.run_at,
             jobs.c.created_at,
+            jobs.c.expires_at,
         )
         .cte("claimed")
     )
@@ -299,6 +352,8 @@ def _claim_statement(with_acks: bool = False) -> sa.Executable:
             claimed.c.priority,
             claimed.c.attempt_count,
             claimed.c.max_attempts,
+            # The worker's own expiry check must agree with the database's clock.
+            sa.cast(sa.extract("epoch", claimed.c.expires_at - sa.func.now()), sa.Float),
         )
         .add_cte(opened)
         .order_by(claimed.c.priority, claimed.c.run_at, claimed.c.created_at)
@@ -949,20 +1004,215 @@ def count_prunable(conn: sa.Connection, *, status: JobStatus, older_than: float)
     )
 
 
+IS_TASK = sa.or_(
+    sa.func.coalesce(jobs.c.payload["headers"].has_key("task"), sa.false()),
+    # task_protocol=1 names the task in a JSON body (an object: a protocol 2 body is an
+    # array, where ``?`` would test the elements).
+    sa.and_(
+        sa.func.jsonb_typeof(jobs.c.payload["body"]) == "object",
+        sa.func.coalesce(jobs.c.payload["body"].has_key("task"), sa.false()),
+    ),
+)
+"""A Celery task message (protocol 2 headers or a protocol 1 body name the task), not
+transient traffic."""
+
+IS_EXPIRED = sa.and_(IS_QUEUED, jobs.c.expires_at.is_not(None), jobs.c.expires_at <= sa.func.now())
+"""Still waiting when its TTL (Kombu ``expiration``, Celery ``expires``) ran out."""
+
+
 def drop_expired(conn: sa.Connection, *, limit: int) -> int:
     """Delete up to ``limit`` waiting messages whose TTL has passed.
 
     A TTL comes from the message (Kombu ``expiration``), its queue (``x-message-ttl``)
     or, for Celery's control replies and events only, the ``message_ttl`` option; a
-    message nobody consumed in time is never delivered, so it is deleted.
-    ``ix_jobs_expiring`` holds only such rows: with none expired this is one probe.
+    transient message nobody consumed in time is never delivered, so it is deleted
+    rather than kept as history. Expired Celery tasks are recorded instead
+    (:func:`expire_tasks`). ``ix_jobs_expiring`` holds only rows with a TTL: with none
+    expired this is one probe.
     """
     return _delete_jobs(
         conn,
-        sa.select(jobs.c.id)
-        .where(IS_QUEUED, jobs.c.expires_at.is_not(None), jobs.c.expires_at < sa.func.now())
-        .limit(fixed(limit)),
+        sa.select(jobs.c.id).where(IS_EXPIRED, sa.not_(IS_TASK)).limit(fixed(limit)),
     )
+
+
+def expire_tasks(
+    conn: sa.Connection,
+    *,
+    limit: int,
+    job_ids: Sequence[UUID] | None = None,
+    result_channel: str | None = None,
+) -> int:
+    """Cancel up to ``limit`` tasks still queued past their ``expires``; how many.
+
+    Celery ends such a task REVOKED ("expired"), so the row stays, ``cancelled``, under
+    the normal retention, with a log row saying why (as an attempt that never started,
+    like a worker's drop on delivery). ``job_ids`` limits it to those jobs (a client
+    waiting on them). Waiting ``get()`` calls are woken (``result_channel``).
+    """
+    victims = sa.select(jobs.c.id).where(IS_EXPIRED, IS_TASK)
+    if job_ids is not None:
+        victims = victims.where(jobs.c.id == sa.any_(_ids_param()))
+    chosen = victims.limit(fixed(limit)).with_for_update(skip_locked=True).cte("chosen")
+    expired = (
+        sa.update(jobs)
+        .where(jobs.c.id == chosen.c.id)
+        .values(
+            status=JobStatus.CANCELLED.value,
+            attempt_count=jobs.c.attempt_count + 1,
+            last_error_message=EXPIRED_MESSAGE,
+            updated_at=sa.func.now(),
+        )
+        .returning(jobs.c.id, jobs.c.attempt_count, jobs.c.expires_at)
+        .cte("expired")
+    )
+    logged = (
+        sa.insert(job_logs)
+        .from_select(
+            [
+                "job_id",
+                "attempt_number",
+                "status",
+                "started_at",
+                "finished_at",
+                "duration",
+                "log_message",
+            ],
+            sa.select(
+                expired.c.id,
+                expired.c.attempt_count,
+                sa.literal(LogStatus.FAILED.value),
+                sa.func.now(),
+                sa.func.now(),
+                sa.text("interval '0'"),
+                sa.literal("expired: not started before its expires time (")
+                + sa.cast(expired.c.expires_at, sa.Text)
+                + ")",
+            ),
+        )
+        .cte("logged")
+    )
+    row = conn.execute(
+        sa.select(sa.func.count(), _announce(expired, result_channel))
+        .select_from(expired)
+        .add_cte(logged),
+        {"p_ids": list(job_ids or ())},
+    ).first()
+    return int(row[0]) if row else 0
+
+
+def _ids_param() -> sa.BindParameter[Any]:
+    return sa.bindparam("p_ids", type_=ARRAY(PG_UUID(as_uuid=True)))
+
+
+def seconds_to_expiry(conn: sa.Connection, *, job_ids: Sequence[UUID]) -> dict[UUID, float]:
+    """Seconds until each still-queued task of ``job_ids`` expires (negative: past).
+
+    Only jobs that can expire are present. By the database's clock, relative, so a
+    caller can wait for it on its own monotonic clock.
+    """
+    if not job_ids:
+        return {}
+    rows = conn.execute(
+        sa.select(
+            jobs.c.id,
+            sa.cast(sa.extract("epoch", jobs.c.expires_at - sa.func.now()), sa.Float),
+        ).where(
+            jobs.c.id == sa.any_(_ids_param()),
+            IS_QUEUED,
+            jobs.c.expires_at.is_not(None),
+            IS_TASK,
+        ),
+        {"p_ids": list(job_ids)},
+    ).all()
+    return {row[0]: float(row[1]) for row in rows}
+
+
+# Priority levels a wake-up look-up walks per queue (two index probes each). A queue
+# with more distinct priorities is still served: by the poll, at worst.
+MAX_PRIORITY_LEVELS = 100
+
+
+@functools.cache
+def _next_due_statement() -> sa.Executable:
+    """Seconds until the soonest scheduled job of the given queues (NULL: none).
+
+    ``ix_jobs_ready`` orders a queue's rows by priority first, so the soonest
+    ``run_at`` is not its first entry: walk the distinct priorities (one probe each,
+    a loose index scan in a recursive CTE) and take each level's first future
+    ``run_at`` (one more probe), instead of reading every scheduled row.
+    """
+
+    def queued(alias: Any) -> sa.ColumnElement[bool]:
+        condition: sa.ColumnElement[bool] = alias.c.status == _status(JobStatus.QUEUED)
+        return condition
+
+    names = (
+        sa.func.unnest(sa.bindparam("p_queues", type_=ARRAY(sa.String)))
+        .table_valued("name")
+        .render_derived(name="q")
+    )
+    first = jobs.alias("first_level")
+    levels = sa.select(
+        names.c.name.label("queue_name"),
+        sa.select(first.c.priority)
+        .where(first.c.queue_name == names.c.name, queued(first))
+        .order_by(first.c.priority)
+        .limit(fixed(1))
+        .scalar_subquery()
+        .label("priority"),
+        fixed(1).label("depth"),
+    ).cte("levels", recursive=True)
+    after = jobs.alias("next_level")
+    levels = levels.union_all(
+        sa.select(
+            levels.c.queue_name,
+            sa.select(after.c.priority)
+            .where(
+                after.c.queue_name == levels.c.queue_name,
+                queued(after),
+                after.c.priority > levels.c.priority,
+            )
+            .order_by(after.c.priority)
+            .limit(fixed(1))
+            .scalar_subquery(),
+            levels.c.depth + 1,
+        ).where(levels.c.priority.is_not(None), levels.c.depth < fixed(MAX_PRIORITY_LEVELS))
+    )
+    row = jobs.alias("soonest_row")
+    soonest = (
+        sa.select(row.c.run_at)
+        .where(
+            row.c.queue_name == levels.c.queue_name,
+            queued(row),
+            row.c.priority == levels.c.priority,
+            row.c.run_at > sa.func.now() - sa.bindparam("p_within", type_=sa.Float) * SECOND,
+        )
+        .order_by(row.c.run_at)
+        .limit(fixed(1))
+        .lateral("soonest")
+    )
+    return sa.select(
+        sa.cast(sa.extract("epoch", sa.func.min(soonest.c.run_at) - sa.func.now()), sa.Float)
+    ).select_from(levels.join(soonest, sa.true()))
+
+
+def next_due(
+    conn: sa.Connection, *, queue_names: Sequence[str], came_due_within: float = 0.0
+) -> float | None:
+    """Seconds until the soonest job of ``queue_names`` that is not due yet, or None.
+
+    ``came_due_within``: jobs that came due at most that many seconds ago count too (a
+    negative answer): a claim that ran just before may have missed them. Older due
+    jobs never count, so a paused queue's backlog cannot keep a worker spinning.
+    Asked of the database, so the answer is on its clock: a worker waits that long on
+    its own monotonic clock, whatever its wall clock says.
+    """
+    if not queue_names:
+        return None
+    params = {"p_queues": list(queue_names), "p_within": max(0.0, came_due_within)}
+    value = conn.execute(_next_due_statement(), params).scalar()
+    return None if value is None else float(value)
 
 
 def drop_waiting(conn: sa.Connection, *, queue_name: str, limit: int) -> int:

@@ -19,6 +19,25 @@ from celery_pgqueue.errors import DatabaseUnavailable
 from celery_pgqueue.options import DatabaseURL
 from celery_pgqueue.store.refusal import connection_failure
 
+SCHEDULED_MARK = "\x1f"
+"""Separates a queue name from the seconds until its soonest new scheduled job."""
+
+
+def wake_note(payload: str) -> tuple[str, float | None]:
+    """A queue channel payload: ``(queue, None)`` for "jobs are due now", or ``(queue,
+    seconds)`` for "a job of this queue comes due in that many seconds".
+
+    A queue name may in principle contain the mark too, so a caller treats the whole
+    payload as a queue name as well (a name it does not consume changes nothing).
+    """
+    queue, mark, seconds = payload.rpartition(SCHEDULED_MARK)
+    if not mark:
+        return payload, None
+    try:
+        return queue, max(0.0, float(seconds))
+    except ValueError:
+        return payload, None
+
 
 class Listener:
     """A LISTEN connection: ``fileno()`` for event loops, ``drain()``/``wait()`` to read."""

@@ -15,7 +15,11 @@ from uuid import UUID
 @dataclass(frozen=True, slots=True)
 class NewJob:
     """A job to enqueue. ``priority=None`` takes the queue's ``default_priority``;
-    ``run_at=None`` means now by the database's clock."""
+    ``run_at=None`` means now by the database's clock.
+
+    ``delay_seconds`` (wins over ``run_at``) and ``ttl_seconds`` count from the
+    database's clock at the statement that writes the row: a process whose own clock
+    is off still gets the interval it meant (see the README's clock notes)."""
 
     id: UUID
     queue_name: str
@@ -24,6 +28,7 @@ class NewJob:
     run_at: datetime | None = None
     max_attempts: int | None = None
     ttl_seconds: float | None = None
+    delay_seconds: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +41,8 @@ class ClaimedJob:
     priority: int
     attempt: int
     max_attempts: int | None
+    expires_in: float | None = None
+    """Seconds until the job expires by the database's clock (None: never)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -57,8 +57,10 @@ class StateWrite:
     """RETRY: seconds until the next attempt (ignored when ``retry_at`` is given)."""
     retry_at: datetime | None = None
     """RETRY: when the next attempt is due."""
-    started_at: datetime | None = None
-    """When this attempt began, if the backend saw it (another broker, no STARTED)."""
+    started_ago: float | None = None
+    """Seconds since this attempt began, if the backend saw it (another broker, no
+    STARTED): a duration on the worker's monotonic clock, so the stored start is the
+    database's now() minus it, whatever the worker's wall clock says."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +75,8 @@ class StoredResult:
     queue_name: str
     payload: Any = None
     failure_log: str | None = None
+    expired: bool = False
+    """Still queued past its ``expires`` (not yet recorded as cancelled): reads REVOKED."""
 
 
 def _status(status: JobStatus) -> sa.BindParameter[str]:
@@ -86,7 +90,7 @@ def _param(name: str, type_: Any) -> sa.BindParameter[Any]:
 
 JOB_ID = _param("p_job_id", PG_UUID(as_uuid=True))
 ATTEMPT = _param("p_attempt", sa.Integer)
-STARTED_AT = sa.func.coalesce(_param("p_started_at", TZ), sa.func.now())
+STARTED_AT = sa.func.now() - sa.func.coalesce(_param("p_started_ago", sa.Float), 0) * SECOND
 
 
 def upsert_state(conn: sa.Connection, *, write: StateWrite, channel: str | None) -> bool:
@@ -120,7 +124,7 @@ def upsert_state(conn: sa.Connection, *, write: StateWrite, channel: str | None)
         # text columns refuse NUL and lone surrogates: such characters become escapes.
         "p_error": printable(w.error_message or "")[:MAX_ERROR] or None,
         "p_log_message": printable(w.log_message) if w.log_message else w.log_message,
-        "p_started_at": w.started_at,
+        "p_started_ago": w.started_ago,
         "p_retry_in": w.retry_in,
         "p_retry_at": w.retry_at,
     }
@@ -394,6 +398,10 @@ def _read_statement(ready_only: bool, with_payload: bool, with_failure_log: bool
         (jobs.c.status == JobStatus.COMPLETED.value, jobs.c.completed_at),
         (jobs.c.status == JobStatus.FAILED.value, jobs.c.failed_at),
         (jobs.c.status == JobStatus.CANCELLED.value, jobs.c.updated_at),
+        (  # expired, not yet recorded as cancelled
+            sa.and_(jobs.c.status == JobStatus.QUEUED.value, jobs.c.expires_at <= sa.func.now()),
+            jobs.c.expires_at,
+        ),
         else_=None,
     )
     columns: list[Any] = [
@@ -403,6 +411,11 @@ def _read_statement(ready_only: bool, with_payload: bool, with_failure_log: bool
         jobs.c.last_error_message,
         finished_at.label("finished_at"),
         jobs.c.queue_name,
+        sa.and_(
+            jobs.c.status == JobStatus.QUEUED.value,
+            jobs.c.expires_at.is_not(None),
+            jobs.c.expires_at <= sa.func.now(),
+        ).label("expired"),
     ]
     if with_payload:
         columns.append(jobs.c.payload)
@@ -418,5 +431,13 @@ def _read_statement(ready_only: bool, with_payload: bool, with_failure_log: bool
     ids = sa.bindparam("ids", type_=ARRAY(PG_UUID(as_uuid=True)))
     query = sa.select(*columns).where(jobs.c.id == sa.func.any(ids))
     if ready_only:
-        query = query.where(jobs.c.status.in_([s.value for s in FINISHED]))
+        query = query.where(
+            sa.or_(
+                jobs.c.status.in_([s.value for s in FINISHED]),
+                sa.and_(
+                    jobs.c.status == JobStatus.QUEUED.value,
+                    jobs.c.expires_at <= sa.func.now(),
+                ),
+            )
+        )
     return query

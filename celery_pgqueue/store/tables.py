@@ -60,8 +60,9 @@ jobs = sa.Table(
     sa.Column("lease_expires_at", TZ),
     # + set when the worker acked early: a lost worker then means "failed", not "requeue".
     sa.Column("acked_at", TZ),
-    # + message TTL (Kombu's ``expiration``): control replies and events that nobody
-    # consumed in time are never delivered and are pruned.
+    # + message TTL (Kombu's ``expiration``, Celery's ``expires``): control replies and
+    # events that nobody consumed in time are never delivered and are pruned; tasks are
+    # never delivered either and end cancelled (Celery's REVOKED, "expired").
     sa.Column("expires_at", TZ),
     sa.CheckConstraint(
         "status IN ('queued', 'running', 'completed', 'failed', 'cancelled')",
@@ -195,8 +196,8 @@ job_channels = sa.Table(
 
 # -- operations: indexes maintenance needs (migration 0003) ---------------------------
 
-# Maintenance drops waiting messages past their TTL; few rows have expires_at
-# (control replies, events, messages sent with a TTL), so the idle check is one probe.
+# Maintenance drops waiting transient messages past their TTL and records expired
+# tasks; only rows with a TTL are in it, so the idle check is one probe.
 sa.Index(
     "ix_jobs_expiring",
     jobs.c.expires_at,

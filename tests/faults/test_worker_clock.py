@@ -2,15 +2,17 @@
 
 Celery puts an absolute ``eta`` in the message and its worker compares that with its
 own clock. Here the row waits in the database until ``run_at <= now()`` by the
-*database's* clock, and the delivered message carries no ``eta``: the worker's clock
-never decides when a task runs. The worker's clock is skewed by a ``sitecustomize``
+*database's* clock, and the worker runs a delivered task at once (the task still sees
+the ``eta`` that was sent): the worker's clock never decides when a task runs, nor
+when it expires, nor how long an attempt took. The worker's clock is skewed by a ``sitecustomize``
 on the worker's ``PYTHONPATH`` only (``time.time``/``time.time_ns`` and
 ``datetime.now``/``utcnow``/``today``, before Celery or Kombu are imported); the test
 process, the producer here, and PostgreSQL keep the real clock.
 
-What the *producer's* clock does is Celery's protocol: ``countdown`` becomes an
-absolute ``eta`` computed on the producer, so a producer whose clock is off shifts
-its own tasks by that much (last test).
+Celery's protocol turns ``countdown`` into an absolute ``eta`` on the sending
+process's clock; the transport turns it back into an interval on that same clock and
+adds it to the database's now(), so a producer or a retrying worker whose clock is
+off still gets its countdown.
 """
 
 from __future__ import annotations
@@ -20,11 +22,13 @@ import datetime as dt
 import subprocess
 import sys
 import textwrap
+import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 from helpers import wait_until
-from transport_process.procs import App, Database, Workers, task_specs, write_app
+from transport_process.procs import App, Database, Workers, pgqueue_url, task_specs, write_app
 
 pytestmark = [pytest.mark.worker, pytest.mark.slow]
 
@@ -32,7 +36,7 @@ SKEW_ENV = "PGQUEUE_TEST_CLOCK_SKEW"
 SKEWS = {"worker-5-min-fast": 300.0, "worker-5-min-slow": -300.0}
 POLLING = 0.5
 COUNTDOWN = 3.0
-# Late by at most one poll (NOTIFY does not fire when a row merely comes due) plus a
+# Workers wake for run_at themselves; the bound allows one poll anyway, plus a
 # claim and a pool hand-off on a busy 2-core machine.
 LATE = POLLING + 1.5
 
@@ -136,10 +140,12 @@ def test_countdown_and_eta_tasks_run_when_due_by_the_database_clock(
     measure(f"worker clock {skew:+.0f} s: start (real clock) minus run_at: {margins}")
 
 
-def test_a_producer_clock_that_is_off_moves_its_own_eta_by_that_much(
+def test_a_producer_whose_clock_is_off_still_gets_its_countdown(
     tmp_path: Path, broker_url: str, db: Database
 ) -> None:
-    """Celery's protocol, not ours: the producer turns countdown into an absolute eta."""
+    """Celery sends ``countdown`` as an absolute eta from the producer's clock; the
+    transport turns it back into an interval on that clock, so the row is due
+    ``countdown`` seconds after the database's now()."""
     app = write_app(tmp_path, broker_url)
     skewed = _skewed(app, 300.0)
     [spec] = task_specs(1, label="from-a-fast-producer", countdown=COUNTDOWN)
@@ -171,4 +177,129 @@ def test_a_producer_clock_that_is_off_moves_its_own_eta_by_that_much(
             spec["id"],
         )
     )
-    assert abs(delay - (300.0 + COUNTDOWN)) < 2.0, delay
+    assert abs(delay - COUNTDOWN) < 2.0, delay
+
+
+RETRY_COUNTDOWN = 2.0
+CLOCK_TASKS = f"""\
+import time
+
+from procapp import app, append
+
+
+@app.task(name="clock.retry_once", bind=True, max_retries=1)
+def retry_once(self):
+    who = f"{{self.request.id}} pid=0 pgid=0 label=try{{self.request.retries}}"
+    append(f"run {{who}} at={{time.time():.6f}}")
+    if not self.request.retries:
+        raise self.retry(countdown={RETRY_COUNTDOWN!r})
+"""
+
+
+REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+def redis_missing() -> str | None:
+    """Why Redis can't be used here, or None when it answers."""
+    try:
+        import redis
+
+        redis.Redis.from_url(REDIS_URL, socket_connect_timeout=0.5).ping()
+    except Exception as exc:
+        return f"no Redis at {REDIS_URL} ({type(exc).__name__}: {exc})"
+    return None
+
+
+def forget_redis_keys(prefix: str) -> None:
+    import redis
+
+    client = redis.Redis.from_url(REDIS_URL)
+    keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
+    if keys:
+        client.delete(*keys)
+
+
+def _sender(app: App) -> Any:
+    from celery import Celery
+
+    sender = Celery("clock-sender", set_as_current=False)
+    sender.conf.update(app.config)
+    return sender
+
+
+@pytest.mark.parametrize("skew", list(SKEWS.values()), ids=list(SKEWS))
+def test_a_skewed_worker_stores_retries_expiries_and_durations_by_the_database_clock(
+    tmp_path: Path, broker_url: str, db: Database, workers: Workers, skew: float
+) -> None:
+    """A retry's countdown, an expiry and the attempt's times are the database's."""
+    app = write_app(
+        tmp_path,
+        broker_url,
+        transport_options={"polling_interval": POLLING, "maintenance_interval": 1.0},
+        imports=["clocktasks"],
+    )
+    (tmp_path / "clocktasks.py").write_text(CLOCK_TASKS)
+    worker = workers.start(_skewed(app, skew), "skewed", concurrency=2)
+
+    retried, expiring = str(uuid.uuid4()), str(uuid.uuid4())
+    sender = _sender(app)
+    try:
+        sender.send_task("clock.retry_once", task_id=retried)
+        # 60 s of life by the database's clock: a worker 5 min fast must still run it.
+        sender.send_task("proc.record", kwargs={"label": "expiring"}, task_id=expiring, expires=60)
+    finally:
+        sender.close()
+    db.wait_for_counts({"completed": 2}, timeout=RETRY_COUNTDOWN + LATE + 20, workers=[worker])
+
+    assert [e.label for e in app.record.events(expiring, "run")] == ["expiring"]
+    [(first_end, run_at, second_start)] = db.rows(
+        "SELECT extract(epoch FROM a.finished_at), extract(epoch FROM j.run_at),"
+        " extract(epoch FROM b.started_at)"
+        " FROM jobs j JOIN job_logs a ON a.job_id = j.id AND a.attempt_number = 1"
+        " JOIN job_logs b ON b.job_id = j.id AND b.attempt_number = 2"
+        " WHERE j.id = %s::uuid",
+        retried,
+    )
+    # run_at = the database's now() at the retry + the countdown (not the worker's eta).
+    waited = float(run_at) - float(first_end)
+    assert abs(waited - RETRY_COUNTDOWN) < 1.5, waited
+    assert float(second_start) >= float(run_at)
+    durations = db.rows(
+        "SELECT extract(epoch FROM duration) FROM job_logs WHERE job_id IN (%s::uuid, %s::uuid)",
+        retried,
+        expiring,
+    )
+    assert all(0 <= float(d) < 10 for (d,) in durations), durations
+
+
+@pytest.mark.parametrize("skew", list(SKEWS.values()), ids=list(SKEWS))
+def test_a_skewed_worker_on_another_broker_records_attempt_times_by_the_database_clock(
+    tmp_path: Path, database_url: str, db: Database, workers: Workers, skew: float
+) -> None:
+    """Redis broker, pgqueue backend: the backend opens the attempt's log row itself."""
+    if reason := redis_missing():
+        pytest.skip(reason)
+    token = uuid.uuid4().hex[:8]
+    app = write_app(
+        tmp_path,
+        REDIS_URL,
+        transport_options={"global_keyprefix": f"cpq-clock-{token}:"},
+        result_backend=pgqueue_url(database_url),
+        task_default_queue=f"clock-{token}",
+    )
+    worker = workers.start(_skewed(app, skew), "skewed-redis", concurrency=1)
+    [spec] = task_specs(1, sleep=0.5, label="timed")
+    try:
+        app.send([spec])
+        wait_until(lambda: db.status(spec["id"]) == "completed", timeout=30)
+    finally:
+        app.close()
+        forget_redis_keys(f"cpq-clock-{token}:")
+        worker.reap()
+    [(duration, started_ago)] = db.rows(
+        "SELECT extract(epoch FROM duration), extract(epoch FROM now() - started_at)"
+        " FROM job_logs WHERE job_id = %s::uuid",
+        spec["id"],
+    )
+    assert 0.4 <= float(duration) < 10, duration
+    assert 0 <= float(started_ago) < 60, started_ago

@@ -141,17 +141,44 @@ def test_a_time_budget_stops_the_pass_and_the_next_one_carries_on(
         store.dispose()
 
 
-def test_expired_messages_are_dropped_and_live_ones_kept(
-    store: Store, jobs: Jobs, sql: Any
-) -> None:
-    expired = jobs.queued("replies", ttl_seconds=60)
-    live = jobs.queued("replies", ttl_seconds=60)
-    forever = jobs.queued("replies")
+def transient(store: Store, queue: str, **kw: Any) -> uuid.UUID:
+    """A message that is not a Celery task (a remote-control reply, an event)."""
+    job_id = uuid.uuid4()
+    payload = {"headers": {}, "body": {"ok": "pong"}, "properties": {}}
+    store.enqueue([NewJob(id=job_id, queue_name=queue, payload=payload, **kw)])
+    return job_id
+
+
+def test_expired_messages_are_dropped_and_live_ones_kept(store: Store, sql: Any) -> None:
+    expired = transient(store, "replies", ttl_seconds=60)
+    live = transient(store, "replies", ttl_seconds=60)
+    forever = transient(store, "replies")
     sql("UPDATE jobs SET expires_at = now() - interval '1 second' WHERE id = %s", expired)
     report = run_once(store, completed_retention=DAY)
     assert report.expired_messages == 1
     assert not exists(store, expired)
     assert exists(store, live) and exists(store, forever)
+
+
+def test_an_expired_task_is_cancelled_with_a_log_row_and_kept(
+    store: Store, jobs: Jobs, sql: Any
+) -> None:
+    """Celery's ``expires``: the task ends REVOKED, so its row must say so, not vanish."""
+    expired = jobs.queued(ttl_seconds=60)
+    live = jobs.queued(ttl_seconds=60)
+    sql("UPDATE jobs SET expires_at = now() - interval '1 second' WHERE id = %s", expired)
+    report = run_once(store, completed_retention=DAY)
+    assert report.expired_tasks == 1 and report.expired_messages == 0
+    row = store.job(expired)
+    assert row is not None, "an expired task keeps its row under the normal retention"
+    assert row.status == JobStatus.CANCELLED
+    [log] = store.attempts(expired)
+    assert log.status == LogStatus.FAILED and "expired" in (log.log_message or "")
+    assert store.job(live).status == JobStatus.QUEUED  # type: ignore[union-attr]
+    # Retention treats it like any cancelled job: kept for completed_retention.
+    assert run_once(store, completed_retention=DAY).pruned.cancelled == 0
+    age(sql, expired, "2 days")
+    assert run_once(store, completed_retention=DAY).pruned.cancelled == 1
 
 
 def test_an_expired_queue_goes_with_its_waiting_messages_and_bindings(

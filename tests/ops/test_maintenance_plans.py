@@ -110,10 +110,10 @@ def idle_pass_plans(module_database_url: str) -> Iterator[list[tuple[str, str]]]
 
 
 def test_an_idle_pass_runs_every_step(idle_pass_plans: list[tuple[str, str]]) -> None:
-    # rescue; the metrics' fold of finished jobs; expired messages; expired queues
-    # (find them, their waiting messages, the queues); prune (completed, cancelled,
-    # failed, old logs, logs over the cap)
-    assert len(idle_pass_plans) == 11
+    # rescue; the metrics' fold of finished jobs; expired tasks; expired messages;
+    # expired queues (find them, their waiting messages, the queues); prune (completed,
+    # cancelled, failed, old logs, logs over the cap)
+    assert len(idle_pass_plans) == 12
 
 
 @pytest.mark.parametrize("table", ["jobs", "job_logs"])
@@ -126,3 +126,26 @@ def test_no_statement_of_an_idle_pass_scans_a_big_table(
         if re.search(rf"Seq Scan on {table}\b", plan)
     ]
     assert scans == []
+
+
+def test_an_idle_workers_wake_up_look_up_probes_the_index(
+    idle_pass_plans: list[tuple[str, str]], module_database_url: str
+) -> None:
+    """``next_due`` runs whenever a worker wakes for a scheduled job: no scan either."""
+    store = Store(module_database_url, PgQueueOptions())
+    sent: list[tuple[str, Any]] = []
+
+    def capture(conn: Any, cursor: Any, statement: str, params: Any, *_: Any) -> None:
+        sent.append((statement, params))
+
+    sa.event.listen(store.engine, "before_cursor_execute", capture)
+    try:
+        store.next_due(["q0", "q1"])
+    finally:
+        sa.event.remove(store.engine, "before_cursor_execute", capture)
+        store.dispose()
+    [(statement, params)] = sent
+    with psycopg.connect(module_database_url) as conn:
+        plan = generic_plan(conn, statement, params)
+    print(plan)
+    assert not re.search(r"Seq Scan on jobs\b", plan), plan

@@ -12,7 +12,7 @@ from store_factories import Db, new_job, notifications_up_to_marker
 
 from celery_pgqueue.states import JobStatus, LogStatus
 from celery_pgqueue.store import Store
-from celery_pgqueue.store.listener import Listener
+from celery_pgqueue.store.listener import Listener, wake_note
 
 
 @pytest.fixture
@@ -155,7 +155,7 @@ def test_enqueue_notifies_workers_only_when_the_transaction_commits(
     assert after_commit == ["q"]
 
 
-def test_enqueue_notifies_once_per_queue_with_due_jobs_only(
+def test_enqueue_notifies_due_queues_and_when_each_queues_soonest_new_job_comes_due(
     store: Store, db: Db, listener: Listener, database_url: str
 ) -> None:
     later = db.now() + timedelta(hours=1)
@@ -163,12 +163,19 @@ def test_enqueue_notifies_once_per_queue_with_due_jobs_only(
         [
             new_job("due"),
             new_job("due"),
-            new_job("due", run_at=later),
-            new_job("scheduled", run_at=later),
+            new_job("due", run_at=later + timedelta(minutes=1)),
+            new_job("scheduled", run_at=later + timedelta(minutes=5)),
+            new_job("scheduled", delay_seconds=1800),
         ]
     )
 
-    assert notifications_up_to_marker(listener, database_url, store.channel) == ["due"]
+    payloads = notifications_up_to_marker(listener, database_url, store.channel)
+    notes = [wake_note(payload) for payload in payloads]
+    assert sorted(queue for queue, seconds in notes if seconds is None) == ["due"]
+    scheduled = {queue: seconds for queue, seconds in notes if seconds is not None}
+    assert sorted(scheduled) == ["due", "scheduled"], "one per queue"
+    assert 3600 < scheduled["due"] <= 3660
+    assert 1799 < scheduled["scheduled"] <= 1800, "the soonest of the queue's new jobs"
 
 
 def test_enqueue_sends_no_notify_when_use_notify_is_off(
@@ -181,13 +188,20 @@ def test_enqueue_sends_no_notify_when_use_notify_is_off(
     assert notifications_up_to_marker(listener, database_url, quiet.channel) == []
 
 
-def test_ttl_seconds_sets_expires_at_from_the_database_clock(store: Store, db: Db) -> None:
-    short, plain = new_job(ttl_seconds=90.5), new_job()
+def test_ttl_and_delay_count_from_the_statement_by_the_database_clock(store: Store, db: Db) -> None:
+    """Inside a caller's transaction that began a while ago, an interval is not shortened
+    by the transaction's age (``now()`` is when it began)."""
+    short, later, plain = new_job(ttl_seconds=90.5), new_job(delay_seconds=30), new_job()
     with store.engine.begin() as conn:
-        store.enqueue([short, plain], conn=conn)
-        now = conn.exec_driver_sql("SELECT now()").scalar_one()
+        began = conn.exec_driver_sql("SELECT now()").scalar_one()
+        conn.exec_driver_sql("SELECT pg_sleep(0.3)")
+        store.enqueue([short, later, plain], conn=conn)
+        after = conn.exec_driver_sql("SELECT clock_timestamp()").scalar_one()
 
-    assert db.job(short.id)["expires_at"] == now + timedelta(seconds=90.5)
+    expires_at = db.job(short.id)["expires_at"]
+    assert began + timedelta(seconds=90.8) <= expires_at <= after + timedelta(seconds=90.5)
+    run_at = db.job(later.id)["run_at"]
+    assert began + timedelta(seconds=30.3) <= run_at <= after + timedelta(seconds=30)
     assert db.job(plain.id)["expires_at"] is None
 
 
