@@ -143,7 +143,7 @@ def outcomes(report: Path) -> dict[str, str]:
 
 def summarize(found: dict[str, str], against: str) -> int:
     """Print counts and the cases that need a look; 0 when only known cases failed."""
-    known = DEVIATIONS if against == "pgqueue" else REDIS_ALSO_FAILS
+    known = {**DEVIATIONS, **REDIS_ALSO_FAILS} if against == "pgqueue" else REDIS_ALSO_FAILS
     counts: dict[str, int] = {}
     for status in found.values():
         kind = status.split(":", 1)[0]
