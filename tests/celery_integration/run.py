@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import secrets
 import subprocess
@@ -169,6 +170,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--against", choices=("pgqueue", "redis"), default="pgqueue")
     parser.add_argument("--files", default=",".join(FILES), help="comma-separated, e.g. canvas")
+    parser.add_argument("--outcomes", metavar="PATH", help="write every case's outcome as JSON")
     known, rest = parser.parse_known_args(argv)
     files = [f.strip() for f in known.files.split(",") if f.strip()]
     with tempfile.TemporaryDirectory(prefix="cpq-celery-it-") as tmp:
@@ -201,6 +203,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     found.update(outcomes(report))
                 else:
                     found[f"test_{name}"] = "failed: the session did not run"
+        if known.outcomes:
+            Path(known.outcomes).write_text(json.dumps(found, indent=1, sort_keys=True))
         return summarize(found, known.against)
 
 
