@@ -10,10 +10,12 @@ from uuid import UUID
 import sqlalchemy as sa
 
 from celery_pgqueue.states import JobStatus
-from celery_pgqueue.store import jobs as job_sql
 from celery_pgqueue.store import locks as lock_sql
 from celery_pgqueue.store import logs as log_sql
+from celery_pgqueue.store import lookups as lookup_sql
 from celery_pgqueue.store import queues as queue_sql
+from celery_pgqueue.store import rescue as rescue_sql
+from celery_pgqueue.store import retention as retention_sql
 from celery_pgqueue.store import views as view_sql
 from celery_pgqueue.store.records import (
     AttemptRecord,
@@ -34,9 +36,9 @@ class Admin(Routing):
         ``revoked``: Celery's ``revoke()`` asked, so workers remember these ids too.
         """
         results = self.result_channel if self.options.use_notify else None
-        reason = job_sql.REVOKED_MESSAGE if revoked else None
+        reason = rescue_sql.REVOKED_MESSAGE if revoked else None
         with self.begin() as conn:
-            return job_sql.cancel(conn, job_ids=job_ids, result_channel=results, reason=reason)
+            return rescue_sql.cancel(conn, job_ids=job_ids, result_channel=results, reason=reason)
 
     def revoked_jobs(self, job_ids: Sequence[UUID]) -> dict[UUID, str]:
         """Which of these cancelled jobs Celery revoked, or expired: ``id -> why``.
@@ -45,7 +47,7 @@ class Admin(Routing):
         so putting one back in line would only see it cancelled again.
         """
         with self.begin() as conn:
-            rows = job_sql.cancel_reasons(conn, job_ids=job_ids)
+            rows = rescue_sql.cancel_reasons(conn, job_ids=job_ids)
         found: dict[UUID, str] = {}
         for job_id, error, last_log in rows:
             for text in (last_log, error):
@@ -64,23 +66,23 @@ class Admin(Routing):
         low = UUID(digits.ljust(32, "0"))
         high = UUID(digits.ljust(32, "f"))
         with self.begin() as conn:
-            return job_sql.ids_between(conn, low=low, high=high, limit=limit)
+            return lookup_sql.ids_between(conn, low=low, high=high, limit=limit)
 
     def retry(self, job_ids: Sequence[UUID]) -> int:
         """Failed or cancelled jobs back to queued now."""
         channel = self.channel if self.options.use_notify else None
         with self.begin() as conn:
-            return job_sql.retry(conn, job_ids=job_ids, channel=channel)
+            return rescue_sql.retry(conn, job_ids=job_ids, channel=channel)
 
     def delete(self, job_ids: Sequence[UUID]) -> int:
         """Remove jobs and their logs."""
         with self.begin() as conn:
-            return job_sql.delete(conn, job_ids=job_ids)
+            return retention_sql.delete(conn, job_ids=job_ids)
 
     def job(self, job_id: UUID) -> JobRecord | None:
         """One job, or None."""
         with self.begin() as conn:
-            row = job_sql.get(conn, job_id=job_id)
+            row = lookup_sql.get(conn, job_id=job_id)
         return JobRecord(**row._mapping) if row else None
 
     def attempts(self, job_id: UUID) -> list[AttemptRecord]:
@@ -107,7 +109,7 @@ class Admin(Routing):
         totals: dict[str, int] = {}
         for name, status, older_than in plan:
             totals[name] = self._drain(
-                lambda c, s=status, o=older_than: job_sql.prune_finished(
+                lambda c, s=status, o=older_than: retention_sql.prune_finished(
                     c, status=s, older_than=o, limit=batch, dry_run=dry_run
                 ),
                 batch,
@@ -164,7 +166,7 @@ class Admin(Routing):
         ``scheduled``: only waiting jobs not due yet, soonest first.
         """
         with self.begin() as conn:
-            rows = job_sql.find(
+            rows = lookup_sql.find(
                 conn,
                 queues=queues,
                 statuses=statuses,
@@ -179,14 +181,14 @@ class Admin(Routing):
     def job_statuses(self, job_ids: Sequence[UUID]) -> dict[UUID, str]:
         """The status of each id that exists; unknown ids are absent."""
         with self.begin() as conn:
-            return job_sql.statuses(conn, job_ids=job_ids)
+            return lookup_sql.statuses(conn, job_ids=job_ids)
 
     def prunable(self, *, completed_retention: float) -> PruneCounts:
         """Exactly what :meth:`prune` would delete now, not capped at one batch."""
         opts = self.options
         with self.begin() as conn:
             jobs = {
-                name: job_sql.count_prunable(conn, status=status, older_than=older_than)
+                name: retention_sql.count_prunable(conn, status=status, older_than=older_than)
                 for name, status, older_than in (
                     ("completed", JobStatus.COMPLETED, completed_retention),
                     ("cancelled", JobStatus.CANCELLED, completed_retention),
@@ -197,7 +199,7 @@ class Admin(Routing):
                 conn,
                 older_than=opts.log_retention,
                 keep=opts.max_logs_per_job,
-                doomed_jobs=job_sql.is_prunable(
+                doomed_jobs=retention_sql.is_prunable(
                     completed_retention=completed_retention,
                     failed_retention=opts.failed_retention,
                 ),
@@ -207,7 +209,7 @@ class Admin(Routing):
     def drop_expired_messages(self, limit: int | None = None) -> int:
         """Delete waiting transient messages whose TTL has passed (one batch)."""
         with self.begin() as conn:
-            return job_sql.drop_expired(conn, limit=limit or self.options.prune_batch_size)
+            return retention_sql.drop_expired(conn, limit=limit or self.options.prune_batch_size)
 
     def expire_tasks(self, job_ids: Sequence[UUID] | None = None, limit: int | None = None) -> int:
         """Record queued tasks past their ``expires`` as cancelled (REVOKED), one batch.
@@ -217,7 +219,7 @@ class Admin(Routing):
         """
         results = self.result_channel if self.options.use_notify else None
         with self.single() as conn:
-            return job_sql.expire_tasks(
+            return rescue_sql.expire_tasks(
                 conn,
                 limit=limit or self.options.prune_batch_size,
                 job_ids=job_ids,
@@ -237,7 +239,7 @@ class Admin(Routing):
                 return 0, 0
             messages = 0
             for name in expired:
-                messages += job_sql.drop_waiting(conn, queue_name=name, limit=batch)
+                messages += retention_sql.drop_waiting(conn, queue_name=name, limit=batch)
             names = queue_sql.drop_expired(conn, limit=batch)
         self._known_queues.difference_update(names)
         return len(names), messages

@@ -10,6 +10,9 @@ import sqlalchemy as sa
 
 from celery_pgqueue.states import JobStatus, LogStatus
 from celery_pgqueue.store import jobs as job_sql
+from celery_pgqueue.store import lookups as lookup_sql
+from celery_pgqueue.store import rescue as rescue_sql
+from celery_pgqueue.store import retention as retention_sql
 from celery_pgqueue.store.records import (
     ClaimedJob,
     NewJob,
@@ -136,24 +139,24 @@ class Broker(Routing):
         channel = self.channel if self.options.use_notify else None
         results = self.result_channel if self.options.use_notify else None
         with self.begin() as conn:
-            return job_sql.rescue_expired(
+            return rescue_sql.rescue_expired(
                 conn, limit=limit, channel=channel, result_channel=results, spare=spare
             )
 
     def purge(self, queue_name: str) -> int:
         """Delete a queue's waiting jobs."""
         with self.begin() as conn:
-            return job_sql.purge(conn, queue_name=queue_name)
+            return retention_sql.purge(conn, queue_name=queue_name)
 
     def count_waiting(self, queue_name: str) -> int:
         """Queued jobs in a queue, due or scheduled."""
         with self.begin() as conn:
-            return job_sql.count_waiting(conn, queue_name=queue_name)
+            return lookup_sql.count_waiting(conn, queue_name=queue_name)
 
     def seconds_to_expiry(self, job_ids: Sequence[UUID]) -> dict[UUID, float]:
         """Seconds until each still-queued task of ``job_ids`` expires (database clock)."""
         with self.single() as conn:
-            return job_sql.seconds_to_expiry(conn, job_ids=job_ids)
+            return rescue_sql.seconds_to_expiry(conn, job_ids=job_ids)
 
     def next_due(self, queue_names: Sequence[str], came_due_within: float = 0.0) -> float | None:
         """Seconds until the soonest scheduled job of these queues comes due, or None.
@@ -162,4 +165,6 @@ class Broker(Routing):
         answer is then negative): those a claim just before may have missed.
         """
         with self.single() as conn:
-            return job_sql.next_due(conn, queue_names=queue_names, came_due_within=came_due_within)
+            return lookup_sql.next_due(
+                conn, queue_names=queue_names, came_due_within=came_due_within
+            )

@@ -7,10 +7,8 @@ from uuid import UUID
 
 import sqlalchemy as sa
 
-from celery_pgqueue.store.jobs import fixed
+from celery_pgqueue.store.expressions import SECOND, fixed
 from celery_pgqueue.store.tables import job_logs, jobs
-
-SECOND = sa.text("interval '1 second'")
 
 
 def for_job(conn: sa.Connection, *, job_id: UUID) -> list[sa.Row[Any]]:

@@ -8,6 +8,7 @@ from uuid import UUID
 
 from celery_pgqueue.store import groups as group_sql
 from celery_pgqueue.store import jobs as job_sql
+from celery_pgqueue.store import result_reads
 from celery_pgqueue.store import results as result_sql
 from celery_pgqueue.store import schema as schema_sql
 from celery_pgqueue.store.groups import ChordPart
@@ -81,7 +82,7 @@ class Outcomes(Routing):
     ) -> list[StoredResult]:
         """The stored state of several tasks in one round trip; unknown ids are absent."""
         with self.single() as conn:
-            return result_sql.read(
+            return result_reads.read(
                 conn,
                 job_ids=job_ids,
                 ready_only=ready_only,
