@@ -83,7 +83,7 @@ class Admin(Routing):
         """One job, or None."""
         with self.begin() as conn:
             row = lookup_sql.get(conn, job_id=job_id)
-        return JobRecord(**row._mapping) if row else None
+        return JobRecord(**row) if row else None
 
     def attempts(self, job_id: UUID) -> list[AttemptRecord]:
         """A job's ``job_logs`` rows, oldest first."""
@@ -143,12 +143,12 @@ class Admin(Routing):
         """
         with self.begin() as conn:
             rows = view_sql.queue_status(conn, include_transient=include_transient)
-        return [QueueStatus(**row._mapping) for row in rows]
+        return [QueueStatus(**row) for row in rows]
 
     def running_jobs(self, limit: int = 20) -> list[RunningJob]:
         """Running jobs with their lease, longest running first (view ``job_running``)."""
         with self.begin() as conn:
-            return [RunningJob(**row._mapping) for row in view_sql.running(conn, limit=limit)]
+            return [RunningJob(**row) for row in view_sql.running(conn, limit=limit)]
 
     def find_jobs(
         self,
@@ -176,7 +176,7 @@ class Admin(Routing):
                 scheduled=scheduled,
                 limit=limit,
             )
-        return [JobRecord(**row._mapping) for row in rows]
+        return [JobRecord(**row) for row in rows]
 
     def job_statuses(self, job_ids: Sequence[UUID]) -> dict[UUID, str]:
         """The status of each id that exists; unknown ids are absent."""

@@ -30,10 +30,11 @@ class Broker(Routing):
         names = sorted({j.queue_name for j in new_jobs})
         self.ensure_queues(names, conn)
         channel = self.channel if self.options.use_notify else None
+        call = job_sql.insert_call(self.queries, new_jobs=new_jobs, channel=channel)
         if conn is not None:
             with self.single(conn) as c:
-                return job_sql.insert(c, new_jobs=new_jobs, channel=channel)
-        call = job_sql.insert_call(new_jobs=new_jobs, channel=channel)
+                row = call.first(c)
+            return int(row[0]) if row else 0
         try:
             row = self.first(call)
         except sa.exc.IntegrityError as exc:
@@ -57,6 +58,7 @@ class Broker(Routing):
         ``acked`` deliveries are marked acked in the same statement.
         """
         call = job_sql.claim_call(
+            self.queries,
             queue_name=queue_name,
             limit=limit,
             owner=owner,
@@ -69,16 +71,15 @@ class Broker(Routing):
         """Record that these deliveries were acked before their task finished."""
         if not held:
             return 0
-        with self.single() as conn:
-            return job_sql.mark_acked(conn, held=held)
+        return self.rowcount(job_sql.mark_acked_call(self.queries, held=held))
 
     def requeue(self, held: Sequence[tuple[UUID, int]]) -> int:
         """Put held deliveries back in line at once (reject/requeue, shutdown)."""
         if not held:
             return 0
         channel = self.channel if self.options.use_notify else None
-        with self.single() as conn:
-            return job_sql.requeue(conn, held=held, channel=channel)
+        row = self.first(job_sql.requeue_call(self.queries, held=held, channel=channel))
+        return int(row[0]) if row else 0
 
     def finish(
         self,
@@ -96,6 +97,7 @@ class Broker(Routing):
     ) -> bool:
         """Move one job to ``status``, closing its attempt; False if fenced out."""
         call = job_sql.finish_call(
+            self.queries,
             job_id=job_id,
             attempt=attempt,
             status=status,
@@ -117,17 +119,16 @@ class Broker(Routing):
         """Extend the leases ``owner`` holds on ``job_ids``."""
         if not job_ids:
             return 0
-        with self.single() as conn:
-            return job_sql.heartbeat(
-                conn, owner=owner, job_ids=job_ids, lease_seconds=self.options.lease_seconds
-            )
+        call = job_sql.heartbeat_call(
+            self.queries, owner=owner, job_ids=job_ids, lease_seconds=self.options.lease_seconds
+        )
+        return self.rowcount(call)
 
     def delete_held(self, held: Sequence[tuple[UUID, int]]) -> int:
         """Remove consumed messages that are not tasks."""
         if not held:
             return 0
-        with self.single() as conn:
-            return job_sql.delete_held(conn, held=held)
+        return self.rowcount(job_sql.delete_held_call(self.queries, held=held))
 
     def rescue_expired(
         self, limit: int = 1000, *, spare: tuple[str, Sequence[UUID]] | None = None

@@ -25,6 +25,7 @@ from celery_pgqueue.errors import (
     SchemaMissing,
 )
 from celery_pgqueue.options import DatabaseURL, PgQueueOptions
+from celery_pgqueue.store import queries
 from celery_pgqueue.store import schema as schema_sql
 from celery_pgqueue.store.borrowed import Lender
 from celery_pgqueue.store.hot import Call, Row
@@ -69,6 +70,8 @@ class Connections:
         self._known_queues = pool.known_queues
         self._autocommit = pool.autocommit
         self._hot = pool.hot
+        # The per-task statements' text for this schema (see queries.py).
+        self.queries = queries.for_schema(pool.options.schema)
         # synchronous_commit is the role's: when it differs from what the pool's
         # sessions have, this role sets its own for each of its transactions.
         self._settings: tuple[tuple[str, str], ...] = ()
@@ -283,6 +286,11 @@ class Connections:
         """Run one per-task statement on our own connection, in autocommit."""
         with self.translating():
             return self._hot.rows(call, self._settings)
+
+    def rowcount(self, call: Call) -> int:
+        """Run one per-task statement without rows (our connection, autocommit): rows changed."""
+        with self.translating():
+            return self._hot.rowcount(call, self._settings)
 
     def first(self, call: Call) -> Row | None:
         """The first row of :meth:`rows`, or None."""

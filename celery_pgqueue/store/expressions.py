@@ -2,14 +2,12 @@
 
 The units (``SECOND``), the status tests the partial indexes are declared with, the
 per-process constants rendered into the text (:func:`fixed`), and the CTE pieces
-several statements on ``jobs`` are built from (held deliveries, NOTIFYs).
+several statements on ``jobs`` are built from (NOTIFYs, closing attempts).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
-from uuid import UUID
 
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import ARRAY
@@ -60,18 +58,6 @@ def notify_queues(changed: sa.CTE, notify: bool) -> sa.ColumnElement[Any]:
     )
 
 
-def held_pairs() -> sa.TableValuedAlias:
-    """``(id, attempt)`` pairs from two bound arrays: one SQL text for any count."""
-    return (
-        sa.func.unnest(
-            sa.bindparam("p_held_ids", type_=ARRAY(PG_UUID(as_uuid=True))),
-            sa.bindparam("p_held_attempts", type_=ARRAY(sa.Integer)),
-        )
-        .table_valued("id", "attempt")
-        .render_derived(name="held", with_types=False)
-    )
-
-
 def close_attempts(changed: sa.CTE, status: Any, message: str) -> sa.CTE:
     """Close the open log row of each changed job's current attempt (a CTE)."""
     return (
@@ -89,14 +75,6 @@ def close_attempts(changed: sa.CTE, status: Any, message: str) -> sa.CTE:
         )
         .cte("closed")
     )
-
-
-def held_params(held: Sequence[tuple[UUID, int]]) -> dict[str, Any]:
-    return {"p_held_ids": [h[0] for h in held], "p_held_attempts": [int(h[1]) for h in held]}
-
-
-def is_held(pairs: sa.TableValuedAlias) -> sa.ColumnElement[bool]:
-    return sa.tuple_(jobs.c.id, jobs.c.attempt_count).in_(sa.select(pairs.c.id, pairs.c.attempt))
 
 
 def announce(changed: sa.CTE, result_channel: str | None) -> sa.ColumnElement[Any]:

@@ -99,7 +99,7 @@ def _delete(conn: sa.Connection, victims: sa.Select[Any], dry_run: bool) -> int:
         return int(
             conn.execute(sa.select(sa.func.count()).select_from(victims.subquery())).scalar_one()
         )
-    # As in jobs._delete_jobs: ids first, then one primary-key probe each.
+    # As retention.py deletes jobs: ids first, then one primary-key probe each.
     chosen = sa.func.array(victims.with_for_update(of=job_logs, skip_locked=True).scalar_subquery())
     deleted = sa.delete(job_logs).where(job_logs.c.id == sa.any_(chosen)).returning(job_logs.c.id)
     return len(conn.execute(deleted).all())

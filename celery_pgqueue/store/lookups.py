@@ -29,9 +29,9 @@ def count_waiting(conn: sa.Connection, *, queue_name: str) -> int:
     )
 
 
-def get(conn: sa.Connection, *, job_id: UUID) -> sa.Row[Any] | None:
+def get(conn: sa.Connection, *, job_id: UUID) -> sa.RowMapping | None:
     """One job row, every column."""
-    return conn.execute(sa.select(jobs).where(jobs.c.id == job_id)).first()
+    return conn.execute(sa.select(jobs).where(jobs.c.id == job_id)).mappings().first()
 
 
 def get_results(conn: sa.Connection, *, job_ids: Sequence[UUID]) -> list[sa.Row[Any]]:
@@ -53,7 +53,7 @@ def find(
     changed_since: Any = None,
     scheduled: bool = False,
     limit: int,
-) -> list[sa.Row[Any]]:
+) -> list[sa.RowMapping]:
     """Jobs matching every given filter, most recently changed first.
 
     For operators (``pgqueue jobs``): ``changed_within`` is seconds by the database's
@@ -79,7 +79,7 @@ def find(
         stmt = stmt.order_by(jobs.c.run_at, jobs.c.priority, jobs.c.id).limit(limit)
     else:
         stmt = stmt.order_by(jobs.c.updated_at.desc(), jobs.c.id).limit(limit)
-    return list(conn.execute(stmt))
+    return list(conn.execute(stmt).mappings())
 
 
 def ids_between(conn: sa.Connection, *, low: UUID, high: UUID, limit: int) -> list[UUID]:

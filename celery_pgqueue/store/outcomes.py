@@ -25,7 +25,7 @@ class Outcomes(Routing):
         """Record one state transition of a task; False when fenced out.
 
         A row the pgqueue transport made is updated only at the attempt it delivered
-        (:func:`jobs.finish`); otherwise the row and its attempt's log row are created
+        (:data:`queries.FINISH`); otherwise the row and its attempt's log row are created
         or updated here; either way in one statement. ``notify`` and a ready state:
         waiting clients are woken by a NOTIFY on :attr:`result_channel` sent by that
         statement, so it fires at its commit and only if the row changed.
@@ -33,6 +33,7 @@ class Outcomes(Routing):
         if write.transport_owned:
             row = self.first(
                 job_sql.finish_call(
+                    self.queries,
                     job_id=write.job_id,
                     attempt=write.attempt,
                     status=write.status,

@@ -51,7 +51,8 @@ def read(
     if not job_ids:
         return []
     stmt = _read_statement(ready_only, with_payload, with_failure_log)
-    return [StoredResult(**row._mapping) for row in conn.execute(stmt, {"ids": list(job_ids)})]
+    rows = conn.execute(stmt, {"ids": list(job_ids)}).mappings()
+    return [StoredResult(**row) for row in rows]
 
 
 @functools.lru_cache(maxsize=8)

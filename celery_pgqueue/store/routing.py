@@ -73,7 +73,7 @@ class Routing(Connections):
             row = queue_sql.get(conn, name=name)
         if row is None:
             raise self.unknown_queue(name)
-        return dict(row._mapping)
+        return dict(row)
 
     def unknown_queue(self, name: str) -> UnknownQueue:
         """The error for a queue that does not exist, naming those that do."""
@@ -91,7 +91,7 @@ class Routing(Connections):
     def queues(self) -> list[dict[str, Any]]:
         """Every queue's settings."""
         with self.begin() as conn:
-            return [dict(r._mapping) for r in queue_sql.list_all(conn)]
+            return [dict(r) for r in queue_sql.list_all(conn)]
 
     # -- routing (exchanges, bindings, queue expiry) --------------------------------
 
