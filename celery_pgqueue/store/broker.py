@@ -13,10 +13,7 @@ from celery_pgqueue.store import jobs as job_sql
 from celery_pgqueue.store import lookups as lookup_sql
 from celery_pgqueue.store import rescue as rescue_sql
 from celery_pgqueue.store import retention as retention_sql
-from celery_pgqueue.store.records import (
-    ClaimedJob,
-    NewJob,
-)
+from celery_pgqueue.store.records import ClaimedJob, NewJob
 from celery_pgqueue.store.routing import Routing
 
 

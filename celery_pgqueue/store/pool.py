@@ -8,9 +8,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from celery_pgqueue.errors import (
-    ConfigurationError,
-)
+from celery_pgqueue.errors import ConfigurationError
 from celery_pgqueue.options import DatabaseURL, PgQueueOptions, pool_conflict
 from celery_pgqueue.store.borrowed import Lender
 from celery_pgqueue.store.hot import HotPath

@@ -8,10 +8,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from celery_pgqueue.errors import (
-    InvalidQueueName,
-    UnknownQueue,
-)
+from celery_pgqueue.errors import InvalidQueueName, UnknownQueue
 from celery_pgqueue.store import bindings as binding_sql
 from celery_pgqueue.store import queues as queue_sql
 from celery_pgqueue.store import schema as schema_sql
