@@ -19,8 +19,7 @@ from alembic.script import ScriptDirectory
 from celery_pgqueue.errors import ConfigurationError, ConnectionRejected, DatabaseUnavailable
 from celery_pgqueue.options import DatabaseURL, PgQueueOptions
 from celery_pgqueue.store import connection_failure
-
-VERSION_TABLE = "celery_pgqueue_version"
+from celery_pgqueue.store.schema import VERSION_TABLE
 
 
 def migrations_dir() -> Path:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import context
 
-VERSION_TABLE = "celery_pgqueue_version"
+from celery_pgqueue.store.schema import VERSION_TABLE
 
 config = context.config
 schema: str = config.attributes.get("schema", "public")

@@ -8,9 +8,8 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
+from celery_pgqueue.store.expressions import SECOND
 from celery_pgqueue.store.tables import job_bindings, job_queues, jobs
-
-SECOND = sa.text("interval '1 second'")
 
 
 def bind(

@@ -15,9 +15,9 @@ import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import UUID as PG_UUID
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
+from celery_pgqueue.store.expressions import SECOND
 from celery_pgqueue.store.tables import job_chord_parts, job_groups, jobs
 
-SECOND = sa.text("interval '1 second'")
 NO_INDEX = -1  # job_chord_parts.group_index when Celery gives none
 
 

@@ -1,76 +1,66 @@
-"""The per-task statements, executed by psycopg without SQLAlchemy's per-call work.
+"""Running the per-task statements (:mod:`~celery_pgqueue.store.queries`) with psycopg.
 
-The statements themselves are still built with SQLAlchemy Core, in their modules
-(``jobs.py``); this is about running them. Executing a cached statement through
-SQLAlchemy costs about 0.2 ms of CPU on top of psycopg (checkout events, the
-autocommit switch and its reset, parameter processing, result wrapping): as much as
-the round trip itself, paid three times per task (publish, claim, finish). Here the
-first execution of each statement shape goes through SQLAlchemy as usual; the SQL
-text it sent, its constant parameters and its bind processors are kept, and later
-executions send that text with psycopg on a connection of the same pool. Errors are
-raised as SQLAlchemy's, so callers translate them exactly as before. While any event
-listener is registered on the engine, everything goes through SQLAlchemy.
+Executing a statement through SQLAlchemy costs about 0.2 ms of CPU on top of psycopg
+(checkout events, the autocommit switch and its reset, parameter processing, result
+wrapping): as much as the round trip itself, paid three times per task (publish,
+claim, finish). So these statements, plain SQL already, are sent by psycopg on a
+connection borrowed from the store's SQLAlchemy pool (``Engine.raw_connection()``),
+in autocommit. Errors are raised as SQLAlchemy's, so callers translate them exactly
+as every other statement's. While anyone listens to the engine's cursor events
+(tracing, a statement count in a test), the statements go through
+``Connection.exec_driver_sql()`` instead, so the listener sees every one of them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import psycopg
 import sqlalchemy as sa
 
 Row = tuple[Any, ...]
 Settings = tuple[tuple[str, str], ...]
+T = TypeVar("T")
 
 SET_LOCAL = "SELECT pg_catalog.set_config(%s, %s, true)"
 
 
 @dataclass(frozen=True, slots=True)
 class Call:
-    """One statement with its parameters.
+    """One statement of :mod:`~celery_pgqueue.store.queries` with its parameters."""
 
-    ``literals``: values rendered into the SQL text rather than bound (a literal
-    LIMIT), so each value is a statement shape of its own.
-    """
-
-    stmt: sa.Executable
+    sql: str
     params: dict[str, Any]
-    literals: tuple[Hashable, ...] = ()
 
     def rows(self, conn: sa.Connection) -> list[Row]:
         """Run on a SQLAlchemy connection (a caller's transaction)."""
-        result = conn.execute(self.stmt, self.params)
+        result = conn.exec_driver_sql(self.sql, self.params)
         return [tuple(r) for r in result] if result.returns_rows else []
 
     def first(self, conn: sa.Connection) -> Row | None:
         rows = self.rows(conn)
         return rows[0] if rows else None
 
+    def rowcount(self, conn: sa.Connection) -> int:
+        return int(conn.exec_driver_sql(self.sql, self.params).rowcount)
 
-@dataclass(frozen=True, slots=True)
-class _Shape:
-    sql: str
-    constants: dict[str, Any]
-    processors: dict[str, Callable[[Any], Any]] = field(default_factory=dict)
 
-    def parameters(self, params: dict[str, Any]) -> dict[str, Any]:
-        sent = dict(self.constants)
-        for name, value in params.items():
-            process = self.processors.get(name)
-            sent[name] = value if process is None else process(value)
-        return sent
+def _fetch(cursor: psycopg.Cursor[Any]) -> list[Row]:
+    return cursor.fetchall() if cursor.description is not None else []
+
+
+def _count(cursor: psycopg.Cursor[Any]) -> int:
+    return cursor.rowcount
 
 
 class HotPath:
     """Runs :class:`Call` objects in autocommit on ``engine``'s pool."""
 
     def __init__(self, engine: sa.Engine, autocommit: sa.Engine) -> None:
-        self._engine = engine
-        self._autocommit = autocommit
-        # Written once per shape; a race only learns the same shape twice.
-        self._shapes: dict[tuple[Any, ...], _Shape] = {}
+        self.engine = engine
+        self.autocommit = autocommit
 
     def rows(self, call: Call, settings: Settings = ()) -> list[Row]:
         """The rows ``call`` returns (empty for a statement without RETURNING).
@@ -78,39 +68,33 @@ class HotPath:
         ``settings``: server settings (name, value) for this statement's transaction
         only, e.g. a role's own ``synchronous_commit`` on a pool shared with another.
         """
-        key = (call.stmt, call.literals)
-        shape = self._shapes.get(key)
-        if shape is None or self._engine._has_events:
-            # Someone listens on the engine (tracing, a statement count): they see
-            # every statement, as SQLAlchemy runs it.
-            return self._learn(key, call, settings)
-        return self._send(shape, call.params, settings)
+        if self.observed():
+            return self.through_sqlalchemy(call, settings, Call.rows)
+        return self.send(call, settings, _fetch)
 
-    def _learn(self, key: tuple[Any, ...], call: Call, settings: Settings) -> list[Row]:
-        opened = self._engine.begin() if settings else self._autocommit.connect()
+    def rowcount(self, call: Call, settings: Settings = ()) -> int:
+        """The number of rows ``call`` changed."""
+        if self.observed():
+            return self.through_sqlalchemy(call, settings, Call.rowcount)
+        return self.send(call, settings, _count)
+
+    def observed(self) -> bool:
+        """Whether a listener waits for the engine's cursor events."""
+        dispatch = self.engine.dispatch
+        return bool(dispatch.before_cursor_execute or dispatch.after_cursor_execute)
+
+    def through_sqlalchemy(
+        self, call: Call, settings: Settings, run: Callable[[Call, sa.Connection], T]
+    ) -> T:
+        opened = self.engine.begin() if settings else self.autocommit.connect()
         with opened as conn:
-            for name, value in settings:
-                conn.execute(sa.select(sa.func.set_config(name, value, sa.true())))
-            result = conn.execute(call.stmt, call.params)
-            rows = [tuple(r) for r in result] if result.returns_rows else []
-            context: Any = result.context
-        sent = context.parameters[0] if context.parameters else {}
-        if not isinstance(sent, dict):  # a positional paramstyle: keep SQLAlchemy
-            return rows
-        compiled = context.compiled
-        processors = {
-            name: proc
-            for name, proc in (getattr(compiled, "_bind_processors", None) or {}).items()
-            if name in call.params
-        }
-        constants = {k: v for k, v in sent.items() if k not in call.params}
-        self._shapes[key] = _Shape(str(context.statement), constants, processors)
-        return rows
+            for setting in settings:
+                conn.exec_driver_sql(SET_LOCAL, setting)
+            return run(call, conn)
 
-    def _send(self, shape: _Shape, params: dict[str, Any], settings: Settings) -> list[Row]:
-        fairy = _checkout(self._engine)
+    def send(self, call: Call, settings: Settings, collect: Callable[[Any], T]) -> T:
+        fairy = self.checkout()
         dbapi: Any = fairy.driver_connection
-        sent = shape.parameters(params)
         try:
             dbapi.autocommit = True
             if settings:
@@ -118,27 +102,26 @@ class HotPath:
                 # transaction that ends at its sync, so the setting lasts exactly as
                 # long as the statement's commit.
                 with dbapi.pipeline():
-                    for name, value in settings:
-                        dbapi.execute(SET_LOCAL, (name, value))
-                    cursor = dbapi.execute(shape.sql, sent)
-                    return cursor.fetchall() if cursor.description is not None else []
-            cursor = dbapi.execute(shape.sql, sent)
-            return cursor.fetchall() if cursor.description is not None else []
+                    for setting in settings:
+                        dbapi.execute(SET_LOCAL, setting)
+                    return collect(dbapi.execute(call.sql, call.params))
+            return collect(dbapi.execute(call.sql, call.params))
         except psycopg.Error as exc:
-            error: Any = exc
-            lost = bool(self._engine.dialect.is_disconnect(error, dbapi, None) or dbapi.closed)
+            error: Any = exc  # SQLAlchemy types it as its own DBAPI protocol
+            lost = bool(self.engine.dialect.is_disconnect(error, dbapi, None) or dbapi.closed)
             if lost:
+                fairy.invalidate(exc)
                 # As SQLAlchemy does: every connection older than this failure is
                 # suspect (a restarted server closed them all), not only this one.
-                self._engine.pool._invalidate(fairy, exc)
+                self.engine.dispose()
             raise sa.exc.DBAPIError.instance(
-                shape.sql,
-                sent,
+                call.sql,
+                call.params,
                 exc,
                 psycopg.Error,
                 hide_parameters=True,
                 connection_invalidated=lost,
-                dialect=self._engine.dialect,
+                dialect=self.engine.dialect,
             ) from exc
         except BaseException as exc:
             fairy.invalidate(exc)  # interrupted mid-exchange: the session's state is unknown
@@ -151,12 +134,16 @@ class HotPath:
                     fairy.invalidate(exc)
             fairy.close()
 
-
-def _checkout(engine: sa.Engine) -> Any:
-    """A pooled connection; a failure to connect raised as SQLAlchemy's error."""
-    try:
-        return engine.raw_connection()
-    except psycopg.Error as exc:
-        raise sa.exc.DBAPIError.instance(
-            None, None, exc, psycopg.Error, connection_invalidated=True, dialect=engine.dialect
-        ) from exc
+    def checkout(self) -> sa.PoolProxiedConnection:
+        """A pooled connection; a failure to connect raised as SQLAlchemy's error."""
+        try:
+            return self.engine.raw_connection()
+        except psycopg.Error as exc:
+            raise sa.exc.DBAPIError.instance(
+                None,
+                None,
+                exc,
+                psycopg.Error,
+                connection_invalidated=True,
+                dialect=self.engine.dialect,
+            ) from exc

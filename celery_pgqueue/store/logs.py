@@ -7,10 +7,8 @@ from uuid import UUID
 
 import sqlalchemy as sa
 
-from celery_pgqueue.store.jobs import fixed
+from celery_pgqueue.store.expressions import SECOND, fixed
 from celery_pgqueue.store.tables import job_logs, jobs
-
-SECOND = sa.text("interval '1 second'")
 
 
 def for_job(conn: sa.Connection, *, job_id: UUID) -> list[sa.Row[Any]]:
@@ -101,7 +99,7 @@ def _delete(conn: sa.Connection, victims: sa.Select[Any], dry_run: bool) -> int:
         return int(
             conn.execute(sa.select(sa.func.count()).select_from(victims.subquery())).scalar_one()
         )
-    # As in jobs._delete_jobs: ids first, then one primary-key probe each.
+    # As retention.py deletes jobs: ids first, then one primary-key probe each.
     chosen = sa.func.array(victims.with_for_update(of=job_logs, skip_locked=True).scalar_subquery())
     deleted = sa.delete(job_logs).where(job_logs.c.id == sa.any_(chosen)).returning(job_logs.c.id)
     return len(conn.execute(deleted).all())

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -48,15 +47,12 @@ def set_message_ttl(conn: sa.Connection, *, name: str, seconds: float | None) ->
     return result.rowcount > 0
 
 
-def get(conn: sa.Connection, *, name: str) -> sa.Row[Any] | None:
+def get(conn: sa.Connection, *, name: str) -> sa.RowMapping | None:
     """One queue's settings."""
-    row: sa.Row[Any] | None = conn.execute(
-        sa.select(job_queues).where(job_queues.c.name == name)
-    ).first()
-    return row
+    return conn.execute(sa.select(job_queues).where(job_queues.c.name == name)).mappings().first()
 
 
-def list_all(conn: sa.Connection) -> list[sa.Row[Any]]:
+def list_all(conn: sa.Connection) -> list[sa.RowMapping]:
     """Every queue, by name."""
     return list(
         conn.execute(
@@ -66,7 +62,7 @@ def list_all(conn: sa.Connection) -> list[sa.Row[Any]]:
                 job_queues.c.is_active,
                 job_queues.c.created_at,
             ).order_by(job_queues.c.name)
-        )
+        ).mappings()
     )
 
 

@@ -25,9 +25,10 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 
 from celery_pgqueue.states import FINISHED, JobStatus, LogStatus
 from celery_pgqueue.storable import printable
+from celery_pgqueue.store.expressions import SECOND, status_literal
+from celery_pgqueue.store.result_reads import StoredResult as StoredResult
 from celery_pgqueue.store.tables import TZ, job_logs, job_queues, jobs
 
-SECOND = sa.text("interval '1 second'")
 MAX_ERROR = 255  # jobs.last_error_message is varchar(255)
 
 
@@ -63,33 +64,16 @@ class StateWrite:
     database's now() minus it, whatever the worker's wall clock says."""
 
 
-@dataclass(frozen=True, slots=True)
-class StoredResult:
-    """What a client reads back for one task."""
-
-    id: UUID
-    status: str
-    result_json: str | None
-    last_error_message: str | None
-    finished_at: datetime | None
-    queue_name: str
-    payload: Any = None
-    failure_log: str | None = None
-    expired: bool = False
-    """Still queued past its ``expires`` (not yet recorded as cancelled): reads REVOKED."""
-
-
-def _status(status: JobStatus) -> sa.BindParameter[str]:
-    # Rendered into the SQL text so generic plans still match the partial indexes.
-    return sa.literal(status.value, literal_execute=True)
-
-
 def _param(name: str, type_: Any) -> sa.BindParameter[Any]:
     return sa.bindparam(name, type_=type_)
 
 
 JOB_ID = _param("p_job_id", PG_UUID(as_uuid=True))
+
+
 ATTEMPT = _param("p_attempt", sa.Integer)
+
+
 STARTED_AT = sa.func.now() - sa.func.coalesce(_param("p_started_ago", sa.Float), 0) * SECOND
 
 
@@ -187,7 +171,7 @@ def _upsert_statement(
         changes["run_at"] = new.run_at
     if status in (*FINISHED, JobStatus.QUEUED):
         changes.update(lease_owner=None, lease_expires_at=None)
-    fence = [jobs.c.status != _status(JobStatus.COMPLETED)]
+    fence = [jobs.c.status != status_literal(JobStatus.COMPLETED)]
     if with_attempt:
         fence.append(jobs.c.attempt_count <= ATTEMPT)
     written = (
@@ -292,7 +276,7 @@ def _unrun_statement(status: JobStatus, notify: bool) -> sa.Select[Any]:
         insert.on_conflict_do_update(
             index_elements=["id"],
             set_=changes,
-            where=jobs.c.status != _status(JobStatus.COMPLETED),
+            where=jobs.c.status != status_literal(JobStatus.COMPLETED),
         )
         .returning(jobs.c.id)
         .cte("written")
@@ -369,75 +353,3 @@ def _attempt_log(log_status: LogStatus | None) -> list[sa.CTE]:
         .cte("recorded")
     )
     return [closed, recorded]
-
-
-def read(
-    conn: sa.Connection,
-    *,
-    job_ids: Sequence[UUID],
-    ready_only: bool = False,
-    with_payload: bool = False,
-    with_failure_log: bool = False,
-) -> list[StoredResult]:
-    """Several tasks' state in one round trip (``ready_only``: finished jobs only).
-
-    ``result`` comes back as text so the caller decodes it with Celery's own JSON
-    decoder (dates, UUIDs and bytes keep their types). ``with_failure_log`` adds the
-    newest failed attempt's ``log_message`` (a bounded traceback when the option
-    ``store_traceback`` is on).
-    """
-    if not job_ids:
-        return []
-    stmt = _read_statement(ready_only, with_payload, with_failure_log)
-    return [StoredResult(**row._mapping) for row in conn.execute(stmt, {"ids": list(job_ids)})]
-
-
-@functools.lru_cache(maxsize=8)
-def _read_statement(ready_only: bool, with_payload: bool, with_failure_log: bool) -> sa.Select[Any]:
-    finished_at = sa.case(
-        (jobs.c.status == JobStatus.COMPLETED.value, jobs.c.completed_at),
-        (jobs.c.status == JobStatus.FAILED.value, jobs.c.failed_at),
-        (jobs.c.status == JobStatus.CANCELLED.value, jobs.c.updated_at),
-        (  # expired, not yet recorded as cancelled
-            sa.and_(jobs.c.status == JobStatus.QUEUED.value, jobs.c.expires_at <= sa.func.now()),
-            jobs.c.expires_at,
-        ),
-        else_=None,
-    )
-    columns: list[Any] = [
-        jobs.c.id,
-        jobs.c.status,
-        sa.cast(jobs.c.result, sa.Text).label("result_json"),
-        jobs.c.last_error_message,
-        finished_at.label("finished_at"),
-        jobs.c.queue_name,
-        sa.and_(
-            jobs.c.status == JobStatus.QUEUED.value,
-            jobs.c.expires_at.is_not(None),
-            jobs.c.expires_at <= sa.func.now(),
-        ).label("expired"),
-    ]
-    if with_payload:
-        columns.append(jobs.c.payload)
-    if with_failure_log:
-        columns.append(
-            sa.select(job_logs.c.log_message)
-            .where(job_logs.c.job_id == jobs.c.id, job_logs.c.status == LogStatus.FAILED.value)
-            .order_by(job_logs.c.attempt_number.desc(), job_logs.c.started_at.desc())
-            .limit(1)
-            .scalar_subquery()
-            .label("failure_log")
-        )
-    ids = sa.bindparam("ids", type_=ARRAY(PG_UUID(as_uuid=True)))
-    query = sa.select(*columns).where(jobs.c.id == sa.func.any(ids))
-    if ready_only:
-        query = query.where(
-            sa.or_(
-                jobs.c.status.in_([s.value for s in FINISHED]),
-                sa.and_(
-                    jobs.c.status == JobStatus.QUEUED.value,
-                    jobs.c.expires_at <= sa.func.now(),
-                ),
-            )
-        )
-    return query

@@ -72,7 +72,7 @@ def _seconds(interval: sa.ColumnElement[Any], name: str) -> sa.Label[Any]:
     return sa.cast(sa.extract("epoch", interval), sa.Float).label(name)
 
 
-def queue_status(conn: sa.Connection, *, include_transient: bool) -> list[sa.Row[Any]]:
+def queue_status(conn: sa.Connection, *, include_transient: bool) -> list[sa.RowMapping]:
     """Depth joined with throughput, one row per queue, by name.
 
     Queues with an expiry (remote-control mailboxes, event receivers, reply queues)
@@ -109,10 +109,10 @@ def queue_status(conn: sa.Connection, *, include_transient: bool) -> list[sa.Row
     )
     if not include_transient:
         stmt = stmt.where(d.c.expires_at.is_(None))
-    return list(conn.execute(stmt))
+    return list(conn.execute(stmt).mappings())
 
 
-def running(conn: sa.Connection, *, limit: int) -> list[sa.Row[Any]]:
+def running(conn: sa.Connection, *, limit: int) -> list[sa.RowMapping]:
     """Running jobs, longest running first."""
     r = job_running
     return list(
@@ -131,5 +131,5 @@ def running(conn: sa.Connection, *, limit: int) -> list[sa.Row[Any]]:
             )
             .order_by(r.c.started_at, r.c.id)
             .limit(limit)
-        )
+        ).mappings()
     )

@@ -1,0 +1,168 @@
+"""The broker's operations: enqueue, claim, ack, settle, heartbeat, rescue."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+from uuid import UUID
+
+import sqlalchemy as sa
+
+from celery_pgqueue.states import JobStatus, LogStatus
+from celery_pgqueue.store import jobs as job_sql
+from celery_pgqueue.store import lookups as lookup_sql
+from celery_pgqueue.store import rescue as rescue_sql
+from celery_pgqueue.store import retention as retention_sql
+from celery_pgqueue.store.records import ClaimedJob, NewJob
+from celery_pgqueue.store.routing import Routing
+
+
+class Broker(Routing):
+    """What the transport does with jobs, each call one short statement or transaction."""
+
+    def enqueue(self, new_jobs: Sequence[NewJob], conn: sa.Connection | None = None) -> int:
+        """Insert jobs in one statement; workers are woken when it commits."""
+        if not new_jobs:
+            return 0
+        names = sorted({j.queue_name for j in new_jobs})
+        self.ensure_queues(names, conn)
+        channel = self.channel if self.options.use_notify else None
+        call = job_sql.insert_call(self.queries, new_jobs=new_jobs, channel=channel)
+        if conn is not None:
+            with self.single(conn) as c:
+                row = call.first(c)
+            return int(row[0]) if row else 0
+        try:
+            row = self.first(call)
+        except sa.exc.IntegrityError as exc:
+            # A queue we remembered was dropped by another process: create it again.
+            if "fk_jobs_queue_name" not in str(exc.orig):
+                raise
+            self._known_queues.difference_update(names)
+            self.ensure_queues(names)
+            row = self.first(call)
+        return int(row[0]) if row else 0
+
+    def claim(
+        self,
+        queue_name: str,
+        limit: int,
+        owner: str,
+        acked: Sequence[tuple[UUID, int]] = (),
+    ) -> list[ClaimedJob]:
+        """Take up to ``limit`` due jobs of an active queue under a lease for ``owner``.
+
+        ``acked`` deliveries are marked acked in the same statement.
+        """
+        call = job_sql.claim_call(
+            self.queries,
+            queue_name=queue_name,
+            limit=limit,
+            owner=owner,
+            lease_seconds=self.options.lease_seconds,
+            acked=acked,
+        )
+        return [ClaimedJob(*row) for row in self.rows(call)]
+
+    def mark_acked(self, held: Sequence[tuple[UUID, int]]) -> int:
+        """Record that these deliveries were acked before their task finished."""
+        if not held:
+            return 0
+        return self.rowcount(job_sql.mark_acked_call(self.queries, held=held))
+
+    def requeue(self, held: Sequence[tuple[UUID, int]]) -> int:
+        """Put held deliveries back in line at once (reject/requeue, shutdown)."""
+        if not held:
+            return 0
+        channel = self.channel if self.options.use_notify else None
+        row = self.first(job_sql.requeue_call(self.queries, held=held, channel=channel))
+        return int(row[0]) if row else 0
+
+    def finish(
+        self,
+        job_id: UUID,
+        *,
+        attempt: int | None,
+        status: JobStatus,
+        log_status: LogStatus | None,
+        error_message: str | None = None,
+        log_message: str | None = None,
+        result: Any = None,
+        max_attempts: int | None = None,
+        run_at: Any = None,
+        conn: sa.Connection | None = None,
+    ) -> bool:
+        """Move one job to ``status``, closing its attempt; False if fenced out."""
+        call = job_sql.finish_call(
+            self.queries,
+            job_id=job_id,
+            attempt=attempt,
+            status=status,
+            log_status=log_status,
+            error_message=error_message,
+            log_message=log_message,
+            result=result,
+            max_attempts=max_attempts,
+            run_at=run_at,
+        )
+        if conn is not None:
+            with self.single(conn) as c:
+                row = call.first(c)
+        else:
+            row = self.first(call)
+        return bool(row and row[0])
+
+    def heartbeat(self, owner: str, job_ids: Sequence[UUID]) -> int:
+        """Extend the leases ``owner`` holds on ``job_ids``."""
+        if not job_ids:
+            return 0
+        call = job_sql.heartbeat_call(
+            self.queries, owner=owner, job_ids=job_ids, lease_seconds=self.options.lease_seconds
+        )
+        return self.rowcount(call)
+
+    def delete_held(self, held: Sequence[tuple[UUID, int]]) -> int:
+        """Remove consumed messages that are not tasks."""
+        if not held:
+            return 0
+        return self.rowcount(job_sql.delete_held_call(self.queries, held=held))
+
+    def rescue_expired(
+        self, limit: int = 1000, *, spare: tuple[str, Sequence[UUID]] | None = None
+    ) -> tuple[int, int]:
+        """Requeue (or fail, if acked early) running jobs whose lease ran out.
+
+        ``spare``: ``(owner, job ids)`` the calling process still holds; never taken.
+        """
+        channel = self.channel if self.options.use_notify else None
+        results = self.result_channel if self.options.use_notify else None
+        with self.begin() as conn:
+            return rescue_sql.rescue_expired(
+                conn, limit=limit, channel=channel, result_channel=results, spare=spare
+            )
+
+    def purge(self, queue_name: str) -> int:
+        """Delete a queue's waiting jobs."""
+        with self.begin() as conn:
+            return retention_sql.purge(conn, queue_name=queue_name)
+
+    def count_waiting(self, queue_name: str) -> int:
+        """Queued jobs in a queue, due or scheduled."""
+        with self.begin() as conn:
+            return lookup_sql.count_waiting(conn, queue_name=queue_name)
+
+    def seconds_to_expiry(self, job_ids: Sequence[UUID]) -> dict[UUID, float]:
+        """Seconds until each still-queued task of ``job_ids`` expires (database clock)."""
+        with self.single() as conn:
+            return rescue_sql.seconds_to_expiry(conn, job_ids=job_ids)
+
+    def next_due(self, queue_names: Sequence[str], came_due_within: float = 0.0) -> float | None:
+        """Seconds until the soonest scheduled job of these queues comes due, or None.
+
+        ``came_due_within``: count jobs that came due that many seconds ago too (the
+        answer is then negative): those a claim just before may have missed.
+        """
+        with self.single() as conn:
+            return lookup_sql.next_due(
+                conn, queue_names=queue_names, came_due_within=came_due_within
+            )

@@ -1,0 +1,326 @@
+"""The per-task statements, written once as SQL: enqueue, claim, ack, finish, heartbeat.
+
+Each runs once or more per task, so it is plain SQL sent by psycopg
+(:mod:`~celery_pgqueue.store.hot`), not a SQLAlchemy construct compiled per call.
+Parameters are psycopg's named placeholders; each is cast, so a ``None`` has a type.
+Table names are ours; only the schema comes from configuration, and it goes in as a
+quoted identifier (:func:`for_schema`). ``{limit}`` and the statuses are written into
+the text: under a generic (prepared) plan a bound LIMIT is guessed as 10% of the ready
+rows, and a bound status cannot match the partial indexes declared on ``status``.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+
+from psycopg import sql
+
+from celery_pgqueue.store.listener import SCHEDULED_MARK
+from celery_pgqueue.store.notify import INLINE_RESULT_BYTES
+
+# Insert (or, for a re-published task id, re-queue) jobs, then wake the workers: once
+# per queue with a job due now, and once per queue with scheduled jobs, saying when
+# the soonest comes due (see listener.wake_note). The NOTIFYs fire at commit. A
+# cancelled job stays cancelled: cancel is durable. Intervals count from the
+# statement, by the database's clock: not now(), which inside a caller's long
+# transaction (enqueue_in) is when that began. One row: (rows written, NOTIFYs, NOTIFYs).
+ENQUEUE = """
+WITH inserted AS (
+    INSERT INTO {jobs} (id, queue_name, payload, priority, run_at, max_attempts, expires_at)
+    SELECT v.id,
+           v.queue_name,
+           v.payload,
+           coalesce(v.priority, q.default_priority, 100),
+           coalesce(statement_timestamp() + v.delay * interval '1 second', v.run_at, now()),
+           v.max_attempts,
+           -- the message's own TTL or its queue's x-message-ttl, whichever is shorter
+           statement_timestamp() + least(v.ttl, q.message_ttl) * interval '1 second'
+    FROM {new_jobs}
+    LEFT OUTER JOIN {job_queues} AS q ON q.name = v.queue_name
+    ON CONFLICT (id) DO UPDATE
+    SET status = 'queued',
+        queue_name = excluded.queue_name,
+        payload = excluded.payload,
+        priority = excluded.priority,
+        run_at = excluded.run_at,
+        max_attempts = coalesce(excluded.max_attempts, jobs.max_attempts),
+        expires_at = excluded.expires_at,
+        lease_owner = NULL,
+        lease_expires_at = NULL,
+        acked_at = NULL,
+        updated_at = now()
+    WHERE jobs.status <> 'cancelled'
+    RETURNING jobs.queue_name, jobs.run_at
+)
+SELECT
+    (SELECT count(*) FROM inserted),
+    (SELECT count(pg_notify(%(channel)s::text, due.queue_name))
+     FROM (SELECT DISTINCT queue_name FROM inserted
+           WHERE run_at <= statement_timestamp()) AS due
+     WHERE %(channel)s::text IS NOT NULL),
+    (SELECT count(pg_notify(
+                %(channel)s::text,
+                scheduled.queue_name || {mark}
+                || round(extract(epoch FROM scheduled.run_at - statement_timestamp())::numeric, 3)
+                   ::text))
+     FROM (SELECT queue_name, min(run_at) AS run_at FROM inserted
+           WHERE run_at > statement_timestamp() GROUP BY queue_name) AS scheduled
+     WHERE %(channel)s::text IS NOT NULL)
+"""
+
+# The rows ENQUEUE inserts. One job as scalars: psycopg escapes every quote of every
+# payload inside a jsonb[] with a regular expression, which for a single publish was
+# most of the client's CPU. A batch as one array per column: the SQL text is the same
+# for 2 or 10,000 jobs, so it is prepared once and a batch is one round trip.
+ONE_NEW_JOB = """(
+    SELECT %(id)s::uuid AS id,
+           %(queue_name)s::varchar AS queue_name,
+           %(payload)s::jsonb AS payload,
+           %(priority)s::integer AS priority,
+           %(run_at)s::timestamptz AS run_at,
+           %(max_attempts)s::integer AS max_attempts,
+           %(ttl)s::float8 AS ttl,
+           %(delay)s::float8 AS delay
+) AS v"""
+
+NEW_JOBS = """unnest(
+    %(ids)s::uuid[], %(queues)s::varchar[], %(payloads)s::jsonb[], %(priorities)s::integer[],
+    %(run_ats)s::timestamptz[], %(max_attempts)s::integer[], %(ttls)s::float8[],
+    %(delays)s::float8[]
+) AS v(id, queue_name, payload, priority, run_at, max_attempts, ttl, delay)"""
+
+# Early acks: from now a lost worker means failed, not requeued. Held deliveries are
+# (id, attempt) pairs from two arrays, one SQL text for any count.
+MARK_ACKED = """
+UPDATE {jobs}
+SET acked_at = now()
+WHERE status = 'running'
+  AND acked_at IS NULL
+  AND (id, attempt_count) IN (
+      SELECT * FROM unnest(%(held_ids)s::uuid[], %(held_attempts)s::integer[]))
+"""
+
+# Take up to {limit} due jobs of an active queue, lowest priority number first, and
+# open each one's attempt in job_logs: one round trip. The locking SELECT is a CTE so
+# LIMIT and SKIP LOCKED apply before the update: concurrent claimers pass over each
+# other's rows instead of waiting, and each row is claimed by exactly one of them.
+# {acked}: pending early acks riding along (MARK_ACKED as a CTE); they touch running
+# rows, the claim queued ones, so the two updates never meet the same row.
+CLAIM = """
+WITH {acked}ready AS (
+    SELECT id FROM {jobs}
+    WHERE queue_name = %(queue_name)s::varchar
+      AND status = 'queued'
+      AND run_at <= now()
+      AND (expires_at IS NULL OR expires_at > now())
+      AND EXISTS (SELECT FROM {job_queues}
+                  WHERE name = %(queue_name)s::varchar AND is_active)
+    ORDER BY priority, run_at, created_at
+    LIMIT {limit}
+    FOR UPDATE SKIP LOCKED
+), claimed AS (
+    UPDATE {jobs}
+    SET status = 'running',
+        attempt_count = jobs.attempt_count + 1,
+        started_at = now(),
+        updated_at = now(),
+        lease_owner = %(owner)s::varchar,
+        lease_expires_at = now() + %(lease)s::float8 * interval '1 second',
+        acked_at = NULL
+    FROM ready
+    WHERE jobs.id = ready.id
+    RETURNING jobs.id, jobs.queue_name, jobs.payload, jobs.priority, jobs.attempt_count,
+              jobs.max_attempts, jobs.run_at, jobs.created_at, jobs.expires_at
+), opened AS (
+    INSERT INTO {job_logs} (job_id, attempt_number, status, started_at)
+    SELECT id, attempt_count, 'attempting', now() FROM claimed
+)
+SELECT id, queue_name, payload, priority, attempt_count, max_attempts,
+       -- the worker's own expiry check must agree with the database's clock
+       extract(epoch FROM expires_at - now())::float8
+FROM claimed
+ORDER BY priority, run_at, created_at
+"""
+
+# Put held deliveries back in line (reject with requeue, warm shutdown, restore). Only
+# rows still running at that attempt move, so a late requeue can't rerun finished
+# work or steal a newer attempt; the attempt's log row is closed as retry.
+REQUEUE = """
+WITH moved AS (
+    UPDATE {jobs}
+    SET status = 'queued',
+        lease_owner = NULL,
+        lease_expires_at = NULL,
+        acked_at = NULL,
+        updated_at = now()
+    WHERE status = 'running'
+      AND (id, attempt_count) IN (
+          SELECT * FROM unnest(%(held_ids)s::uuid[], %(held_attempts)s::integer[]))
+    RETURNING id, attempt_count, queue_name
+), closed AS (
+    UPDATE {job_logs}
+    SET status = 'retry',
+        log_message = 'requeued',
+        finished_at = now(),
+        duration = now() - job_logs.started_at
+    FROM moved
+    WHERE job_logs.job_id = moved.id
+      AND job_logs.attempt_number = moved.attempt_count
+      AND job_logs.status = 'attempting'
+)
+SELECT count(*),
+       (SELECT count(pg_notify(%(channel)s::text, notified.queue_name))
+        FROM (SELECT DISTINCT queue_name FROM moved) AS notified
+        WHERE %(channel)s::text IS NOT NULL)
+FROM moved
+"""
+
+# Move one job to %(status)s and close its attempt's log row. %(attempt)s fences the
+# write to the delivery that ran it (NULL: any attempt, for result-backend writes of
+# tasks another broker carried). A finished success is never overwritten. A fenced
+# 'queued' (Celery's RETRY) only updates a row its retry already re-queued: a row
+# still running was never re-published (a cold shutdown reports early-acked tasks as
+# RETRY), and requeueing it here would run an acked task twice. NULL parameters leave
+# their column as it was. The log row is closed even when the job row has moved on (a
+# retry re-published and claimed before this write): it records what this attempt
+# did. %(result_channel)s: the result backend's waiters, woken at commit and only if
+# the row changed; a success small enough rides in the notification (notify.result_note).
+# One row: (rows changed, NOTIFYs).
+FINISH = """
+WITH closed AS (
+    UPDATE {job_logs}
+    SET status = %(log_status)s::varchar,
+        log_message = %(log_message)s::text,
+        finished_at = now(),
+        duration = now() - job_logs.started_at
+    WHERE %(log_status)s::varchar IS NOT NULL
+      AND job_logs.job_id = %(job_id)s::uuid
+      AND job_logs.attempt_number = coalesce(
+          %(attempt)s::integer,
+          (SELECT attempt_count FROM {jobs} WHERE id = %(job_id)s::uuid))
+      AND job_logs.status = 'attempting'
+), updated AS (
+    UPDATE {jobs}
+    SET status = %(status)s::varchar,
+        result = coalesce(%(result)s::jsonb, jobs.result),
+        max_attempts = coalesce(%(max_attempts)s::integer, jobs.max_attempts),
+        completed_at = CASE WHEN %(status)s::varchar = 'completed' THEN now()
+                            ELSE jobs.completed_at END,
+        failed_at = CASE WHEN %(status)s::varchar = 'failed' THEN now()
+                         ELSE jobs.failed_at END,
+        last_error_message = CASE WHEN %(status)s::varchar = 'failed'
+                                  THEN %(error_message)s::varchar
+                                  ELSE jobs.last_error_message END,
+        started_at = CASE WHEN %(status)s::varchar = 'running'
+                          THEN coalesce(jobs.started_at, now())
+                          ELSE jobs.started_at END,
+        run_at = CASE WHEN %(status)s::varchar = 'queued'
+                      THEN coalesce(%(run_at)s::timestamptz, jobs.run_at)
+                      ELSE jobs.run_at END,
+        -- a running job keeps its lease; every other status drops it
+        lease_owner = CASE WHEN %(status)s::varchar = 'running' THEN jobs.lease_owner END,
+        lease_expires_at = CASE WHEN %(status)s::varchar = 'running'
+                                THEN jobs.lease_expires_at END,
+        updated_at = now()
+    WHERE jobs.id = %(job_id)s::uuid
+      AND jobs.status <> 'completed'
+      AND (%(attempt)s::integer IS NULL OR jobs.attempt_count = %(attempt)s::integer)
+      AND (%(attempt)s::integer IS NULL OR %(status)s::varchar <> 'queued'
+           OR jobs.status = 'queued')
+    RETURNING jobs.id,
+              CASE WHEN %(inline)s::boolean THEN jobs.result::text END AS result_text,
+              jobs.completed_at
+)
+SELECT count(*),
+       count(pg_notify(
+           %(result_channel)s::text,
+           CASE WHEN octet_length(result_text) <= {inline_bytes}
+                THEN id::text || ' ' || extract(epoch FROM completed_at)::text
+                     || ' ' || result_text
+                ELSE id::text END
+       )) FILTER (WHERE %(result_channel)s::text IS NOT NULL)
+FROM updated
+"""
+
+# Extend the leases the owner still holds. Only jobs the worker can vouch for are
+# extended: a job whose pool process died lets its lease lapse, and rescue settles it.
+HEARTBEAT = """
+UPDATE {jobs}
+SET lease_expires_at = now() + %(lease)s::float8 * interval '1 second'
+WHERE status = 'running'
+  AND lease_owner = %(owner)s::varchar
+  AND id = ANY(%(ids)s::uuid[])
+"""
+
+# Consumed messages that are not Celery tasks keep no history.
+DELETE_HELD = """
+DELETE FROM {jobs}
+WHERE (id, attempt_count) IN (
+    SELECT * FROM unnest(%(held_ids)s::uuid[], %(held_attempts)s::integer[]))
+"""
+
+
+@dataclass(frozen=True)
+class Queries:
+    """The statements above as sent for one schema, rendered once."""
+
+    schema: str
+    enqueue_one: str
+    enqueue_many: str
+    mark_acked: str
+    requeue: str
+    finish: str
+    heartbeat: str
+    delete_held: str
+    _claims: dict[tuple[int, bool], str] = field(default_factory=dict, compare=False)
+
+    def claim(self, limit: int, *, with_acks: bool) -> str:
+        """CLAIM with ``limit`` written in (one text, so one prepared plan, per limit)."""
+        key = (limit, with_acks)
+        text = self._claims.get(key)
+        if text is None:
+            acked = sql.SQL("acked AS ({}), ").format(sql.SQL(self.mark_acked))
+            text = self._claims[key] = _render(
+                CLAIM,
+                self.schema,
+                limit=sql.Literal(int(limit)),
+                acked=acked if with_acks else sql.SQL(""),
+            )
+        return text
+
+
+@functools.cache
+def for_schema(schema: str) -> Queries:
+    """Every per-task statement for tables in ``schema``."""
+    return Queries(
+        schema=schema,
+        enqueue_one=_render(ENQUEUE, schema, new_jobs=sql.SQL(ONE_NEW_JOB), **_ENQUEUE_ARGS),
+        enqueue_many=_render(ENQUEUE, schema, new_jobs=sql.SQL(NEW_JOBS), **_ENQUEUE_ARGS),
+        mark_acked=_render(MARK_ACKED, schema),
+        requeue=_render(REQUEUE, schema),
+        finish=_render(FINISH, schema, inline_bytes=sql.Literal(INLINE_RESULT_BYTES)),
+        heartbeat=_render(HEARTBEAT, schema),
+        delete_held=_render(DELETE_HELD, schema),
+    )
+
+
+_ENQUEUE_ARGS = {"mark": sql.Literal(SCHEDULED_MARK)}
+
+
+def _table(schema: str, name: str) -> sql.Composable:
+    # The default schema stays unqualified, as the rest of the store's statements are
+    # (found through search_path); any other is a quoted identifier.
+    if schema == "public":
+        return sql.SQL(name)
+    return sql.SQL("{}.{}").format(sql.Identifier(schema), sql.SQL(name))
+
+
+def _render(template: str, schema: str, **parts: sql.Composable) -> str:
+    query = sql.SQL(template.strip()).format(
+        jobs=_table(schema, "jobs"),
+        job_logs=_table(schema, "job_logs"),
+        job_queues=_table(schema, "job_queues"),
+        **parts,
+    )
+    return query.as_string(None)
