@@ -42,15 +42,15 @@ Modules
   kept across a consumer restart;
 * :mod:`.poller` -- LISTEN, the wake-up socket, the poll timer, claiming and delivery;
 * :mod:`.acks` -- the buffer that batches acks onto the next claim;
-* :mod:`.leases` -- the process's lease keeper (started on the first consume);
 * :mod:`.maintainer` -- the maintenance runner (deferred acks, rescue, retention);
-* :mod:`.routing` -- the bindings cache, Celery's own names, revoke-to-cancel;
+* :mod:`.leases` -- the process's lease keeper (attached on the first consume);
 * :mod:`.messages` -- a message's row, and a claimed row's message;
+* :mod:`.routing` -- the bindings cache, Celery's own names, revoke-to-cancel;
 * :mod:`.publish` -- Kombu's publish batches (many publishes, one INSERT);
 * :mod:`.url` -- the connection string and options.
 
-Each imports only modules listed after it (and :mod:`.leases`, which imports none of
-them): no import cycles.
+At run time each imports only modules listed after it: no import cycles (the
+references back, for type hints, sit under ``TYPE_CHECKING``).
 """
 
 from __future__ import annotations
