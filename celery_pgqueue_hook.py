@@ -7,6 +7,10 @@ alias as soon as ``kombu.transport`` is imported (or at once, if it already is),
 without importing Kombu itself: processes that never use Celery pay nothing but
 this small finder. When ``celery.canvas`` is imported it also lets groups published
 through pgqueue go out as one INSERT (:mod:`celery_pgqueue.batching`).
+
+This module is the one place both are done. ``import celery_pgqueue`` imports it too
+(and calls :func:`install`), so where the ``.pth`` did not run (``python -S``, an
+install that skipped it) importing the package, or anything in it, does the same.
 """
 
 from __future__ import annotations
