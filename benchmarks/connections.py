@@ -23,6 +23,7 @@ import contextlib
 import json
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -290,6 +291,13 @@ def main() -> None:
     (folder / "sizing_app.py").write_text(APP)
     with psycopg.connect(args.url) as conn:
         print(f"PostgreSQL {conn.info.server_version}; {args.tasks} tasks of 5 ms under load")
+    try:
+        scenarios(args, folder)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def scenarios(args: argparse.Namespace, folder: Path) -> None:
     if args.pgbouncer:
         with pgbouncer(args.url, "transaction") as port:
             for pool, concurrency in (("threads", 8), ("prefork", 4), ("prefork", 8)):
