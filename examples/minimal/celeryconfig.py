@@ -2,7 +2,7 @@
 
 import os
 
-broker_url = os.environ.get("CELERY_PGQUEUE_URL", "pgqueue://postgres@127.0.0.1:5432/postgres")
+broker_url = os.environ.get("CELERY_PGQUEUE_URL", "pgqueue://postgres@127.0.0.1:5432/minimal")
 result_backend = broker_url
 
 # Priorities (lower runs sooner) hold across a backlog only if a worker holds no more

@@ -15,7 +15,7 @@ from celery import Celery
 
 from celery_pgqueue.transaction import enqueue_in
 
-BROKER_URL = os.environ.get("CELERY_PGQUEUE_URL", "pgqueue://postgres@127.0.0.1:5432/test")
+BROKER_URL = os.environ.get("CELERY_PGQUEUE_URL", "pgqueue://postgres@127.0.0.1:5432/orders")
 # The application's own engine: same database as the broker, its own driver URL.
 engine = sa.create_engine(BROKER_URL.replace("pgqueue://", "postgresql+psycopg://", 1))
 
@@ -61,4 +61,7 @@ def wait_confirmed(order_id: int, timeout: float = 30.0) -> bool:
     return False
 
 
-orders.metadata.create_all(engine)
+try:
+    orders.metadata.create_all(engine)
+except sa.exc.IntegrityError:  # the worker, started a moment before, created it just now
+    pass

@@ -7,7 +7,9 @@ the same from their config object. The database can be the application's own.
 
 import os
 
-DATABASE_URL = os.environ.get("CELERY_PGQUEUE_URL", "pgqueue://postgres@127.0.0.1:5432/postgres")
+DATABASE_URL = os.environ.get(
+    "CELERY_PGQUEUE_URL", "pgqueue://postgres@127.0.0.1:5432/settings_style"
+)
 
 CELERY_BROKER_URL = DATABASE_URL
 CELERY_RESULT_BACKEND = DATABASE_URL
