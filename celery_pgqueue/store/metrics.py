@@ -26,6 +26,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import INTERVAL
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
+from celery_pgqueue.states import FINISHED as FINISHED_STATUSES
 from celery_pgqueue.states import JobStatus
 from celery_pgqueue.store.tables import job_counters, job_queues, jobs
 
@@ -38,7 +39,7 @@ FOLD_LAG = 10.0
 FOLD_WINDOW = 900.0
 
 MARK = "mark"
-FINISHED = (JobStatus.COMPLETED.value, JobStatus.FAILED.value, JobStatus.CANCELLED.value)
+FINISHED = tuple(status.value for status in FINISHED_STATUSES)
 RESCUED_REQUEUED = "lease_rescued_requeued"
 RESCUED_FAILED = "lease_rescued_failed"
 

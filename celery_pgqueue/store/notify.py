@@ -36,7 +36,7 @@ from time import monotonic
 from typing import Protocol
 
 from celery_pgqueue.errors import ConnectionRejected, DatabaseUnavailable, SchemaMissing
-from celery_pgqueue.options import DatabaseURL
+from celery_pgqueue.options import IDENTIFIER_BYTES, DatabaseURL
 from celery_pgqueue.store.listener import Listener
 
 logger = logging.getLogger("celery_pgqueue")
@@ -47,11 +47,6 @@ PROBE = ""
 INLINE_RESULT_BYTES = 7000
 """A success whose stored result (JSON text) is at most this long rides in its
 notification (PostgreSQL's limit for a payload is 8000 bytes)."""
-
-
-IDENTIFIER_BYTES = 63
-"""PostgreSQL's longest identifier: ``pg_notify`` refuses a longer channel name and
-``LISTEN`` silently truncates one (and then hears nothing)."""
 
 
 @dataclass(frozen=True, slots=True)
