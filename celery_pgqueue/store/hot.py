@@ -9,10 +9,17 @@ in autocommit. Errors are raised as SQLAlchemy's, so callers translate them exac
 as every other statement's. While anyone listens to the engine's cursor events
 (tracing, a statement count in a test), the statements go through
 ``Connection.exec_driver_sql()`` instead, so the listener sees every one of them.
+
+Each call is its own transaction, so one that PostgreSQL rolled back to break a
+deadlock or a serialization conflict (SQLSTATE class 40) changed nothing and is sent
+again: such a conflict between two workers' statements is transient, and raised from
+a claim it would stop the worker ("Unrecoverable error").
 """
 
 from __future__ import annotations
 
+import random
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -25,6 +32,9 @@ Settings = tuple[tuple[str, str], ...]
 T = TypeVar("T")
 
 SET_LOCAL = "SELECT pg_catalog.set_config(%s, %s, true)"
+
+ROLLBACK_RETRIES = 5
+"""Times a statement rolled back by the server (deadlock, serialization) is sent again."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +55,19 @@ class Call:
 
     def rowcount(self, conn: sa.Connection) -> int:
         return int(conn.exec_driver_sql(self.sql, self.params).rowcount)
+
+
+def _again(run: Callable[[], T]) -> T:
+    """``run()``, again after a short random pause while the server rolls it back."""
+    for attempt in range(ROLLBACK_RETRIES):
+        try:
+            return run()
+        except sa.exc.DBAPIError as exc:
+            sqlstate = getattr(exc.orig, "sqlstate", None) or ""
+            if attempt + 1 == ROLLBACK_RETRIES or not sqlstate.startswith("40"):
+                raise
+        time.sleep(random.uniform(0.0, 0.005 * 2**attempt))
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 def _fetch(cursor: psycopg.Cursor[Any]) -> list[Row]:
@@ -69,14 +92,14 @@ class HotPath:
         only, e.g. a role's own ``synchronous_commit`` on a pool shared with another.
         """
         if self.observed():
-            return self.through_sqlalchemy(call, settings, Call.rows)
-        return self.send(call, settings, _fetch)
+            return _again(lambda: self.through_sqlalchemy(call, settings, Call.rows))
+        return _again(lambda: self.send(call, settings, _fetch))
 
     def rowcount(self, call: Call, settings: Settings = ()) -> int:
         """The number of rows ``call`` changed."""
         if self.observed():
-            return self.through_sqlalchemy(call, settings, Call.rowcount)
-        return self.send(call, settings, _count)
+            return _again(lambda: self.through_sqlalchemy(call, settings, Call.rowcount))
+        return _again(lambda: self.send(call, settings, _count))
 
     def observed(self) -> bool:
         """Whether a listener waits for the engine's cursor events."""

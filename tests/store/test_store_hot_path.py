@@ -1,8 +1,9 @@
 """The per-task statements once they run through psycopg directly (``store/hot.py``).
 
-Each statement's first run goes through SQLAlchemy; these tests warm the statements
-up first, so what they check happens on the direct path: the same rows, and the same
-named errors, as through SQLAlchemy.
+Statements go through SQLAlchemy only while someone listens to the engine's cursor
+events; these tests also warm the statements up (psycopg prepares one on its fifth
+run), so what they check happens on the prepared direct path: the same rows, and the
+same named errors, as through SQLAlchemy.
 """
 
 from __future__ import annotations
@@ -107,3 +108,56 @@ def test_engine_listeners_see_every_statement_again(store: Store) -> None:
 
     assert any("INSERT INTO jobs" in s for s in seen)
     assert any("FOR UPDATE SKIP LOCKED" in s for s in seen)
+
+
+def deadlock_on_claim(db: Db, times: int) -> None:
+    """Make the next ``times`` claims fail as PostgreSQL fails a deadlock's victim.
+
+    A claim opens the attempt's job_logs row, so a trigger there raises SQLSTATE 40P01;
+    a sequence (not rolled back with the statement) counts the claims it has failed.
+    """
+    db.execute("CREATE SEQUENCE claims_failed")
+    db.execute(
+        f"""
+        CREATE FUNCTION fail_claim() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            IF nextval('claims_failed') <= {int(times)} THEN
+                RAISE EXCEPTION 'deadlock detected (forced by the test)'
+                    USING ERRCODE = 'deadlock_detected';
+            END IF;
+            RETURN NEW;
+        END $$"""
+    )
+    db.execute(
+        "CREATE TRIGGER fail_claim BEFORE INSERT ON job_logs "
+        "FOR EACH ROW EXECUTE FUNCTION fail_claim()"
+    )
+
+
+@pytest.mark.parametrize("warm", [False, True], ids=["first-run", "direct"])
+def test_a_claim_chosen_as_a_deadlock_victim_is_sent_again(
+    store: Store, db: Db, warm: bool
+) -> None:
+    """Two workers' statements can deadlock under load; the server rolls one back. That
+    claim changed nothing, so it is retried instead of raised (a worker whose claim
+    raised stopped with "Unrecoverable error")."""
+    if warm:
+        warm_up(store)
+    job = new_job("default")
+    store.enqueue([job])
+    deadlock_on_claim(db, times=2)
+
+    [claimed] = store.claim("default", 1, "w1")
+
+    assert claimed.id == job.id and claimed.attempt == 1
+    assert db.scalar("SELECT last_value FROM claims_failed") == 3, "failed twice, then ran"
+    assert [log["attempt_number"] for log in db.logs(job.id)] == [1]
+
+
+def test_a_statement_that_keeps_deadlocking_still_raises(store: Store, db: Db) -> None:
+    store.enqueue([new_job("default")])
+    deadlock_on_claim(db, times=1000)
+
+    with pytest.raises(sa.exc.OperationalError, match="deadlock"):
+        store.claim("default", 1, "w1")
+    assert db.scalar("SELECT status FROM jobs") == "queued", "nothing was claimed"
