@@ -37,7 +37,7 @@ def test_pause_stops_a_running_worker_and_resume_wakes_it(
 ) -> None:
     ran: list[int] = []
 
-    @worker_app.task(name="ops.tick")
+    @worker_app.task(name="ops.tick", shared=False)
     def tick(n: int) -> None:
         ran.append(n)
 
@@ -62,7 +62,7 @@ def test_retry_re_runs_a_failed_task_and_keeps_its_history(
     attempts: list[int] = []
     healed = threading.Event()
 
-    @worker_app.task(name="ops.flaky")
+    @worker_app.task(name="ops.flaky", shared=False)
     def flaky() -> str:
         attempts.append(1)
         if not healed.is_set():
@@ -95,7 +95,7 @@ def test_retry_of_a_revoked_task_is_refused_because_the_worker_remembers_the_rev
 
     ran: list[int] = []
 
-    @worker_app.task(name="ops.later")
+    @worker_app.task(name="ops.later", shared=False)
     def later() -> None:
         ran.append(1)
 

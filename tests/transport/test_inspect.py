@@ -200,7 +200,7 @@ def test_a_retried_task_without_priority_sees_0_and_keeps_its_queue_default(
     app = make_app()
     seen: list[Any] = []
 
-    @app.task(name="t.retry_once", bind=True, max_retries=1)
+    @app.task(name="t.retry_once", shared=False, bind=True, max_retries=1)
     def retry_once(self: Any) -> None:
         seen.append(self.request.delivery_info.get("priority"))
         if len(seen) == 1:

@@ -149,7 +149,7 @@ def test_protocol_1_tasks_are_tasks_durable_and_kept_as_history(
     app: Celery = make_app(task_protocol=1, broker_transport_options={"message_ttl": SHORT})
     ran: list[tuple[int, int]] = []
 
-    @app.task(name="t.add_v1")
+    @app.task(name="t.add_v1", shared=False)
     def add(x: int, y: int) -> int:
         ran.append((x, y))
         return x + y
