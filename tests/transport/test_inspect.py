@@ -133,6 +133,7 @@ def expected_info(
     }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("priority", [None, 3], ids=["no-priority", "priority-3"])
 def test_inspect_answers_match_redis_field_by_field(
     make_app: Callable[..., Celery], priority: int | None

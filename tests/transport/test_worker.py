@@ -74,6 +74,7 @@ def test_priorities_run_lowest_number_first_and_zero_is_kept(make_app, database_
     assert seen.snapshot() == ["p0", "p3", "p5", "p9", "none"]
 
 
+@pytest.mark.slow
 def test_countdown_waits_in_the_database_and_runs_once_when_due(make_app, database_url, store):
     app = make_app()
     seen = Recorder()
@@ -155,6 +156,7 @@ def test_failure_marks_the_job_failed_with_a_short_message(make_app, database_ur
     assert row["failed_at"] is not None
 
 
+@pytest.mark.slow
 def test_pause_stops_claims_durably_and_resume_wakes_workers(make_app, database_url, store):
     app = make_app(broker_transport_options={"polling_interval": 30, "maintenance_interval": 1})
     seen = Recorder()
@@ -175,6 +177,7 @@ def test_pause_stops_claims_durably_and_resume_wakes_workers(make_app, database_
         wait_until(lambda: seen.snapshot(), timeout=10)
 
 
+@pytest.mark.slow
 def test_notify_wakes_an_idle_worker_long_before_the_poll_interval(make_app, database_url):
     app = make_app(broker_transport_options={"polling_interval": 60, "maintenance_interval": 5})
 
