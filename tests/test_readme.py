@@ -50,3 +50,21 @@ def test_ci_runs_the_readme_test_command_verbatim() -> None:
     command = re.search(r"# 2\. .*\n(.+)\n", README)
     assert command is not None
     assert command.group(1).strip() in (ROOT / ".ci" / "run").read_text()
+
+
+def test_the_supported_versions_table_names_tox_environments_that_exist() -> None:
+    section = README[README.index("## Supported versions") : README.index("## Development")]
+    named = set(re.findall(r"`tox -e ([\w-]+)", section))
+    tox_ini = (ROOT / "tox.ini").read_text()
+    env_list = re.search(r"^env_list = (.+)$", tox_ini, re.M)
+    assert env_list is not None
+    assert named and named <= {e.strip() for e in env_list.group(1).split(",")}, named
+
+
+def test_the_development_tiers_use_declared_markers() -> None:
+    section = README[README.index("## Development") :]
+    used = set(re.findall(r'-m "([^"]+)"', section))
+    words = {w for tier in used for w in tier.split() if w not in {"not", "and", "or"}}
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    declared = set(re.findall(r'^\s+"(\w+): ', pyproject, re.M))
+    assert words and words <= declared, (words, declared)

@@ -26,15 +26,15 @@ APP_MODULE = textwrap.dedent(
     app = Celery("forked", broker=os.environ["CPQ_URL"], backend=os.environ["CPQ_URL"])
     app.conf.update(task_default_queue="forked", worker_hijack_root_logger=False)
 
-    @app.task(name="f.add")
+    @app.task(name="f.add", shared=False)
     def add(x, y):
         return x + y
 
-    @app.task(name="f.tsum")
+    @app.task(name="f.tsum", shared=False)
     def tsum(values):
         return sum(values)
 
-    @app.task(name="f.flaky", bind=True, max_retries=3)
+    @app.task(name="f.flaky", shared=False, bind=True, max_retries=3)
     def flaky(self, times):
         if self.request.retries < times:
             raise self.retry(exc=KeyError("again"), countdown=0)

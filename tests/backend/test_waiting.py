@@ -79,6 +79,7 @@ def test_without_notify_waiting_clients_poll(backend_tasks: Callable[..., Tasks]
         assert result_listeners(tasks.database_url) == 0
 
 
+@pytest.mark.slow
 def test_200_concurrent_gets_share_one_listen_connection(
     backend_tasks: Callable[..., Tasks],
 ) -> None:
@@ -94,6 +95,7 @@ def test_200_concurrent_gets_share_one_listen_connection(
     assert [o.get("value", o.get("error")) for o in outcomes] == list(range(200))
 
 
+@pytest.mark.slow
 def test_a_producer_waiting_on_1000_results_holds_one_listen_connection(
     backend_tasks: Callable[..., Tasks],
 ) -> None:

@@ -63,7 +63,7 @@ app.conf.update(
 )
 
 
-@app.task(name="beatproc.tick", bind=True)
+@app.task(name="beatproc.tick", shared=False, bind=True)
 def tick(self, label):
     who = f"{{self.request.id}} pid={{os.getpid()}} pgid={{os.getpgrp()}} label={{label}}"
     line = f"run {{who}} at={{time.time():.6f}}\\n"

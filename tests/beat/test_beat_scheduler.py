@@ -291,6 +291,7 @@ def test_a_follower_takes_over_when_the_lease_lapses_with_a_higher_fence(
     assert db.value("SELECT holder FROM job_beat_leases") == follower.holder
 
 
+@pytest.mark.slow
 def test_a_deposed_leader_that_wakes_up_sends_nothing_and_stands_by(
     make_app: MakeApp, schedulers: Build, db: Database
 ) -> None:
@@ -405,6 +406,7 @@ def test_a_lapsed_lease_nobody_took_is_kept_by_its_holder_with_the_same_fence(
     pgbouncer.binary() is None,
     reason="pgbouncer is not installed (Debian: apt-get install pgbouncer)",
 )
+@pytest.mark.slow
 def test_leadership_and_sends_work_through_pgbouncer_in_transaction_pooling(
     make_app: MakeApp, schedulers: Build, db: Database, database_url: str
 ) -> None:

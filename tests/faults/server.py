@@ -62,7 +62,7 @@ def private_server(settings: Mapping[str, str] | None = None) -> Iterator[Privat
 # to the generated app module (which defines ``app``, ``append``, ``os`` and ``time``).
 TIMED_TASK = """
 
-@app.task(name="fault.timed", bind=True)
+@app.task(name="fault.timed", shared=False, bind=True)
 def timed(self, sent=0.0, sleep=0.0):
     started = time.time()
     who = f"{self.request.id} pid={os.getpid()} pgid={os.getpgrp()}"

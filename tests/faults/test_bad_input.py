@@ -215,6 +215,7 @@ def test_celery_worker_with_a_configuration_mistake_exits_naming_it(
     assert "ConfigurationError" in log and expected in log, log[-3000:]
 
 
+@pytest.mark.slow
 def test_celery_worker_refuses_a_queue_name_over_100_characters(
     tmp_path: Path, broker_url: str
 ) -> None:
@@ -265,6 +266,7 @@ def _with_password(url: str, password: str) -> str:
     return pgqueue_url(url, password=password)
 
 
+@pytest.mark.slow
 def test_a_wrong_password_fails_delay_and_the_worker_at_once_without_showing_it(
     tmp_path: Path, password_server: str
 ) -> None:
@@ -301,6 +303,7 @@ def test_a_wrong_password_fails_delay_and_the_worker_at_once_without_showing_it(
         assert conn.execute("SELECT count(*) FROM jobs").fetchone() == (0,)
 
 
+@pytest.mark.slow
 def test_the_right_password_works_end_to_end_and_never_shows_in_the_log(
     tmp_path: Path, password_server: str, workers: Workers
 ) -> None:
@@ -371,6 +374,7 @@ def test_publishing_to_a_database_without_the_current_tables_names_the_migrate_c
             assert conn.execute("SELECT count(*) FROM jobs").fetchone() == (0,)
 
 
+@pytest.mark.slow
 def test_a_worker_on_a_database_without_the_current_tables_stops_naming_the_command(
     tmp_path: Path, unmigrated_url: tuple[str, str]
 ) -> None:
@@ -446,6 +450,7 @@ BROKEN_ROWS: dict[str, tuple[Any, str]] = {
 }
 
 
+@pytest.mark.slow
 def test_rows_edited_into_nonsense_are_failed_and_logged_while_the_worker_carries_on(
     tmp_path: Path,
     broker_url: str,

@@ -187,7 +187,7 @@ import time
 from procapp import app, append
 
 
-@app.task(name="clock.retry_once", bind=True, max_retries=1)
+@app.task(name="clock.retry_once", shared=False, bind=True, max_retries=1)
 def retry_once(self):
     who = f"{{self.request.id}} pid=0 pgid=0 label=try{{self.request.retries}}"
     append(f"run {{who}} at={{time.time():.6f}}")

@@ -59,6 +59,7 @@ def test_list_shows_each_entry_its_task_schedule_and_state(
     assert "schedule 'ops': no beat leads it now" in done.out
 
 
+@pytest.mark.slow
 def test_disable_then_enable_flips_the_row_and_says_so(
     celery_cli: Cli, synced: Callable[..., None], sql: Sql
 ) -> None:

@@ -32,12 +32,13 @@ def worker_app(database_url: str) -> Any:
     Store.close_all()
 
 
+@pytest.mark.slow
 def test_pause_stops_a_running_worker_and_resume_wakes_it(
     worker_app: Celery, celery_cli: Callable[..., Result], sql: Callable[..., Any]
 ) -> None:
     ran: list[int] = []
 
-    @worker_app.task(name="ops.tick")
+    @worker_app.task(name="ops.tick", shared=False)
     def tick(n: int) -> None:
         ran.append(n)
 
@@ -56,13 +57,14 @@ def test_pause_stops_a_running_worker_and_resume_wakes_it(
         wait_until(lambda: ran == [1, 2], timeout=10)
 
 
+@pytest.mark.slow
 def test_retry_re_runs_a_failed_task_and_keeps_its_history(
     worker_app: Celery, celery_cli: Callable[..., Result], sql: Callable[..., Any]
 ) -> None:
     attempts: list[int] = []
     healed = threading.Event()
 
-    @worker_app.task(name="ops.flaky")
+    @worker_app.task(name="ops.flaky", shared=False)
     def flaky() -> str:
         attempts.append(1)
         if not healed.is_set():
@@ -87,6 +89,7 @@ def test_retry_re_runs_a_failed_task_and_keeps_its_history(
     assert logs == [(1, "failed"), (2, "success")]
 
 
+@pytest.mark.slow
 def test_retry_of_a_revoked_task_is_refused_because_the_worker_remembers_the_revoke(
     worker_app: Celery, celery_cli: Callable[..., Result], sql: Callable[..., Any]
 ) -> None:
@@ -95,7 +98,7 @@ def test_retry_of_a_revoked_task_is_refused_because_the_worker_remembers_the_rev
 
     ran: list[int] = []
 
-    @worker_app.task(name="ops.later")
+    @worker_app.task(name="ops.later", shared=False)
     def later() -> None:
         ran.append(1)
 

@@ -46,7 +46,7 @@ def app(database_url: str) -> Iterator[Celery]:
         worker_hijack_root_logger=False,
     )
 
-    @app.task(name="channels.secret")
+    @app.task(name="channels.secret", shared=False)
     def secret() -> str:
         return SECRET
 

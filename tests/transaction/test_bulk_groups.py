@@ -14,6 +14,7 @@ from celery_pgqueue.errors import PayloadTooLarge
 pytestmark = pytest.mark.worker
 
 
+@pytest.mark.slow
 def test_a_group_outside_any_transaction_is_one_insert_and_a_worker_runs_it_all(
     app: Any, database_url: str, job_inserts: Any
 ) -> None:

@@ -112,6 +112,7 @@ def test_a_thousand_task_group_is_one_statement_on_the_callers_connection(
     assert statuses(orders) == []
 
 
+@pytest.mark.slow
 def test_workers_are_woken_by_the_commit_not_by_polling(app: Any, orders: str) -> None:
     from celery.contrib.testing.worker import start_worker
 

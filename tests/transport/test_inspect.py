@@ -133,6 +133,7 @@ def expected_info(
     }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("priority", [None, 3], ids=["no-priority", "priority-3"])
 def test_inspect_answers_match_redis_field_by_field(
     make_app: Callable[..., Celery], priority: int | None
@@ -200,7 +201,7 @@ def test_a_retried_task_without_priority_sees_0_and_keeps_its_queue_default(
     app = make_app()
     seen: list[Any] = []
 
-    @app.task(name="t.retry_once", bind=True, max_retries=1)
+    @app.task(name="t.retry_once", shared=False, bind=True, max_retries=1)
     def retry_once(self: Any) -> None:
         seen.append(self.request.delivery_info.get("priority"))
         if len(seen) == 1:

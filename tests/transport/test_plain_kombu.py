@@ -142,6 +142,7 @@ def test_celery_control_replies_and_events_keep_the_short_ttl(
     assert ttl_of(database_url, "w1@host.celery.pidbox") == [60.0]
 
 
+@pytest.mark.slow
 @pytest.mark.worker
 def test_protocol_1_tasks_are_tasks_durable_and_kept_as_history(
     make_app: Any, broker_url: str, database_url: str
@@ -149,7 +150,7 @@ def test_protocol_1_tasks_are_tasks_durable_and_kept_as_history(
     app: Celery = make_app(task_protocol=1, broker_transport_options={"message_ttl": SHORT})
     ran: list[tuple[int, int]] = []
 
-    @app.task(name="t.add_v1")
+    @app.task(name="t.add_v1", shared=False)
     def add(x: int, y: int) -> int:
         ran.append((x, y))
         return x + y

@@ -51,6 +51,7 @@ def test_a_countdown_task_sees_the_eta_its_caller_sent(make_app, database_url):
     assert seen.snapshot() == [sent], "the task sees the eta that was sent, as on Redis"
 
 
+@pytest.mark.slow
 def test_an_idle_worker_wakes_for_a_countdown_task_not_on_its_next_poll(make_app, database_url):
     app = make_app(broker_transport_options=LONG_POLL)
     seen = Recorder()
@@ -66,6 +67,7 @@ def test_an_idle_worker_wakes_for_a_countdown_task_not_on_its_next_poll(make_app
         wait_until(lambda: seen.snapshot() == ["soon"], timeout=20)
 
 
+@pytest.mark.slow
 def test_a_shorter_countdown_published_later_moves_the_wake_up_earlier(make_app, database_url):
     app = make_app(broker_transport_options=LONG_POLL)
     seen = Recorder()
@@ -82,6 +84,7 @@ def test_a_shorter_countdown_published_later_moves_the_wake_up_earlier(make_app,
         wait_until(lambda: seen.snapshot() == ["early"], timeout=20)
 
 
+@pytest.mark.slow
 def test_a_worker_wakes_for_countdown_tasks_published_before_it_started(make_app, database_url):
     app = make_app(broker_transport_options=LONG_POLL)
     seen = Recorder()
@@ -95,6 +98,7 @@ def test_a_worker_wakes_for_countdown_tasks_published_before_it_started(make_app
         wait_until(lambda: seen.snapshot() == ["before"], timeout=20)
 
 
+@pytest.mark.slow
 def test_a_synchronous_consumer_wakes_for_a_countdown_task(make_app, broker_url, database_url):
     """``drain_events`` without an event loop sleeps until run_at, not the poll interval.
 

@@ -38,7 +38,7 @@ def job(database_url: str, task_id: str) -> dict[str, Any]:
 def test_publish_inserts_one_readable_row_and_creates_the_queue(make_app, database_url):
     app = make_app()
 
-    @app.task(name="shop.confirm")
+    @app.task(name="shop.confirm", shared=False)
     def confirm(order_id: int, notify: bool = True) -> None: ...
 
     result = confirm.delay(42, notify=False)
@@ -58,7 +58,7 @@ def test_priorities_run_lowest_number_first_and_zero_is_kept(make_app, database_
     app = make_app(worker_prefetch_multiplier=1)
     seen = Recorder()
 
-    @app.task(name="t.mark")
+    @app.task(name="t.mark", shared=False)
     def mark(label: str) -> None:
         seen.add(label)
 
@@ -74,11 +74,12 @@ def test_priorities_run_lowest_number_first_and_zero_is_kept(make_app, database_
     assert seen.snapshot() == ["p0", "p3", "p5", "p9", "none"]
 
 
+@pytest.mark.slow
 def test_countdown_waits_in_the_database_and_runs_once_when_due(make_app, database_url, store):
     app = make_app()
     seen = Recorder()
 
-    @app.task(name="t.stamp")
+    @app.task(name="t.stamp", shared=False)
     def stamp() -> None:
         with psycopg.connect(database_url, autocommit=True) as conn:
             seen.add(conn.execute("SELECT now()").fetchone()[0])  # type: ignore[index]
@@ -99,7 +100,7 @@ def test_countdown_waits_in_the_database_and_runs_once_when_due(make_app, databa
 def test_scheduled_tasks_are_not_held_in_worker_memory(make_app, database_url):
     app = make_app()
 
-    @app.task(name="t.later")
+    @app.task(name="t.later", shared=False)
     def later() -> None: ...
 
     with running_worker(app) as worker:
@@ -118,7 +119,7 @@ def test_scheduled_tasks_are_not_held_in_worker_memory(make_app, database_url):
 def test_retry_updates_the_same_row_and_logs_every_attempt(make_app, database_url):
     app = make_app()
 
-    @app.task(name="t.flaky", bind=True, max_retries=5)
+    @app.task(name="t.flaky", shared=False, bind=True, max_retries=5)
     def flaky(self: Any) -> str:
         if self.request.retries < 2:
             raise self.retry(countdown=0)
@@ -142,7 +143,7 @@ def test_retry_updates_the_same_row_and_logs_every_attempt(make_app, database_ur
 def test_failure_marks_the_job_failed_with_a_short_message(make_app, database_url):
     app = make_app()
 
-    @app.task(name="t.boom")
+    @app.task(name="t.boom", shared=False)
     def boom() -> None:
         raise ValueError("x" * 400)
 
@@ -155,11 +156,12 @@ def test_failure_marks_the_job_failed_with_a_short_message(make_app, database_ur
     assert row["failed_at"] is not None
 
 
+@pytest.mark.slow
 def test_pause_stops_claims_durably_and_resume_wakes_workers(make_app, database_url, store):
     app = make_app(broker_transport_options={"polling_interval": 30, "maintenance_interval": 1})
     seen = Recorder()
 
-    @app.task(name="t.p")
+    @app.task(name="t.p", shared=False)
     def p() -> None:
         seen.add(1)
 
@@ -175,10 +177,11 @@ def test_pause_stops_claims_durably_and_resume_wakes_workers(make_app, database_
         wait_until(lambda: seen.snapshot(), timeout=10)
 
 
+@pytest.mark.slow
 def test_notify_wakes_an_idle_worker_long_before_the_poll_interval(make_app, database_url):
     app = make_app(broker_transport_options={"polling_interval": 60, "maintenance_interval": 5})
 
-    @app.task(name="t.quick")
+    @app.task(name="t.quick", shared=False)
     def quick() -> None: ...
 
     with running_worker(app):
@@ -190,7 +193,7 @@ def test_notify_wakes_an_idle_worker_long_before_the_poll_interval(make_app, dat
 def test_polling_mode_without_notify_still_runs_tasks(make_app, database_url):
     app = make_app(broker_transport_options={"use_notify": False, "polling_interval": 0.2})
 
-    @app.task(name="t.poll")
+    @app.task(name="t.poll", shared=False)
     def poll() -> None: ...
 
     with running_worker(app):
@@ -205,7 +208,7 @@ def test_revoke_of_a_queued_task_is_durable_across_worker_restarts(make_app, dat
     app = make_app()
     seen = Recorder()
 
-    @app.task(name="t.r")
+    @app.task(name="t.r", shared=False)
     def r(label: str) -> None:
         seen.add(label)
 
@@ -226,7 +229,7 @@ def test_revoke_of_a_queued_task_is_durable_across_worker_restarts(make_app, dat
 def test_oversized_payload_is_refused_at_delay_and_leaves_no_row(make_app, database_url):
     app = make_app(broker_transport_options={"max_payload_bytes": 1024})
 
-    @app.task(name="t.big")
+    @app.task(name="t.big", shared=False)
     def big(blob: str) -> None: ...
 
     with pytest.raises(PayloadTooLarge) as caught:
@@ -239,7 +242,7 @@ def test_oversized_payload_is_refused_at_delay_and_leaves_no_row(make_app, datab
 def test_queue_name_over_100_characters_is_refused(make_app, database_url):
     app = make_app()
 
-    @app.task(name="t.q")
+    @app.task(name="t.q", shared=False)
     def q() -> None: ...
 
     with pytest.raises(InvalidQueueName, match="1 to 100 characters"):
@@ -285,7 +288,7 @@ def test_reject_with_requeue_comes_back_marked_redelivered(make_app, database_ur
     app = make_app(task_acks_late=True)
     seen = Recorder()
 
-    @app.task(name="t.once_rejected", bind=True)
+    @app.task(name="t.once_rejected", shared=False, bind=True)
     def once_rejected(self: Any) -> None:
         seen.add(self.request.delivery_info.get("redelivered"))
         if len(seen.snapshot()) == 1:
@@ -302,7 +305,7 @@ def test_reject_with_requeue_comes_back_marked_redelivered(make_app, database_ur
 def test_tasks_with_custom_ids_map_to_stable_rows(make_app, database_url):
     app = make_app()
 
-    @app.task(name="t.custom")
+    @app.task(name="t.custom", shared=False)
     def custom() -> None: ...
 
     with running_worker(app):
@@ -323,7 +326,7 @@ def test_revoking_a_queued_task_wakes_a_client_waiting_on_its_result(make_app, b
         result_backend_transport_options={"polling_interval": 60},
     )
 
-    @app.task(name="t.never")
+    @app.task(name="t.never", shared=False)
     def never() -> None: ...
 
     result = never.delay()
@@ -353,7 +356,7 @@ def test_workers_prune_finished_jobs_by_themselves(make_app, database_url):
         }
     )
 
-    @app.task(name="t.short_lived")
+    @app.task(name="t.short_lived", shared=False)
     def short_lived() -> None: ...
 
     with running_worker(app):

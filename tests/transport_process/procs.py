@@ -58,7 +58,7 @@ def append(line):
         os.close(fd)
 
 
-@app.task(name="proc.record", bind=True)
+@app.task(name="proc.record", shared=False, bind=True)
 def record(self, sleep=0.0, label=""):
     who = f"{{self.request.id}} pid={{os.getpid()}} pgid={{os.getpgrp()}} label={{label}}"
     if not sleep:

@@ -58,7 +58,7 @@ def test_a_plain_script_publishes_by_url_alone_and_a_worker_runs_it(
 
             app = Celery("proc", broker={broker!r})
 
-            @app.task(name="proc.record")
+            @app.task(name="proc.record", shared=False)
             def record(sleep=0.0, label=""):
                 pass
 

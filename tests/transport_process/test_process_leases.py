@@ -221,7 +221,7 @@ def test_a_task_running_for_several_leases_is_never_started_twice(
 # write or a task using the same pool would. Appended to the generated app module.
 HOLD_POOL_TASK = """
 
-@app.task(name="proc.hold_pool", bind=True)
+@app.task(name="proc.hold_pool", shared=False, bind=True)
 def hold_pool(self, seconds, label=""):
     from celery_pgqueue.options import DatabaseURL, PgQueueOptions
     from celery_pgqueue.store import Store

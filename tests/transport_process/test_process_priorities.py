@@ -28,7 +28,7 @@ pytestmark = [pytest.mark.worker, pytest.mark.slow]
 
 GATE_TASK = """
 
-@app.task(name="proc.gate", bind=True)
+@app.task(name="proc.gate", shared=False, bind=True)
 def gate(self, path):
     append(f"start {self.request.id} pid={os.getpid()} pgid={os.getpgrp()} label=gate")
     while not os.path.exists(path):
