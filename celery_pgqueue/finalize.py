@@ -54,9 +54,11 @@ def _result_ignored(task: Any, request: Any) -> bool:
 
 def _backend_settles(task: Any, request: Any) -> bool:
     """Our result backend writes every state of tasks whose result it stores."""
-    from celery_pgqueue.backend_name import is_pgqueue_backend
+    # Imported when a task ends, not with this module: the transport loads this one
+    # whatever the app's result backend is, and only ours needs the backend's imports.
+    from celery_pgqueue.backend import PgQueueBackend
 
-    return is_pgqueue_backend(task.backend) and not _result_ignored(task, request)
+    return isinstance(task.backend, PgQueueBackend) and not _result_ignored(task, request)
 
 
 def _marker(task: Any, request: Any, state: str) -> dict[str, bool] | None:
