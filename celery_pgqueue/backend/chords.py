@@ -16,8 +16,8 @@ from celery.result import GroupResult, allow_join_result, result_from_tuple
 from celery.utils.functional import _regen
 from kombu.utils import json as kombu_json
 
-from celery_pgqueue.backend.encoding import strict_json
 from celery_pgqueue.ids import job_id_for
+from celery_pgqueue.storable import strict_json
 
 logger = logging.getLogger("celery_pgqueue")
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -14,7 +13,7 @@ from kombu.serialization import dumps, loads
 from kombu.utils import json as kombu_json
 
 from celery_pgqueue.errors import PayloadNotSerializable, PayloadTooLarge, first_line
-from celery_pgqueue.storable import jsonb_keeps_text
+from celery_pgqueue.storable import jsonb_keeps_text, strict_json
 
 JSON = "application/json"
 
@@ -149,15 +148,6 @@ def error_summary(value: Any) -> str | None:
     else:
         return None
     return f"{name}: {text}" if text else name
-
-
-def strict_json(text: str) -> Any:
-    """``text`` parsed, refusing NaN and Infinity: not JSON, whatever Python writes."""
-    return json.loads(text, parse_constant=_reject_constant)
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not valid JSON")
 
 
 def _shrunk_failure(document: dict[str, Any], limit: int) -> dict[str, Any]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Mapping
 from datetime import UTC, datetime
 from time import monotonic
 from typing import Any
@@ -14,6 +13,7 @@ from celery.exceptions import Retry
 
 from celery_pgqueue import clock
 from celery_pgqueue.backend.encoding import error_summary
+from celery_pgqueue.delivery import attempt_of
 from celery_pgqueue.ids import job_id_for
 from celery_pgqueue.states import CELERY_TO_LOG, job_status_for
 from celery_pgqueue.store.results import StateWrite
@@ -68,7 +68,7 @@ class StateStoring(Backend):  # type: ignore[misc]
         self, task_id: str, result: Any, state: str, traceback: str | None, request: Any
     ) -> StateWrite:
         """The row change that records ``state`` for ``task_id``."""
-        delivered = _delivered_attempt(request)
+        delivered = attempt_of(getattr(request, "properties", None))
         transport_owned = delivered is not None
         attempt = delivered if transport_owned else _attempt_of(request, state)
         error = error_summary(result) if state in states.EXCEPTION_STATES else None
@@ -159,13 +159,6 @@ class StateStoring(Backend):  # type: ignore[misc]
             )
             return f"{when}: {error}"[:SUMMARY_LIMIT] if error else when
         return error[:SUMMARY_LIMIT] if error else None
-
-
-def _delivered_attempt(request: Any) -> int | None:
-    """The attempt number the pgqueue transport stamped on this delivery, if any."""
-    properties = getattr(request, "properties", None) or {}
-    attempt = properties.get("pgqueue_attempt") if isinstance(properties, Mapping) else None
-    return int(attempt) if attempt is not None else None
 
 
 def _attempt_of(request: Any, state: str) -> int | None:
