@@ -76,6 +76,13 @@ backend uses:
 * ``pool_size``, ``max_overflow``, ``pool_timeout``, ``connect_timeout``,
   ``prepared_statements``: the pool's; with a pgqueue broker on the same database and
   schema they must equal ``broker_transport_options``' (ConfigurationError otherwise).
+
+Modules
+=======
+``core`` the class Celery loads, composed of ``storing`` (a state -> one row
+change), ``reading`` (rows -> Celery's meta), ``encoding`` (the ``jobs.result``
+document) and ``chords`` (groups, native chords, failed chains); ``waiting`` holds
+the :class:`ResultConsumer` that ``get()`` sleeps in.
 """
 
 from __future__ import annotations

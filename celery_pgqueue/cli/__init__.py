@@ -15,6 +15,11 @@ Exit codes: 0 ok; 1 refused (confirmation declined, or a job's status does not a
 the change); 2 usage (bad option, argument, URL or configuration, a login the server
 refuses for good, an ambiguous job id prefix); 3 not found (unknown queue or job id);
 4 database unavailable; 5 schema missing or outdated.
+
+One module per command group (``migrations``, ``queues``, ``jobs``, ``changes``,
+``retention``, ``schedule``, ``metrics``); ``group`` is the ``pgqueue`` click group,
+``runtime`` what every command shares (database, errors, options), ``output`` how
+they print.
 """
 
 from __future__ import annotations
