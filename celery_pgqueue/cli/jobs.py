@@ -19,11 +19,12 @@ from celery_pgqueue.cli.runtime import (
     json_option,
 )
 from celery_pgqueue.errors import UnknownJob
+from celery_pgqueue.states import JobStatus
 
 if TYPE_CHECKING:
     from celery_pgqueue.store import JobRecord, Store
 
-STATUSES = ("queued", "running", "completed", "failed", "cancelled")
+STATUSES = tuple(status.value for status in JobStatus)
 MIN_PREFIX = 4  # hex digits of a job id prefix, as git asks of an abbreviated hash
 MAX_CANDIDATES = 10  # ids listed for an ambiguous prefix
 ATTEMPTS_LEGEND = (
@@ -115,8 +116,6 @@ def jobs(
     limit: int,
 ) -> None:
     """List jobs, most recently changed first (with --scheduled: soonest due first)."""
-    from celery_pgqueue.states import JobStatus
-
     if scheduled and statuses:
         raise UsageProblem("--scheduled lists queued jobs only: leave out --status")
     store = current_runtime().store()
