@@ -40,12 +40,13 @@ def _result_ignored(task: Any, request: Any) -> bool:
 
 
 def _backend_settles(task: Any, request: Any) -> bool:
-    """Our result backend writes every state of tasks whose result it stores."""
-    # Imported when a task ends, not with this module: the transport loads this one
-    # whatever the app's result backend is, and only ours needs the backend's imports.
-    from celery_pgqueue.backend import PgQueueBackend
+    """Our result backend writes every state of tasks whose result it stores.
 
-    return isinstance(task.backend, PgQueueBackend) and not _result_ignored(task, request)
+    Its class says so (``PgQueueBackend.settles_jobs``): no import of the backend in a
+    worker whose result backend is another (a prefork child would pay it per child).
+    """
+    settles = getattr(type(task.backend), "settles_jobs", False) is True
+    return settles and not _result_ignored(task, request)
 
 
 def _marker(task: Any, request: Any, state: str) -> dict[str, bool] | None:

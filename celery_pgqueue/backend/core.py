@@ -38,6 +38,10 @@ class PgQueueBackend(
 
     ResultConsumer = ResultConsumer
 
+    #: Every state of a task whose result it stores is written here, fenced by the
+    #: delivery's attempt: :mod:`celery_pgqueue.finalize` leaves those rows alone.
+    settles_jobs = True
+
     supports_native_join = True
     supports_autoexpire = False
     persistent = True
