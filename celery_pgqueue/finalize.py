@@ -12,28 +12,15 @@ from __future__ import annotations
 
 import logging
 from typing import Any
-from uuid import UUID
 
 from celery import signals, states
 
-from celery_pgqueue.ids import job_id_for
+from celery_pgqueue.delivery import DEFAULT_PRIORITY, attempt_of, job_of
 from celery_pgqueue.options import DatabaseURL, PgQueueOptions
 from celery_pgqueue.states import CELERY_TO_LOG, job_status_for
 from celery_pgqueue.store import Store
 
 logger = logging.getLogger("celery_pgqueue")
-
-
-def _attempt(request: Any) -> int | None:
-    properties = getattr(request, "properties", None) or {}
-    attempt = properties.get("pgqueue_attempt")
-    return int(attempt) if attempt is not None else None
-
-
-def _job_id(properties: Any, task_id: str) -> UUID:
-    """The delivered row: a task sent to several queues (broadcast) has one per queue."""
-    job = (properties or {}).get("pgqueue_job")
-    return UUID(job) if job else job_id_for(task_id)
 
 
 IGNORED_RESULT = {"ignored": True}
@@ -53,10 +40,13 @@ def _result_ignored(task: Any, request: Any) -> bool:
 
 
 def _backend_settles(task: Any, request: Any) -> bool:
-    """Our result backend writes every state of tasks whose result it stores."""
-    from celery_pgqueue.backend_name import is_pgqueue_backend
+    """Our result backend writes every state of tasks whose result it stores.
 
-    return is_pgqueue_backend(task.backend) and not _result_ignored(task, request)
+    Its class says so (``PgQueueBackend.settles_jobs``): no import of the backend in a
+    worker whose result backend is another (a prefork child would pay it per child).
+    """
+    settles = getattr(type(task.backend), "settles_jobs", False) is True
+    return settles and not _result_ignored(task, request)
 
 
 def _marker(task: Any, request: Any, state: str) -> dict[str, bool] | None:
@@ -94,7 +84,7 @@ def _on_task_postrun(sender: Any = None, task_id: str = "", state: str = "", **k
         # A rejected message is settled by the broker's reject: requeued or failed.
         return
     request = task.request
-    attempt = _attempt(request)
+    attempt = attempt_of(getattr(request, "properties", None))
     if attempt is None or _backend_settles(task, request):
         return
     try:
@@ -103,7 +93,7 @@ def _on_task_postrun(sender: Any = None, task_id: str = "", state: str = "", **k
             return
         retval = kwargs.get("retval")
         error = f"{type(retval).__name__}: {retval}" if isinstance(retval, BaseException) else None
-        job_id = _job_id(getattr(request, "properties", None), task_id)
+        job_id = job_of(getattr(request, "properties", None), task_id)
         # Runs where the task ran (a pool child, a thread), before the worker acks, so
         # waiting out a restart here keeps the outcome instead of a "worker lost".
         store.retrying(
@@ -127,8 +117,8 @@ def _on_task_revoked(sender: Any = None, request: Any = None, **kwargs: Any) -> 
     if request is None:
         return
     message = getattr(request, "message", None)
-    properties = getattr(message, "properties", None) or {}
-    attempt = properties.get("pgqueue_attempt")
+    properties = getattr(message, "properties", None)
+    attempt = attempt_of(properties)
     task = getattr(request, "task", None)
     if attempt is None or task is None or _backend_settles(task, request):
         return
@@ -138,8 +128,8 @@ def _on_task_revoked(sender: Any = None, request: Any = None, **kwargs: Any) -> 
             return
         reason = "expired" if kwargs.get("expired") else "revoked"
         store.finish(
-            _job_id(properties, request.id),
-            attempt=int(attempt),
+            job_of(properties, request.id),
+            attempt=attempt,
             status=job_status_for("REVOKED"),
             log_status=CELERY_TO_LOG["REVOKED"],
             log_message=reason,
@@ -179,7 +169,7 @@ def _retry_of_unprioritised(headers: dict[str, Any] | None, body: Any) -> bool:
 
     request = getattr(current_task, "request", None)
     delivered = getattr(request, "properties", None) or {}
-    if not delivered.get("pgqueue_default_priority"):
+    if not delivered.get(DEFAULT_PRIORITY):
         return False
     task_id = (headers or {}).get("id")
     if task_id is None and isinstance(body, dict):  # task_protocol 1

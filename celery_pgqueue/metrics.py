@@ -30,8 +30,9 @@ import logging
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
+from celery_pgqueue.api import store_for
 from celery_pgqueue.errors import ConfigurationError, PgQueueError
-from celery_pgqueue.options import DatabaseURL, PgQueueOptions, app_database
+from celery_pgqueue.options import PgQueueOptions
 from celery_pgqueue.store import Store
 from celery_pgqueue.store import metrics as metrics_sql
 
@@ -134,19 +135,6 @@ class PgQueueCollector:
         for counter, outcome in outcomes.items():
             rescues.add_metric([outcome], values.get((counter, ""), 0))
         yield from (finished, rescues)
-
-
-def store_for(app_or_url: Any, options: PgQueueOptions | None = None) -> Store:
-    """The store for a Celery app (its pgqueue broker, else result backend) or a URL."""
-    if isinstance(app_or_url, str | DatabaseURL):
-        return Store.for_url(app_or_url, options)
-    found = app_database(app_or_url)
-    if found is None:
-        raise ConfigurationError(
-            "the Celery app uses no PostgreSQL database: set broker_url or result_backend "
-            "to pgqueue://…, or pass the URL"
-        )
-    return Store.for_url(found[0], options or PgQueueOptions.parse(found[1]))
 
 
 def registry_for(store: Store) -> CollectorRegistry:

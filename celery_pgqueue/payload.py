@@ -26,7 +26,7 @@ from celery_pgqueue.errors import (
     PayloadNotSerializable,
     PayloadTooLarge,
 )
-from celery_pgqueue.storable import jsonb_keeps, suspect
+from celery_pgqueue.storable import jsonb_keeps, strict_json, suspect
 
 JSON_TYPES = ("application/json",)
 _PER_DELIVERY = ("delivery_tag", "delivery_info", "body_encoding")
@@ -294,10 +294,6 @@ def _json_body(body: Any, body_encoding: str | None) -> tuple[Any] | None:
             raw = body.encode()
         else:
             return None
-        return (json.loads(raw, parse_constant=_reject_constant),)
+        return (strict_json(raw),)
     except (ValueError, TypeError, binascii.Error, UnicodeDecodeError):
         return None
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")

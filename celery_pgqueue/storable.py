@@ -9,6 +9,7 @@ those parts encoded (base64 of the JSON text) and stay readable everywhere else.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from typing import Any
@@ -19,6 +20,11 @@ _BAD_TEXT = re.compile("[\x00\ud800-\udfff]")
 # are refused before). A mark only means "look closer" (an emoji is a surrogate pair,
 # a string may hold "e+"); four substring scans keep the common message cheap.
 _SUSPECT_MARKS = ("\\u0000", "\\ud", "e+", "-0.0")
+
+
+def strict_json(text: str | bytes) -> Any:
+    """``text`` parsed, refusing NaN and Infinity: not JSON, whatever Python writes."""
+    return json.loads(text, parse_constant=_reject_constant)
 
 
 def jsonb_keeps(value: Any) -> bool:
@@ -81,3 +87,7 @@ def _number_keeps(number: float) -> bool:
     if not math.isfinite(number) or "e+" in repr(number):
         return False
     return not (number == 0 and math.copysign(1.0, number) < 0)
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")

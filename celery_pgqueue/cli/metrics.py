@@ -11,7 +11,7 @@ import threading
 
 import click
 
-from celery_pgqueue.cli import _runtime, database_options
+from celery_pgqueue.cli.runtime import current_runtime, database_options
 
 
 @click.command()
@@ -22,7 +22,7 @@ def metrics(port: int, address: str) -> None:
     """Serve Prometheus metrics (queue depth, ages, running, finished, rescues) at /metrics."""
     from celery_pgqueue import metrics as exporter
 
-    store = _runtime().store()
+    store = current_runtime().store()
     server = exporter.serve(store, port=port, address=address)
     shown = server.server_address
     click.echo(

@@ -14,15 +14,8 @@ from dataclasses import asdict
 
 import click
 
-from celery_pgqueue.cli import (
-    NotFound,
-    _print_json,
-    _runtime,
-    _table,
-    _when,
-    database_options,
-    json_option,
-)
+from celery_pgqueue.cli.output import print_json, table, when
+from celery_pgqueue.cli.runtime import NotFound, current_runtime, database_options, json_option
 from celery_pgqueue.errors import UnknownScheduleEntry
 
 BEAT_HELP = "The schedule (pgqueue_beat_name); default: the app's, or every one."
@@ -31,7 +24,7 @@ BEAT_HELP = "The schedule (pgqueue_beat_name); default: the app's, or every one.
 def _beat_name(given: str | None) -> str | None:
     if given is not None:
         return given
-    app = _runtime().app
+    app = current_runtime().app
     if app is None:
         return None
     name = app.conf.get("pgqueue_beat_name") or app.main or "default"
@@ -51,11 +44,11 @@ def list_entries(as_json: bool, beat: str | None) -> None:
     """Every entry with its state, and which beat process leads."""
     from celery_pgqueue.store import schedule as schedule_sql
 
-    store = _runtime().store()
+    store = current_runtime().store()
     beat_name = _beat_name(beat)
     entries, leases = schedule_sql.list_entries(store, beat_name)
     if as_json:
-        _print_json(
+        print_json(
             {
                 "database": store.url.masked(),
                 "schedules": [asdict(lease) for lease in leases],
@@ -80,7 +73,7 @@ def list_entries(as_json: bool, beat: str | None) -> None:
         else:
             leader = (
                 f"led by {lease.holder} (fence {lease.fence}), lease renewed "
-                f"{_when(lease.renewed_at)}"
+                f"{when(lease.renewed_at)}"
             )
         click.echo(f"schedule {name!r}: {leader}")
     several = len(names) > 1
@@ -100,8 +93,8 @@ def list_entries(as_json: bool, beat: str | None) -> None:
             e.task,
             e.schedule,
             "yes" if e.enabled else "no",
-            _when(e.last_run_at),
-            _when(e.next_run_at) if e.enabled else "-",
+            when(e.last_run_at),
+            when(e.next_run_at) if e.enabled else "-",
             str(e.total_run_count),
             str(e.last_job_id) if e.last_job_id else "-",
         )
@@ -110,7 +103,7 @@ def list_entries(as_json: bool, beat: str | None) -> None:
     if several:
         headers = ("BEAT", *headers)
         rows = [(e.beat_name, *row) for e, row in zip(entries, rows, strict=True)]
-    click.echo(_table(headers, rows, left=set(range(len(headers))) - {len(headers) - 2}))
+    click.echo(table(headers, rows, left=set(range(len(headers))) - {len(headers) - 2}))
 
 
 @schedule.command()
@@ -134,7 +127,7 @@ def disable(name: str, beat: str | None) -> None:
 def _set(name: str, beat: str | None, *, enabled: bool) -> None:
     from celery_pgqueue.store import schedule as schedule_sql
 
-    store = _runtime().store()
+    store = current_runtime().store()
     try:
         beat_name = schedule_sql.enable(store, name, enabled, _beat_name(beat))
     except UnknownScheduleEntry as exc:

@@ -1,36 +1,4 @@
-"""``celery beat`` with its state in PostgreSQL, safe to run in several processes.
-
-``celery -A proj beat -S celery_pgqueue.beat:Scheduler`` (or ``-S pgqueue``) keeps the
-schedule in ``job_schedules``: each entry of ``beat_schedule`` is synced into it when
-beat starts, and ``last_run_at`` is written with every tick, so a restarted beat
-neither repeats a tick nor forgets one that fell due while it was down (it sends that
-one once, as Celery's own persistent scheduler does).
-
-Any number of beat processes may run at once. One of them holds the schedule's row in
-``job_beat_leases`` and sends; the others check every tenth of the lease whether it
-lapsed, and the first to see that takes over. Every send is one transaction that
-renews the lease only if its fence is unchanged and advances the entry only from the
-``last_run_at`` the leader read; with the pgqueue broker on the same database the
-task's ``jobs`` row is inserted in that transaction too (``enqueue_in``), so a tick is
-sent exactly once even when a paused or partitioned old leader wakes up. With another
-broker the tick is recorded first and published after the commit: at most once (a
-crash between the two loses that tick, as with Celery's own scheduler).
-
-Time is the database's: the leader measures the offset of PostgreSQL's clock from its
-own at each lease renewal and judges due-ness by it, so beats on machines whose clocks
-disagree still send on one timeline, and ``last_run_at`` compares with ``now()``.
-
-Settings (Celery configuration keys, beside ``beat_schedule``):
-
-``pgqueue_beat_name``
-    The schedule's name in ``job_schedules`` (default: the app's main name, else
-    ``default``): apps sharing one database keep separate schedules and leaders.
-``pgqueue_beat_lease_seconds``
-    How soon another beat sends after the leader dies (default 10 s). The lease row
-    expires 0.7 of this after each renewal, followers look every 0.1 of it, the
-    leader renews every 0.2 of it (which also bounds how late an enable/disable is
-    seen).
-"""
+"""The beat Scheduler: entries synced, one leader by lease, each tick sent once."""
 
 from __future__ import annotations
 
@@ -47,8 +15,9 @@ from typing import Any
 from celery import beat as celery_beat
 
 from celery_pgqueue import transaction
-from celery_pgqueue.errors import ConfigurationError, DatabaseUnavailable
-from celery_pgqueue.options import DatabaseURL, PgQueueOptions, app_database, mask_password
+from celery_pgqueue.beat.settings import BeatSettings
+from celery_pgqueue.errors import DatabaseUnavailable
+from celery_pgqueue.options import mask_password
 from celery_pgqueue.store import Store
 from celery_pgqueue.store.schedule import (
     MAX_TEXT,
@@ -61,62 +30,8 @@ from celery_pgqueue.store.schedule import (
 
 logger = logging.getLogger("celery_pgqueue.beat")
 
-NAME_SETTING = "pgqueue_beat_name"
-LEASE_SETTING = "pgqueue_beat_lease_seconds"
-DEFAULT_LEASE_SECONDS = 10.0
-
-# Fractions of the lease: the row lapses after TTL, followers look every POLL, the
-# leader renews every RENEW. TTL + POLL = 0.8 leaves a fifth of the lease for the new
-# leader to read the table and send, so the next tick comes within the lease.
-TTL = 0.7
-POLL = 0.1
-RENEW = 0.2
-
 # Offsets measured over the fastest of the last few round trips are the most exact.
 OFFSET_SAMPLES = 16
-
-
-class BeatSettings:
-    """Where the schedule lives and how long a lease lasts, from the Celery app."""
-
-    def __init__(self, app: Any) -> None:
-        found = app_database(app)
-        if found is None:
-            raise ConfigurationError(
-                "celery_pgqueue.beat.Scheduler keeps the schedule in PostgreSQL, but "
-                "neither broker_url nor result_backend is a pgqueue:// URL; set one of them"
-            )
-        self.url = DatabaseURL.parse(found[0])
-        self.options = PgQueueOptions.parse(found[1])
-        name = app.conf.get(NAME_SETTING) or app.main or "default"
-        if not isinstance(name, str) or len(name) > 100:
-            raise ConfigurationError(
-                f"{NAME_SETTING} must be a string of at most 100 characters, got {name!r}"
-            )
-        self.beat_name = name
-        lease = app.conf.get(LEASE_SETTING)
-        try:
-            self.lease_seconds = float(DEFAULT_LEASE_SECONDS if lease is None else lease)
-        except (TypeError, ValueError):
-            raise ConfigurationError(
-                f"{LEASE_SETTING} expects seconds as a number, got {lease!r}"
-            ) from None
-        if not self.lease_seconds >= 0.5:
-            raise ConfigurationError(
-                f"{LEASE_SETTING} must be at least 0.5 seconds, got {self.lease_seconds}"
-            )
-
-    @property
-    def ttl(self) -> float:
-        return self.lease_seconds * TTL
-
-    @property
-    def poll(self) -> float:
-        return self.lease_seconds * POLL
-
-    @property
-    def renew_every(self) -> float:
-        return self.lease_seconds * RENEW
 
 
 class Scheduler(celery_beat.Scheduler):  # type: ignore[misc]
