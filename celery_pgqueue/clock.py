@@ -16,6 +16,8 @@ from typing import Any
 
 from celery import signals
 
+from celery_pgqueue import delivery
+
 
 def parse_time(value: Any) -> datetime | None:
     """An ISO timestamp (or datetime) from a message header, timezone-aware (UTC if naive)."""
@@ -57,7 +59,7 @@ def _run_when_delivered(sender: Any = None, request: Any = None, **kwargs: Any) 
     message = getattr(request, "message", None)
     properties = getattr(message, "properties", None) or {}
     eta = getattr(request, "_eta", None)
-    if "pgqueue_job" not in properties or not isinstance(eta, datetime):
+    if delivery.JOB not in properties or not isinstance(eta, datetime):
         return
     now = datetime.now(eta.tzinfo)
     if eta > now:

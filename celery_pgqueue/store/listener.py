@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import psycopg
 from psycopg import sql
 
-from celery_pgqueue.errors import DatabaseUnavailable
+from celery_pgqueue.errors import DatabaseUnavailable, first_line
 from celery_pgqueue.options import DatabaseURL
 from celery_pgqueue.store.refusal import connection_failure
 
@@ -83,11 +83,11 @@ class Listener:
                 if not isinstance(failure, DatabaseUnavailable):
                     raise failure from exc
             raise DatabaseUnavailable(
-                f"cannot LISTEN on {self.url.masked()}: {str(exc).strip().splitlines()[0]}"
+                f"cannot LISTEN on {self.url.masked()}: {first_line(exc)}"
             ) from exc
         except psycopg.Error as exc:
             raise DatabaseUnavailable(
-                f"cannot LISTEN on {self.url.masked()}: {str(exc).strip().splitlines()[0]}"
+                f"cannot LISTEN on {self.url.masked()}: {first_line(exc)}"
             ) from exc
         self._conn = conn
 

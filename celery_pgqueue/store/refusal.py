@@ -35,6 +35,7 @@ from celery_pgqueue.errors import (
     DatabaseNotFound,
     DatabaseUnavailable,
     PgQueueError,
+    first_line,
 )
 from celery_pgqueue.options import DatabaseURL
 
@@ -144,7 +145,7 @@ def connection_failure(
     Decided by the SQLSTATE the server sent, which libpq hides while connecting
     (see :mod:`celery_pgqueue.store.refusal`), never by the message's words.
     """
-    reason = _first_line(exc)
+    reason = first_line(exc)
     if getattr(exc, "sqlstate", None) is not None:
         # The server answered a statement (libpq never has a code while connecting):
         # a session ended by an administrator, a shutdown, a full server.
@@ -199,8 +200,3 @@ def connection_failure(
 
 def _requires_ssl(url: DatabaseURL) -> bool:
     return dict(url.query).get("sslmode") in REQUIRES_SSL
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

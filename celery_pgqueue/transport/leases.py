@@ -50,6 +50,7 @@ from collections.abc import Iterable
 from time import monotonic
 from typing import TYPE_CHECKING, Any, Protocol
 
+from celery_pgqueue import delivery
 from celery_pgqueue.errors import DatabaseUnavailable
 from celery_pgqueue.ids import job_id_for
 
@@ -136,7 +137,7 @@ def _request_job(request: Any) -> uuid.UUID:
     """The row a request was delivered from: a task sent to several queues has one each."""
     message = getattr(request, "message", None)
     properties = getattr(message, "properties", None) or {}
-    job = properties.get("pgqueue_job") if isinstance(properties, dict) else None
+    job = properties.get(delivery.JOB) if isinstance(properties, dict) else None
     return uuid.UUID(job) if job else job_id_for(request.id)
 
 

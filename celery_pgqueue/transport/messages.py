@@ -12,7 +12,7 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from celery_pgqueue import clock
+from celery_pgqueue import clock, delivery
 from celery_pgqueue.errors import ConfigurationError, InvalidPayload
 from celery_pgqueue.ids import job_id_for
 from celery_pgqueue.options import PgQueueOptions
@@ -42,7 +42,7 @@ def is_task_delivery(message: Any) -> bool:
 def held_of(message: Any) -> tuple[uuid.UUID, int]:
     """``(job id, attempt)`` of a delivered message: the fence for every later write."""
     props = _properties(message)
-    return uuid.UUID(props["pgqueue_job"]), int(props["pgqueue_attempt"])
+    return uuid.UUID(props[delivery.JOB]), int(props[delivery.ATTEMPT])
 
 
 def is_task(headers: Any) -> bool:
@@ -144,7 +144,7 @@ def to_message(job: ClaimedJob) -> dict[str, Any]:
         # Shown as Redis and RabbitMQ show it (Kombu stamps 0 when none is given),
         # though the row got its queue's default_priority. The mark lets a retry,
         # which re-sends this 0, keep the queue's default (finalize.py).
-        properties.update(priority=0, pgqueue_default_priority=True)
+        properties.update({"priority": 0, delivery.DEFAULT_PRIORITY: True})
     properties.update(
         delivery_tag=_tag(job.id, job.attempt),
         delivery_info={
@@ -153,8 +153,7 @@ def to_message(job: ClaimedJob) -> dict[str, Any]:
             "priority": properties.get("priority"),
             "redelivered": job.attempt > int(retries) + 1,
         },
-        pgqueue_job=str(job.id),
-        pgqueue_attempt=job.attempt,
         pgqueue_task=task is not None,
     )
+    properties.update({delivery.JOB: str(job.id), delivery.ATTEMPT: job.attempt})
     return message
