@@ -22,7 +22,6 @@ import collections
 import contextlib
 import json
 import os
-import secrets
 import shutil
 import signal
 import subprocess
@@ -30,14 +29,10 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
-from pgbouncer_latency import pgbouncer, via
-from psycopg import sql
-
-from celery_pgqueue import migrate
+from pgbouncer_latency import pgbouncer, scratch, via
 
 APP = """\
 import json, os, time
@@ -92,22 +87,6 @@ for t in workers: t.start()
 print("waiting", flush=True)
 for t in workers: t.join()
 """
-
-
-@contextlib.contextmanager
-def scratch(admin_url: str) -> Iterator[str]:
-    name = f"cpq_conn_{secrets.token_hex(4)}"
-    with psycopg.connect(admin_url, autocommit=True) as admin:
-        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    db_url = admin_url.rsplit("/", 1)[0] + "/" + name
-    try:
-        migrate.upgrade(db_url)
-        yield db_url
-    finally:
-        with psycopg.connect(admin_url, autocommit=True) as admin:
-            admin.execute(
-                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
-            )
 
 
 class Sampler:
@@ -202,7 +181,7 @@ def show(label: str, sampler: Sampler) -> None:
 def worker_scenario(
     admin_url: str, folder: Path, pool: str, concurrency: int, tasks: int, bouncer: int | None
 ) -> None:
-    with scratch(admin_url) as db_url:
+    with scratch(admin_url, "cpq_conn") as db_url:
         env = {**os.environ, "CPQ_URL": pgqueue(db_url), "PYTHONPATH": str(folder)}
         if bouncer is not None:
             env["CPQ_URL"] = pgqueue(via(db_url, bouncer))
@@ -243,7 +222,7 @@ def worker_scenario(
 
 
 def client_scenario(admin_url: str, folder: Path, kind: str, threads: int, tasks: int) -> None:
-    with scratch(admin_url) as db_url:
+    with scratch(admin_url, "cpq_conn") as db_url:
         env = {**os.environ, "CPQ_URL": pgqueue(db_url), "PYTHONPATH": str(folder)}
         with Sampler(db_url) as sampler:
             if kind == "producer":

@@ -163,8 +163,9 @@ def via(db_url: str, port: int | None) -> str:
 
 
 @contextlib.contextmanager
-def scratch(admin_url: str) -> Iterator[str]:
-    name = f"cpq_bouncer_{secrets.token_hex(4)}"
+def scratch(admin_url: str, prefix: str = "cpq_bouncer") -> Iterator[str]:
+    """A migrated database of its own on ``admin_url``'s server, dropped afterwards."""
+    name = f"{prefix}_{secrets.token_hex(4)}"
     with psycopg.connect(admin_url, autocommit=True) as admin:
         admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
     db_url = admin_url.rsplit("/", 1)[0] + "/" + name
