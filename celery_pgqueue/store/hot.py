@@ -59,15 +59,14 @@ class Call:
 
 def _again(run: Callable[[], T]) -> T:
     """``run()``, again after a short random pause while the server rolls it back."""
-    for attempt in range(ROLLBACK_RETRIES):
+    for attempt in range(ROLLBACK_RETRIES - 1):
         try:
             return run()
         except sa.exc.DBAPIError as exc:
-            sqlstate = getattr(exc.orig, "sqlstate", None) or ""
-            if attempt + 1 == ROLLBACK_RETRIES or not sqlstate.startswith("40"):
+            if not (getattr(exc.orig, "sqlstate", None) or "").startswith("40"):
                 raise
         time.sleep(random.uniform(0.0, 0.005 * 2**attempt))
-    raise AssertionError("unreachable")  # pragma: no cover
+    return run()
 
 
 def _fetch(cursor: psycopg.Cursor[Any]) -> list[Row]:
