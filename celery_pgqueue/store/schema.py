@@ -8,7 +8,7 @@ VERSION_TABLE = "celery_pgqueue_version"
 
 # The newest migration this code needs. A test keeps it equal to Alembic's head, so
 # workers can check the schema without importing Alembic at startup.
-REQUIRED_REVISION = "0006"
+REQUIRED_REVISION = "0007"
 
 
 def current_revision(conn: sa.Connection, *, schema: str) -> str | None:

@@ -28,6 +28,13 @@ job_queues = sa.Table(
     # + seconds a message may wait in this queue (Kombu's x-message-ttl), applied at
     # insert whoever publishes; None: messages wait until consumed.
     sa.Column("message_ttl", sa.Float),
+    # + at most this many of the queue's jobs run at once across all workers (migration
+    # 0007, ``celery pgqueue set-limit``); None: no limit.
+    sa.Column("concurrency_limit", sa.Integer),
+    sa.CheckConstraint(
+        "concurrency_limit IS NULL OR concurrency_limit >= 0",
+        name="ck_job_queues_concurrency_limit",
+    ),
 )
 
 jobs = sa.Table(
@@ -64,6 +71,9 @@ jobs = sa.Table(
     # events that nobody consumed in time are never delivered and are pruned; tasks are
     # never delivered either and end cancelled (Celery's REVOKED, "expired").
     sa.Column("expires_at", TZ),
+    # + unique tasks (migration 0007): at most one live (queued or running) job per key;
+    # the key names the task too, so two tasks may use the same application key.
+    sa.Column("unique_key", sa.String(255)),
     sa.CheckConstraint(
         "status IN ('queued', 'running', 'completed', 'failed', 'cancelled')",
         name="ck_jobs_status",
@@ -79,6 +89,13 @@ sa.Index(
     jobs.c.run_at,
     jobs.c.created_at,
     postgresql_where=sa.text("status = 'queued'"),
+)
+# Unique tasks: the database refuses a second live job with the same key.
+sa.Index(
+    "ux_jobs_unique_key_live",
+    jobs.c.unique_key,
+    unique=True,
+    postgresql_where=sa.text("unique_key IS NOT NULL AND status IN ('queued', 'running')"),
 )
 # Orphan rescue: running jobs whose lease ran out.
 sa.Index(
