@@ -170,13 +170,22 @@ class Database:
     def wait_for_counts(
         self, expected: dict[str, int], timeout: float, workers: Sequence[Worker] = ()
     ) -> None:
-        """Wait until task rows by status are exactly ``expected``; say what is stuck."""
+        """Wait until task rows by status are exactly ``expected``; say what is stuck.
+
+        Once every worker in ``workers`` has exited nothing more can finish, so the wait
+        fails then instead of running out its timeout.
+        """
         last: list[Counter[str]] = []
 
         def reached() -> bool:
             last.append(self.task_counts())
             del last[:-1]
-            return last[-1] == Counter(expected)
+            if last[-1] == Counter(expected):
+                return True
+            if workers and all(w.process.poll() is not None for w in workers):
+                codes = ", ".join(f"{w.name}: {w.process.returncode}" for w in workers)
+                raise AssertionError(f"every worker exited ({codes}) before task rows {expected}")
+            return False
 
         try:
             wait_until(reached, timeout=timeout, interval=0.25, message=f"task rows {expected}")
