@@ -170,11 +170,14 @@ def _unique(send_task: Any) -> Any:
     def send_task_unique(
         self: Any, name: str, args: Any = None, kwargs: Any = None, *rest: Any, **options: Any
     ) -> Any:
-        task = options.get("task_type") or getattr(self, "_tasks", {}).get(name)
-        default = _task_default(task)
+        task = options.get("task_type") or self._tasks.get(name)
         given = options.get(PROPERTY)
-        if (given is None and default is None) or rest or not _uses_pgqueue(self):
+        # The common publish, with no key anywhere, pays two lookups here.
+        if given is None and getattr(task, PROPERTY, None) is None:
             return send_task(self, name, args, kwargs, *rest, **options)
+        if rest or not _uses_pgqueue(self):
+            return send_task(self, name, args, kwargs, *rest, **options)
+        default = _task_default(task)
         key = key_for(given, default, args, kwargs)
         options[PROPERTY] = key
         if key is None:
