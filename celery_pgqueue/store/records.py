@@ -86,6 +86,8 @@ class JobRecord:
     lease_expires_at: datetime | None
     acked_at: datetime | None
     expires_at: datetime | None = None
+    unique_key: str | None = None
+    """The key a unique publish gave it, as stored (see :mod:`celery_pgqueue.unique`)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -151,3 +151,18 @@ def test_a_duplicate_learns_the_holders_task_id_from_its_message(store: Store) -
 
     assert (live.id, live.task_id) == (holder.id, "order-42")
     assert store.enqueue_unique(new_job(id=holder.id, unique_key="k")).task_id is None
+
+
+def test_an_operator_retry_of_a_failed_unique_job_never_collides_with_a_newer_holder(
+    store: Store, db: Db
+) -> None:
+    failed = new_job(unique_key="k")
+    store.enqueue_unique(failed)
+    db.execute("UPDATE jobs SET status = 'failed' WHERE id = :id", id=failed.id)
+    newer = new_job(unique_key="k")
+    store.enqueue_unique(newer)
+
+    assert store.retry([failed.id]) == 1
+
+    assert (db.status(failed.id), db.job(failed.id)["unique_key"]) == ("queued", None)
+    assert store.enqueue_unique(new_job(unique_key="k")).id == newer.id
