@@ -16,6 +16,7 @@ import pytest
 import sqlalchemy as sa
 from celery import group
 from helpers import wait_until
+from kombu import Connection
 
 from celery_pgqueue.errors import ConfigurationError
 from celery_pgqueue.ids import job_id_for
@@ -152,6 +153,17 @@ def test_a_key_that_is_not_text_is_refused(make_app):
         charge.apply_async((42,), unique_key=["order", 42])
     with pytest.raises(ConfigurationError, match="unique_key"):
         charge.apply_async((42,), unique_key="")
+
+
+def test_a_plain_kombu_message_with_a_key_is_refused_and_nothing_is_written(
+    broker_url, database_url
+):
+    with Connection(broker_url) as conn:
+        producer = conn.Producer()
+        with pytest.raises(ConfigurationError, match="only a Celery task message"):
+            producer.publish({"n": 1}, routing_key="plain", unique_key="k", declare=[])
+
+    assert rows(database_url, "SELECT count(*) FROM jobs") == [(0,)]
 
 
 def test_a_long_key_is_stored_as_a_digest_and_still_unique(make_app, database_url):
