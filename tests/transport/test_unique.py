@@ -14,7 +14,7 @@ from typing import Any
 import psycopg
 import pytest
 import sqlalchemy as sa
-from celery import group
+from celery import chord, group
 from helpers import wait_until
 from kombu import Connection
 
@@ -194,6 +194,19 @@ def test_a_group_publishes_one_job_per_live_key(make_app, database_url):
     assert rows(database_url, "SELECT count(*) FROM jobs") == [(2,)]
 
 
+def test_a_chord_header_task_cannot_be_unique(make_app, broker_url, database_url):
+    app = make_app(result_backend=broker_url)
+
+    @app.task(name="shop.charge", shared=False, unique_key=True)
+    def charge(order_id: int) -> None: ...
+
+    @app.task(name="shop.report", shared=False)
+    def report(results: list[Any]) -> None: ...
+
+    with pytest.raises(ConfigurationError, match="chord"):
+        chord([charge.s(1), charge.s(2)], report.s()).apply_async()
+
+
 def test_a_unique_publish_inside_a_rolled_back_transaction_leaves_the_key_free(
     make_app, database_url
 ):
@@ -218,17 +231,20 @@ def test_a_unique_publish_inside_a_rolled_back_transaction_leaves_the_key_free(
 
 
 @pytest.mark.worker
-def test_a_retry_of_a_unique_task_is_not_refused_by_its_own_key(make_app, database_url):
+@pytest.mark.parametrize("where", ["task default", "call"])
+def test_a_retry_of_a_unique_task_is_not_refused_by_its_own_key(make_app, database_url, where):
     app = make_app()
     ran = Recorder()
+    default = {"unique_key": True} if where == "task default" else {}
 
-    @app.task(name="shop.charge", shared=False, bind=True, unique_key=True)
+    @app.task(name="shop.charge", shared=False, bind=True, **default)
     def charge(self: Any, order_id: int) -> None:
         ran.add(self.request.retries)
         if self.request.retries == 0:
             raise self.retry(countdown=0.1, max_retries=3)
 
-    first = charge.delay(42)
+    first = charge.apply_async((42,), **({} if default else {"unique_key": "order-42"}))
+    assert live_jobs(database_url)[0][1] is not None
     with running_worker(app):
         wait_until(lambda: ran.snapshot() == [0, 1], timeout=20)
         wait_until(lambda: live_jobs(database_url) == [], timeout=20)
@@ -238,7 +254,6 @@ def test_a_retry_of_a_unique_task_is_not_refused_by_its_own_key(make_app, databa
     ]
 
 
-@pytest.mark.slow
 def test_eight_producer_processes_racing_on_one_key_create_exactly_one_job(
     broker_url, database_url
 ):
@@ -269,3 +284,19 @@ def test_eight_producer_processes_racing_on_one_key_create_exactly_one_job(
     assert rows(database_url, "SELECT count(*) FROM jobs") == [(1,)]
     [(job_id,)] = rows(database_url, "SELECT id FROM jobs")
     assert {job_id_for(task_id) for task_id in returned} == {job_id}
+
+
+@pytest.mark.worker
+def test_the_duplicates_result_gets_the_value_the_holder_returns(make_app, broker_url):
+    app = make_app(result_backend=broker_url)
+
+    @app.task(name="shop.total", shared=False)
+    def total(order_id: int) -> int:
+        return order_id * 10
+
+    first = total.apply_async((4,), unique_key="order-4")
+    duplicate = total.apply_async((5,), unique_key="order-4")
+
+    with running_worker(app):
+        assert duplicate.get(timeout=20) == 40
+    assert first.get(timeout=5) == 40
