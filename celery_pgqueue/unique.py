@@ -179,9 +179,8 @@ def _unique(send_task: Any) -> Any:
             return send_task(self, name, args, kwargs, *rest, **options)
         default = _task_default(task)
         key = key_for(given, default, args, kwargs)
-        options[PROPERTY] = key
+        options.pop(PROPERTY, None)
         if key is None:
-            del options[PROPERTY]
             return send_task(self, name, args, kwargs, **options)
         if options.get("chord"):
             raise ConfigurationError(
@@ -189,7 +188,7 @@ def _unique(send_task: Any) -> Any:
                 "wait on a job outside it); drop unique_key for this call (unique_key=False)"
             )
         with holder_slot() as slot:
-            sent = send_task(self, name, args, kwargs, **options)
+            sent = send_task(self, name, args, kwargs, **options, **{PROPERTY: key})
         if slot.task_id is None or slot.task_id == sent.id:
             return sent
         replaced = _replaced.get()
