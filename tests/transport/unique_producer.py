@@ -1,8 +1,9 @@
 """One producer process for the unique-task race: connect, wait for "go", publish once.
 
 Run by ``test_unique.py`` eight times at once. Prints ``ready`` when its connection is
-open, waits for a line on stdin, then publishes ``shop.charge(42)`` with
-``unique_key="order-42"`` and prints the task id ``apply_async`` returned.
+open, waits for a line on stdin, then publishes ``shop.charge(n)`` with
+``unique_key=f"order-{n}"`` for n in 0..KEYS-1, in that order, and prints the task id
+each ``apply_async`` returned, one per line.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from celery import Celery
 from celery_pgqueue.store import Store
 
 
-def main(broker_url: str) -> None:
+def main(broker_url: str, keys: int) -> None:
     app = Celery("race", broker_url=broker_url, set_as_current=False)
 
     @app.task(name="shop.charge", shared=False)
@@ -25,9 +26,12 @@ def main(broker_url: str) -> None:
         producer.channel  # noqa: B018  (the transport's channel exists before "go")
         print("ready", flush=True)
         sys.stdin.readline()
-        result = charge.apply_async((42,), unique_key="order-42", producer=producer)
-    print(result.id, flush=True)
+        ids = [
+            charge.apply_async((n,), unique_key=f"order-{n}", producer=producer).id
+            for n in range(keys)
+        ]
+    print("\n".join(ids), flush=True)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], int(sys.argv[2]))
