@@ -22,8 +22,9 @@ from celery_pgqueue.store.routing import Routing
 UNIQUE_ATTEMPTS = 10
 """Times a unique publish is sent while its key's holder stays out of sight.
 
-Each miss means the holder committed, or finished, between two statements: another
-round settles it unless the key changes hands that fast, again and again."""
+A miss means the holder committed after the statement's snapshot was taken: the next
+statement sees it (or, had it finished meanwhile, inserts). Only a key changing hands
+that fast, again and again, exhausts them."""
 
 
 class Broker(Routing):
