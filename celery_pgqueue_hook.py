@@ -6,9 +6,11 @@ the dict ``kombu.transport.TRANSPORT_ALIASES``. The wheel installs
 alias as soon as ``kombu.transport`` is imported (or at once, if it already is),
 without importing Kombu itself: processes that never use Celery pay nothing but
 this small finder. When ``celery.canvas`` is imported it also lets groups published
-through pgqueue go out as one INSERT (:mod:`celery_pgqueue.batching`).
+through pgqueue go out as one INSERT (:mod:`celery_pgqueue.batching`), and when
+``celery.app.base`` is, lets ``apply_async`` take ``unique_key``
+(:mod:`celery_pgqueue.unique`).
 
-This module is the one place both are done. ``import celery_pgqueue`` imports it too
+This module is the one place all three are done. ``import celery_pgqueue`` imports it too
 (and calls :func:`install`), so where the ``.pth`` did not run (``python -S``, an
 install that skipped it) importing the package, or anything in it, does the same.
 """
@@ -27,6 +29,7 @@ ALIAS = "pgqueue"
 TARGET = "celery_pgqueue.transport:Transport"
 WATCHED = "kombu.transport"
 CANVAS = "celery.canvas"
+APP_BASE = "celery.app.base"
 
 
 def _register(module: ModuleType) -> None:
@@ -43,7 +46,15 @@ def _batch_groups(module: ModuleType) -> None:
     install_group_batching(module)
 
 
-_AFTER_IMPORT = {WATCHED: _register, CANVAS: _batch_groups}
+def _unique_publishes(module: ModuleType) -> None:
+    try:
+        from celery_pgqueue.unique import install_unique_publishes
+    except ImportError:  # package half-installed: unique_key is an unknown property
+        return
+    install_unique_publishes(module)
+
+
+_AFTER_IMPORT = {WATCHED: _register, CANVAS: _batch_groups, APP_BASE: _unique_publishes}
 
 
 class _Loader:
@@ -63,7 +74,7 @@ class _Loader:
 
 
 class _Finder:
-    """Waits for ``kombu.transport`` and ``celery.canvas`` to be imported."""
+    """Waits for ``kombu.transport``, ``celery.canvas`` and ``celery.app.base``."""
 
     def find_spec(
         self, fullname: str, path: Any = None, target: ModuleType | None = None

@@ -22,6 +22,7 @@ from celery_pgqueue.errors import (
     PgQueueError,
     SchemaMissing,
     TransactionError,
+    UniqueKeyContention,
     UnknownJob,
     UnknownQueue,
 )
@@ -54,6 +55,7 @@ __all__ = [
     "PgQueueError",
     "SchemaMissing",
     "TransactionError",
+    "UniqueKeyContention",
     "UnknownJob",
     "UnknownQueue",
     "__version__",

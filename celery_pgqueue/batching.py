@@ -19,6 +19,8 @@ import functools
 import importlib
 from typing import Any
 
+from celery_pgqueue import unique
+
 #: Rows per INSERT when a group is published (Kombu's own default batch size).
 GROUP_BATCH_SIZE = 1000
 
@@ -43,8 +45,9 @@ def _batched(apply_async: Any) -> Any:
         with app.producer_or_acquire(options.pop("producer", None)) as producer:
             if not _is_pgqueue(producer):
                 return apply_async(self, args, kwargs, producer=producer, **options)
-            with producer.batch(max_size=GROUP_BATCH_SIZE):
-                return apply_async(self, args, kwargs, producer=producer, **options)
+            with unique.replaced_ids() as replaced, producer.batch(max_size=GROUP_BATCH_SIZE):
+                result = apply_async(self, args, kwargs, producer=producer, **options)
+            return unique.redirect_group(result, replaced) if replaced else result
 
     apply_async_batched.__pgqueue_batched__ = True  # type: ignore[attr-defined]
     return apply_async_batched

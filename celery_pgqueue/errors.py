@@ -96,6 +96,10 @@ class TransactionError(PgQueueError, RuntimeError):
     """Enqueue-in-transaction was used with a closed transaction or another database."""
 
 
+class UniqueKeyContention(PgQueueError, RuntimeError):
+    """A unique publish saw its key change hands on every try (``Broker.enqueue_unique``)."""
+
+
 MIGRATE_HINT = (
     "run `celery-pgqueue migrate --url <database url>` (or `celery -A proj pgqueue migrate`)"
 )

@@ -209,6 +209,8 @@ def show(as_json: bool, job_ref: str, payload: bool) -> None:
         fields.append(("lease", f"{job.lease_owner} until {when(job.lease_expires_at)}"))
     if job.acked_at:
         fields.append(("acked", when(job.acked_at)))
+    if job.unique_key:
+        fields.append(("unique key", job.unique_key))
     fields.append(("last error", job.last_error_message or "-"))
     width = max(len(name) for name, _ in fields) + 1
     for name, value in fields:

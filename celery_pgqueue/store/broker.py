@@ -8,13 +8,23 @@ from uuid import UUID
 
 import sqlalchemy as sa
 
+from celery_pgqueue.errors import UniqueKeyContention
 from celery_pgqueue.states import JobStatus, LogStatus
 from celery_pgqueue.store import jobs as job_sql
 from celery_pgqueue.store import lookups as lookup_sql
 from celery_pgqueue.store import rescue as rescue_sql
 from celery_pgqueue.store import retention as retention_sql
-from celery_pgqueue.store.records import ClaimedJob, NewJob
+from celery_pgqueue.store import uniqueness
+from celery_pgqueue.store.hot import Call, Row
+from celery_pgqueue.store.records import ClaimedJob, LiveJob, NewJob
 from celery_pgqueue.store.routing import Routing
+
+UNIQUE_ATTEMPTS = 10
+"""Times a unique publish is sent while its key's holder stays out of sight.
+
+A miss means the holder committed after the statement's snapshot was taken: the next
+statement sees it (or, had it finished meanwhile, inserts). Only a key changing hands
+that fast, again and again, exhausts them."""
 
 
 class Broker(Routing):
@@ -28,20 +38,43 @@ class Broker(Routing):
         self.ensure_queues(names, conn)
         channel = self.channel if self.options.use_notify else None
         call = job_sql.insert_call(self.queries, new_jobs=new_jobs, channel=channel)
+        row = self._write(call, names, conn)
+        return int(row[0]) if row else 0
+
+    def enqueue_unique(self, job: NewJob, conn: sa.Connection | None = None) -> LiveJob:
+        """Insert ``job`` unless a queued or running job holds ``job.unique_key``.
+
+        Returns the job that holds the key now: ``job`` itself when it was written (a
+        re-published id, Celery's retry, is re-queued as :meth:`enqueue` does), else
+        the holder. The partial unique index decides races, so producers racing on
+        one key write one row.
+        """
+        channel = self.channel if self.options.use_notify else None
+        self.ensure_queues([job.queue_name], conn)
+        call = uniqueness.insert_unique_call(self.queries.schema, job=job, channel=channel)
+        for _ in range(UNIQUE_ATTEMPTS):
+            row = self._write(call, [job.queue_name], conn)
+            if row is not None and row[3] is not None:
+                return LiveJob(id=row[3], task_id=None if row[3] == job.id else row[4])
+        raise UniqueKeyContention(
+            f"unique key {job.unique_key!r}: its holder changed {UNIQUE_ATTEMPTS} times "
+            "while publishing; publish again"
+        )
+
+    def _write(self, call: Call, names: list[str], conn: sa.Connection | None) -> Row | None:
+        """Run an enqueue statement: on ``conn`` if given, else in autocommit."""
         if conn is not None:
             with self.single(conn) as c:
-                row = call.first(c)
-            return int(row[0]) if row else 0
+                return call.first(c)
         try:
-            row = self.first(call)
+            return self.first(call)
         except sa.exc.IntegrityError as exc:
             # A queue we remembered was dropped by another process: create it again.
             if "fk_jobs_queue_name" not in str(exc.orig):
                 raise
             self._known_queues.difference_update(names)
             self.ensure_queues(names)
-            row = self.first(call)
-        return int(row[0]) if row else 0
+            return self.first(call)
 
     def claim(
         self,

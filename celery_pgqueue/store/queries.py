@@ -19,6 +19,23 @@ from psycopg import sql
 from celery_pgqueue.store.listener import SCHEDULED_MARK
 from celery_pgqueue.store.notify import INLINE_RESULT_BYTES
 
+# What the row of a re-published task id becomes (Celery's retry re-sends the id):
+# back in line with the new message ({new}: its values); attempts and logs stay. A
+# live row keeps its unique key (a retry is still that job); a finished one gave its
+# key up and runs again without it, since a newer job may hold the key by now.
+REQUEUE_SET = """status = 'queued',
+        queue_name = {new}.queue_name,
+        payload = {new}.payload,
+        priority = {new}.priority,
+        run_at = {new}.run_at,
+        max_attempts = coalesce({new}.max_attempts, jobs.max_attempts),
+        expires_at = {new}.expires_at,
+        lease_owner = NULL,
+        lease_expires_at = NULL,
+        acked_at = NULL,
+        unique_key = CASE WHEN jobs.status IN ('queued', 'running') THEN jobs.unique_key END,
+        updated_at = now()"""
+
 # Insert (or, for a re-published task id, re-queue) jobs, then wake the workers: once
 # per queue with a job due now, and once per queue with scheduled jobs, saying when
 # the soonest comes due (see listener.wake_note). The NOTIFYs fire at commit. A
@@ -39,17 +56,7 @@ WITH inserted AS (
     FROM {new_jobs}
     LEFT OUTER JOIN {job_queues} AS q ON q.name = v.queue_name
     ON CONFLICT (id) DO UPDATE
-    SET status = 'queued',
-        queue_name = excluded.queue_name,
-        payload = excluded.payload,
-        priority = excluded.priority,
-        run_at = excluded.run_at,
-        max_attempts = coalesce(excluded.max_attempts, jobs.max_attempts),
-        expires_at = excluded.expires_at,
-        lease_owner = NULL,
-        lease_expires_at = NULL,
-        acked_at = NULL,
-        updated_at = now()
+    SET {requeue}
     WHERE jobs.status <> 'cancelled'
     RETURNING jobs.queue_name, jobs.run_at
 )
@@ -305,7 +312,10 @@ def for_schema(schema: str) -> Queries:
     )
 
 
-_ENQUEUE_ARGS = {"mark": sql.Literal(SCHEDULED_MARK)}
+_ENQUEUE_ARGS = {
+    "mark": sql.Literal(SCHEDULED_MARK),
+    "requeue": sql.SQL(REQUEUE_SET.replace("{new}", "excluded")),
+}
 
 
 def _table(schema: str, name: str) -> sql.Composable:

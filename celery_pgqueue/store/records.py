@@ -19,7 +19,11 @@ class NewJob:
 
     ``delay_seconds`` (wins over ``run_at``) and ``ttl_seconds`` count from the
     database's clock at the statement that writes the row: a process whose own clock
-    is off still gets the interval it meant (see the README's clock notes)."""
+    is off still gets the interval it meant (see the README's clock notes).
+
+    ``unique_key`` (as stored: scoped and bounded, see :mod:`celery_pgqueue.unique`):
+    the job is written only if no queued or running job holds that key
+    (:meth:`~celery_pgqueue.store.broker.Broker.enqueue_unique`)."""
 
     id: UUID
     queue_name: str
@@ -29,6 +33,20 @@ class NewJob:
     max_attempts: int | None = None
     ttl_seconds: float | None = None
     delay_seconds: float | None = None
+    unique_key: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class LiveJob:
+    """The job that holds a unique key after a unique publish.
+
+    ``id`` is the published job's own when it was written (or re-queued: the same
+    task id again); else the holder's, with ``task_id`` its Celery task id as its
+    message named it (a custom ``task_id`` maps to a uuid5 ``jobs.id``).
+    """
+
+    id: UUID
+    task_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +86,8 @@ class JobRecord:
     lease_expires_at: datetime | None
     acked_at: datetime | None
     expires_at: datetime | None = None
+    unique_key: str | None = None
+    """The key a unique publish gave it, as stored (see :mod:`celery_pgqueue.unique`)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -169,7 +169,11 @@ def cancel(
 
 
 def retry(conn: sa.Connection, *, job_ids: Sequence[UUID], channel: str | None) -> int:
-    """A failed or cancelled job back to ``queued`` now; its attempt history stays."""
+    """A failed or cancelled job back to ``queued`` now; its attempt history stays.
+
+    It runs without its unique key: the key was freed when the job finished, and a
+    newer job may hold it (as when ENQUEUE re-queues a finished task id).
+    """
     if not job_ids:
         return 0
     moved = (
@@ -187,6 +191,7 @@ def retry(conn: sa.Connection, *, job_ids: Sequence[UUID], channel: str | None) 
             lease_owner=None,
             lease_expires_at=None,
             acked_at=None,
+            unique_key=None,
             updated_at=sa.func.now(),
         )
         .returning(jobs.c.queue_name)

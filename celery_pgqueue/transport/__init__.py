@@ -19,6 +19,9 @@ Features
   worker wakes for the soonest ``run_at`` of its queues (database clock)
 * Expires: a task still queued at its ``expires`` is never delivered and ends
   cancelled (Celery's REVOKED, "expired")
+* Unique tasks: a task message with the property ``unique_key`` (Celery's
+  ``apply_async(unique_key=...)``) is written only if no queued or running job of that
+  task holds the key (a partial unique index decides); see :mod:`celery_pgqueue.unique`
 
 Connection string
 =================

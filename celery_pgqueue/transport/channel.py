@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, Any
 from kombu.transport import virtual
 from kombu.transport.base import to_rabbitmq_queue_arguments
 
-from celery_pgqueue import transaction
-from celery_pgqueue.errors import InvalidPayload
+from celery_pgqueue import transaction, unique
+from celery_pgqueue.errors import ConfigurationError, InvalidPayload
 from celery_pgqueue.states import JobStatus, LogStatus
 from celery_pgqueue.store import ClaimedJob, NewJob, Store
 from celery_pgqueue.transport import routing
@@ -84,10 +84,13 @@ class Channel(virtual.Channel):  # type: ignore[misc]
         """Route and insert in one statement, whatever the number of queues.
 
         Inside a publish batch the rows are only built here (size and priority errors
-        raise at once) and inserted when the batch flushes.
+        raise at once) and inserted when the batch flushes. A unique task is written
+        at once, even in a batch: its caller learns here which job holds its key.
         """
         jobs = self.route(message, exchange, routing_key)
-        if _publish_batch is not None:
+        if jobs and jobs[0].unique_key is not None:
+            self.enqueue_unique(jobs)
+        elif _publish_batch is not None:
             _publish_batch.add(jobs)
         elif jobs:
             self.enqueue(jobs)
@@ -108,6 +111,18 @@ class Channel(virtual.Channel):  # type: ignore[misc]
     def enqueue(self, jobs: list[NewJob]) -> None:
         """Insert rows in one statement, in the caller's transaction inside ``enqueue_in``."""
         self.store.enqueue(jobs, conn=transaction.connection_for(self.store))
+
+    def enqueue_unique(self, jobs: list[NewJob]) -> None:
+        """Write a unique task unless a live job holds its key; report that job if so."""
+        if len(jobs) > 1:
+            raise ConfigurationError(
+                f"unique_key: the task is routed to {len(jobs)} queues; a unique task "
+                "goes to one queue (one job per key)"
+            )
+        conn = transaction.connection_for(self.store)
+        live = self.store.enqueue_unique(jobs[0], conn=conn)
+        if live.task_id is not None:
+            unique.report_holder(live.task_id)
 
     def create_publish_batch(self, max_size: int) -> PublishBatch:
         """Kombu's ``Producer.batch()``: many publishes, one INSERT per ``max_size`` rows."""

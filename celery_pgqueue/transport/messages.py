@@ -12,7 +12,7 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from celery_pgqueue import clock, delivery
+from celery_pgqueue import clock, delivery, unique
 from celery_pgqueue.errors import ConfigurationError, InvalidPayload
 from celery_pgqueue.ids import job_id_for
 from celery_pgqueue.options import PgQueueOptions
@@ -112,6 +112,14 @@ def new_job(
             raise ConfigurationError(
                 f"message priority must be an integer, got {priority!r}"
             ) from None
+    key = properties.get(unique.PROPERTY)
+    if key is not None:
+        if not task or not isinstance(key, str) or not key:
+            raise ConfigurationError(
+                f"unique_key {key!r}: only a Celery task message takes one, as a non-empty "
+                "string (task.apply_async(..., unique_key='order-42'))"
+            )
+        key = unique.stored_key(str(task.get("task")), key)
     return NewJob(
         id=job_id,
         queue_name=queue,
@@ -119,6 +127,7 @@ def new_job(
         priority=priority,
         delay_seconds=delay,
         ttl_seconds=ttl,
+        unique_key=key,
     )
 
 
