@@ -108,12 +108,14 @@ WHERE status = 'running'
       SELECT * FROM unnest(%(held_ids)s::uuid[], %(held_attempts)s::integer[]))
 """
 
-# Take up to {limit} due jobs of an active queue, lowest priority number first, and
-# open each one's attempt in job_logs: one round trip. The locking SELECT is a CTE so
-# LIMIT and SKIP LOCKED apply before the update: concurrent claimers pass over each
-# other's rows instead of waiting, and each row is claimed by exactly one of them.
-# {acked}: pending early acks riding along (MARK_ACKED as a CTE); they touch running
-# rows, the claim queued ones, so the two updates never meet the same row.
+# Take up to {limit} due jobs of an active queue without a concurrency limit, lowest
+# priority number first, and open each one's attempt in job_logs: one round trip. The
+# locking SELECT is a CTE so LIMIT and SKIP LOCKED apply before the update: concurrent
+# claimers pass over each other's rows instead of waiting, and each row is claimed by
+# exactly one of them. {acked}: pending early acks riding along (MARK_ACKED as a CTE);
+# they touch running rows, the claim queued ones, so the two updates never meet the
+# same row. A limited queue claims nothing here: the last column (CLAIM_TAIL) tells the
+# worker its limit, and it claims through CLAIM_LIMITED from then on.
 CLAIM = """
 WITH {acked}ready AS (
     SELECT id FROM {jobs}
@@ -122,11 +124,16 @@ WITH {acked}ready AS (
       AND run_at <= now()
       AND (expires_at IS NULL OR expires_at > now())
       AND EXISTS (SELECT FROM {job_queues}
-                  WHERE name = %(queue_name)s::varchar AND is_active)
+                  WHERE name = %(queue_name)s::varchar AND is_active
+                    AND concurrency_limit IS NULL)
     ORDER BY priority, run_at, created_at
     LIMIT {limit}
     FOR UPDATE SKIP LOCKED
-), claimed AS (
+), {claimed}
+"""
+
+# Taking the jobs in `ready`, shared by both claims.
+CLAIMED = """claimed AS (
     UPDATE {jobs}
     SET status = 'running',
         attempt_count = jobs.attempt_count + 1,
@@ -135,19 +142,68 @@ WITH {acked}ready AS (
         lease_owner = %(owner)s::varchar,
         lease_expires_at = now() + %(lease)s::float8 * interval '1 second',
         acked_at = NULL
-    FROM ready
-    WHERE jobs.id = ready.id
+    FROM {chosen}
+    WHERE jobs.id = {chosen}.id
     RETURNING jobs.id, jobs.queue_name, jobs.payload, jobs.priority, jobs.attempt_count,
               jobs.max_attempts, jobs.run_at, jobs.created_at, jobs.expires_at
 ), opened AS (
     INSERT INTO {job_logs} (job_id, attempt_number, status, started_at)
     SELECT id, attempt_count, 'attempting', now() FROM claimed
 )
-SELECT id, queue_name, payload, priority, attempt_count, max_attempts,
+-- One row per claimed job, or one of NULLs when none was: each carries the queue's
+-- concurrency limit, so an empty claim still says whether the queue is limited.
+SELECT claimed.id, claimed.queue_name, claimed.payload, claimed.priority,
+       claimed.attempt_count, claimed.max_attempts,
        -- the worker's own expiry check must agree with the database's clock
-       extract(epoch FROM expires_at - now())::float8
-FROM claimed
-ORDER BY priority, run_at, created_at
+       extract(epoch FROM claimed.expires_at - now())::float8,
+       q.concurrency_limit
+FROM {job_queues} AS q
+LEFT OUTER JOIN claimed ON true
+WHERE q.name = %(queue_name)s::varchar
+ORDER BY claimed.priority, claimed.run_at, claimed.created_at"""
+
+# A queue with a concurrency limit: at most that many of its jobs are running at once,
+# claimed-but-not-started (prefetched) ones included. Sent with CLAIM_LIMITED in one
+# pipeline, so one round trip and one implicit transaction: this row lock serialises
+# the queue's claimers until the commit. FOR NO KEY UPDATE, not FOR UPDATE: publishes
+# (their foreign-key check takes FOR KEY SHARE on the row) never wait for it.
+LOCK_QUEUE = """
+SELECT FROM {job_queues} WHERE name = %(queue_name)s::varchar FOR NO KEY UPDATE
+"""
+
+# The claim of a limited queue, after LOCK_QUEUE. Why not one statement: under READ
+# COMMITTED a statement sees the rows committed when it began, so a count of running
+# jobs inside the claim that locks would miss the claim another worker commits
+# meanwhile, and both would fill the same free slot. This statement begins after the
+# lock is ours, when every earlier claim of the queue has committed: its count is
+# exact, and no other claim of the queue commits before ours. `slots`: the free slots
+# (the whole batch when the limit was removed meanwhile); `ready` locks a batch in
+# claim order with {limit} written in (a generic plan keeps ix_jobs_ready), `chosen`
+# keeps the first `free` of them.
+CLAIM_LIMITED = """
+WITH {acked}slots AS (
+    SELECT CASE WHEN q.concurrency_limit IS NULL THEN {limit}
+                ELSE greatest(0, q.concurrency_limit - (
+                    SELECT count(*) FROM {jobs}
+                    WHERE queue_name = %(queue_name)s::varchar AND status = 'running'))
+           END AS free
+    FROM {job_queues} AS q
+    WHERE q.name = %(queue_name)s::varchar AND q.is_active
+), ready AS (
+    SELECT id, priority, run_at, created_at FROM {jobs}
+    WHERE queue_name = %(queue_name)s::varchar
+      AND status = 'queued'
+      AND run_at <= now()
+      AND (expires_at IS NULL OR expires_at > now())
+      AND EXISTS (SELECT FROM slots WHERE free > 0)
+    ORDER BY priority, run_at, created_at
+    LIMIT {limit}
+    FOR UPDATE SKIP LOCKED
+), chosen AS (
+    SELECT id FROM ready
+    ORDER BY priority, run_at, created_at
+    LIMIT (SELECT free FROM slots)
+), {claimed}
 """
 
 # Put held deliveries back in line (reject with requeue, warm shutdown, restore). Only
@@ -193,7 +249,8 @@ FROM moved
 # retry re-published and claimed before this write): it records what this attempt
 # did. %(result_channel)s: the result backend's waiters, woken at commit and only if
 # the row changed; a success small enough rides in the notification (notify.result_note).
-# One row: (rows changed, NOTIFYs).
+# %(channel)s: the workers' channel, told when a limited queue has a free slot.
+# One row: (rows changed, NOTIFYs, NOTIFYs).
 FINISH = """
 WITH closed AS (
     UPDATE {job_logs}
@@ -236,6 +293,7 @@ WITH closed AS (
       AND (%(attempt)s::integer IS NULL OR %(status)s::varchar <> 'queued'
            OR jobs.status = 'queued')
     RETURNING jobs.id,
+              jobs.queue_name,
               CASE WHEN %(inline)s::boolean THEN jobs.result::text END AS result_text,
               jobs.completed_at
 )
@@ -246,7 +304,15 @@ SELECT count(*),
                 THEN id::text || ' ' || extract(epoch FROM completed_at)::text
                      || ' ' || result_text
                 ELSE id::text END
-       )) FILTER (WHERE %(result_channel)s::text IS NOT NULL)
+       )) FILTER (WHERE %(result_channel)s::text IS NOT NULL),
+       -- a job of a limited queue that stops running frees a slot: wake the workers
+       -- that found the queue full (they wait for a NOTIFY naming it)
+       (SELECT count(pg_notify(%(channel)s::text, q.name))
+        FROM updated AS u
+        JOIN {job_queues} AS q ON q.name = u.queue_name
+        WHERE q.concurrency_limit IS NOT NULL
+          AND %(status)s::varchar <> 'running'
+          AND %(channel)s::text IS NOT NULL)
 FROM updated
 """
 
@@ -280,19 +346,24 @@ class Queries:
     finish: str
     heartbeat: str
     delete_held: str
-    _claims: dict[tuple[int, bool], str] = field(default_factory=dict, compare=False)
+    lock_queue: str
+    _claims: dict[tuple[int, bool, bool], str] = field(default_factory=dict, compare=False)
 
-    def claim(self, limit: int, *, with_acks: bool) -> str:
-        """CLAIM with ``limit`` written in (one text, so one prepared plan, per limit)."""
-        key = (limit, with_acks)
+    def claim(self, limit: int, *, with_acks: bool, limited: bool = False) -> str:
+        """CLAIM (or CLAIM_LIMITED) with ``limit`` written in: one text, so one prepared
+        plan, per limit."""
+        key = (limit, with_acks, limited)
         text = self._claims.get(key)
         if text is None:
             acked = sql.SQL("acked AS ({}), ").format(sql.SQL(self.mark_acked))
+            # Both templates are constants: joined as text, then rendered as one.
+            template = (CLAIM_LIMITED if limited else CLAIM).replace("{claimed}", CLAIMED)
             text = self._claims[key] = _render(
-                CLAIM,
+                template,
                 self.schema,
                 limit=sql.Literal(int(limit)),
                 acked=acked if with_acks else sql.SQL(""),
+                chosen=sql.SQL("chosen" if limited else "ready"),
             )
         return text
 
@@ -309,6 +380,7 @@ def for_schema(schema: str) -> Queries:
         finish=_render(FINISH, schema, inline_bytes=sql.Literal(INLINE_RESULT_BYTES)),
         heartbeat=_render(HEARTBEAT, schema),
         delete_held=_render(DELETE_HELD, schema),
+        lock_queue=_render(LOCK_QUEUE, schema),
     )
 
 
