@@ -155,12 +155,14 @@ def set_priority(queue: str, priority: int) -> None:
     )
 
 
-class LimitType(click.ParamType):
+class LimitType(click.ParamType[int | None]):
     """A concurrency limit on the command line: a whole number from 0, or ``none``."""
 
     name = "N|none"
 
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> int | None:
         if value is None or isinstance(value, int):
             return value
         text = str(value).strip()
@@ -173,7 +175,7 @@ class LimitType(click.ParamType):
                 param,
                 ctx,
             )
-        if not text.isdigit():
+        if not (text.isascii() and text.isdigit()):
             self.fail(
                 f"{value!r} is not a limit: give a whole number from 0, "
                 "or none to remove the limit",

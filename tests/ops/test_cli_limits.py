@@ -80,9 +80,7 @@ def test_set_limit_refuses_what_is_not_a_whole_number_or_none_with_exit_2(
     assert _limit(sql, "default") is None
 
 
-def test_python_api_sets_and_removes_a_limit(
-    database_url: str, store: Store, sql: Any
-) -> None:
+def test_python_api_sets_and_removes_a_limit(database_url: str, store: Store, sql: Any) -> None:
     store.ensure_queues(["reports"])
 
     api.set_limit(database_url, "reports", 3)

@@ -16,7 +16,6 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import psycopg
-
 import pytest
 from store_factories import Db, new_job, notifications_up_to_marker
 
