@@ -102,6 +102,10 @@ class Broker(Routing):
             claim = self._claim(queue_name, limit, owner, acked, limited=True)
         return claim.jobs
 
+    def is_limited(self, queue_name: str) -> bool:
+        """Whether the last claim of ``queue_name`` found it with a concurrency limit."""
+        return queue_name in self._limited_queues
+
     def _claim(
         self,
         queue_name: str,

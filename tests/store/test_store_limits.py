@@ -146,6 +146,20 @@ def test_finishing_a_job_of_a_limited_queue_wakes_the_workers(
     assert notifications_up_to_marker(listener, database_url, store.channel) == ["limited"]
 
 
+def test_a_finish_in_a_limited_queue_with_free_slots_wakes_nobody(
+    store: Store, listener: Listener, database_url: str
+) -> None:
+    # Nobody waits for a queue that is not full: no NOTIFY per task.
+    store.enqueue([new_job("limited") for _ in range(3)])
+    store.set_queue_limit("limited", 5)
+    held = store.claim("limited", 2, "w")
+    notifications_up_to_marker(listener, database_url, store.channel)
+
+    _complete(store, held[0].id)
+
+    assert notifications_up_to_marker(listener, database_url, store.channel) == []
+
+
 def test_a_result_written_by_the_backend_wakes_the_workers_of_a_limited_queue(
     store: Store, listener: Listener, database_url: str
 ) -> None:
