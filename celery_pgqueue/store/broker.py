@@ -96,8 +96,8 @@ class Broker(Routing):
         if claim.concurrency_limit is None:
             self._limited_queues.discard(queue_name)
         elif not limited:
-            # Limited since our last claim, which is why this one took nothing (and
-            # recorded no acks): claim again, under the lock.
+            # Limited since our last claim, which is why this one took nothing (its
+            # acks were recorded; sent again they change nothing): claim under the lock.
             self._limited_queues.add(queue_name)
             claim = self._claim(queue_name, limit, owner, acked, limited=True)
         return claim.jobs
