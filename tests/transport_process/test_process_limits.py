@@ -17,7 +17,15 @@ from pathlib import Path
 
 import pytest
 
-from transport_process.procs import Database, Execution, Workers, task_specs, write_app
+from transport_process import pgbouncer
+from transport_process.procs import (
+    Database,
+    Execution,
+    Workers,
+    task_specs,
+    with_port,
+    write_app,
+)
 
 pytestmark = [pytest.mark.worker, pytest.mark.slow]
 
@@ -71,3 +79,36 @@ def test_three_workers_of_four_processes_never_run_more_than_the_limit(
         f"(ideal {TASKS * SECONDS / LIMIT:.0f} s), "
         f"tasks per worker {shares}"
     )
+
+
+# What the README prescribes behind PgBouncer in transaction pooling mode (before 1.21).
+BOUNCED = {"use_notify": False, "polling_interval": 0.5, "prepared_statements": False}
+
+
+@pytest.mark.skipif(
+    pgbouncer.binary() is None,
+    reason="pgbouncer is not installed (Debian: apt-get install pgbouncer)",
+)
+def test_the_limit_holds_through_pgbouncer_in_transaction_pooling(
+    tmp_path: Path, broker_url: str, database_url: str, db: Database, workers: Workers
+) -> None:
+    """The claim's lock is a transaction's, so PgBouncer hands out server sessions as
+    it likes (other clients keep it busy) and the limit still holds."""
+    with (
+        pgbouncer.running(database_url) as (port, _log),
+        pgbouncer.traffic(with_port(database_url, "127.0.0.1", port), clients=4),
+    ):
+        app = write_app(
+            tmp_path, with_port(broker_url, "127.0.0.1", port), transport_options=BOUNCED
+        )
+        pool = [workers.start(app, f"b{i}", concurrency=2, wait=False) for i in range(2)]
+        workers.wait_ready(pool)
+        assert app.celery("pgqueue", "set-limit", "celery", str(LIMIT)).returncode == 0
+        specs = task_specs(12, sleep=SECONDS, label="bounced")
+        app.publish(specs)
+        db.wait_for_counts({"completed": 12}, timeout=120, workers=pool)
+
+    lines = [e for e in app.record.lines() if e.event in ("start", "done")]
+    assert set(app.record.executions().values()) == {1}
+    assert len([e for e in lines if e.event == "done"]) == 12
+    assert most_at_once(lines) <= LIMIT
