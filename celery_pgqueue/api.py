@@ -1,4 +1,4 @@
-"""Python API for operators: pause, resume, reprioritise, cancel.
+"""Python API for operators: pause, resume, reprioritise, limit, cancel.
 
 Each function takes a Celery app (its broker URL, else its result backend URL,
 names the database) or a database URL.
@@ -47,6 +47,22 @@ def resume(app_or_url: Any, queue: str) -> None:
 def set_priority(app_or_url: Any, queue: str, priority: int) -> None:
     """Set the priority of ``queue``'s jobs that name none (lower runs sooner)."""
     store_for(app_or_url).set_queue_priority(queue, priority)
+
+
+def set_limit(app_or_url: Any, queue: str, limit: int | None) -> None:
+    """Let at most ``limit`` jobs of ``queue`` run at once across all workers.
+
+    ``None`` removes the limit; 0 holds the queue's jobs back. Claimed jobs count,
+    prefetched ones included. Raises ``UnknownQueue`` for a queue never used and
+    ``ConfigurationError`` for a negative limit.
+    """
+    store_for(app_or_url).set_queue_limit(queue, limit)
+
+
+def limit(app_or_url: Any, queue: str) -> int | None:
+    """``queue``'s concurrency limit, or None when it has none."""
+    value = store_for(app_or_url).queue(queue)["concurrency_limit"]
+    return None if value is None else int(value)
 
 
 def cancel(app_or_url: Any, task_ids: Iterable[str]) -> int:

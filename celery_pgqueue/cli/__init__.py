@@ -35,6 +35,7 @@ for command in (
     queues.pause,
     queues.resume,
     queues.set_priority,
+    queues.set_limit,
     queues.purge,
     jobs.jobs,
     jobs.show,

@@ -1,4 +1,4 @@
-"""``pgqueue status|pause|resume|set-priority|purge``: queues and their counts."""
+"""``pgqueue status|pause|resume|set-priority|set-limit|purge``: queues and their counts."""
 
 from __future__ import annotations
 
@@ -44,6 +44,7 @@ def status(as_json: bool, show_all: bool, show_running: bool) -> None:
             "QUEUE",
             "STATE",
             "PRIO",
+            "LIMIT",
             "QUEUED",
             "READY",
             "SCHEDULED",
@@ -62,6 +63,7 @@ def status(as_json: bool, show_all: bool, show_running: bool) -> None:
                 q.name,
                 "active" if q.is_active else "paused",
                 str(q.default_priority),
+                "-" if q.concurrency_limit is None else str(q.concurrency_limit),
                 str(q.queued),
                 str(q.ready),
                 str(q.scheduled),
@@ -150,6 +152,62 @@ def set_priority(queue: str, priority: int) -> None:
     click.echo(
         f"default priority of {queue}: {before} -> {priority} "
         "(applies to jobs sent from now on without a priority)"
+    )
+
+
+class LimitType(click.ParamType[int | None]):
+    """A concurrency limit on the command line: a whole number from 0, or ``none``."""
+
+    name = "N|none"
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> int | None:
+        if value is None or isinstance(value, int):
+            return value
+        text = str(value).strip()
+        if text.lower() == "none":
+            return None
+        if text.startswith("-") and text[1:].isdigit():
+            self.fail(
+                f"a limit cannot be negative (got {text}): give a whole number from 0, "
+                "or none to remove the limit",
+                param,
+                ctx,
+            )
+        if not (text.isascii() and text.isdigit()):
+            self.fail(
+                f"{value!r} is not a limit: give a whole number from 0, "
+                "or none to remove the limit",
+                param,
+                ctx,
+            )
+        return int(text)
+
+
+# ignore_unknown_options: "-1" reaches LimitType (and its message), not "no such option".
+@click.command("set-limit", context_settings={"ignore_unknown_options": True})
+@database_options
+@click.argument("queue")
+@click.argument("limit", type=LimitType())
+def set_limit(queue: str, limit: int | None) -> None:
+    """Let at most LIMIT jobs of QUEUE run at once across all workers (none: no limit).
+
+    Jobs count from the claim, so tasks a worker prefetched count too. Running jobs are
+    never stopped: a lower limit applies as they finish.
+    """
+    store = current_runtime().store()
+    before = store.queue(queue)["concurrency_limit"]
+    store.set_queue_limit(queue, limit)
+    shown = "none" if limit is None else str(limit)
+    meaning = (
+        "no limit: any number may run at once"
+        if limit is None
+        else f"at most {limit} running at once across all workers"
+    )
+    click.echo(
+        f"concurrency limit of {queue}: {'none' if before is None else before} -> {shown} "
+        f"({meaning})"
     )
 
 

@@ -85,8 +85,36 @@ class Broker(Routing):
     ) -> list[ClaimedJob]:
         """Take up to ``limit`` due jobs of an active queue under a lease for ``owner``.
 
-        ``acked`` deliveries are marked acked in the same statement.
+        ``acked`` deliveries are marked acked in the same statement. A queue with a
+        concurrency limit gets no more than its free slots, under the queue's lock
+        (:data:`~celery_pgqueue.store.queries.CLAIM_LIMITED`); any other queue keeps the
+        one lock-free statement. Each claim says whether the queue is limited, so a
+        limit set or removed applies from every worker's next claim.
         """
+        limited = queue_name in self._limited_queues
+        claim = self._claim(queue_name, limit, owner, acked, limited=limited)
+        if claim.concurrency_limit is None:
+            self._limited_queues.discard(queue_name)
+        elif not limited:
+            # Limited since our last claim, which is why this one took nothing (its
+            # acks were recorded; sent again they change nothing): claim under the lock.
+            self._limited_queues.add(queue_name)
+            claim = self._claim(queue_name, limit, owner, acked, limited=True)
+        return claim.jobs
+
+    def is_limited(self, queue_name: str) -> bool:
+        """Whether the last claim of ``queue_name`` found it with a concurrency limit."""
+        return queue_name in self._limited_queues
+
+    def _claim(
+        self,
+        queue_name: str,
+        limit: int,
+        owner: str,
+        acked: Sequence[tuple[UUID, int]],
+        *,
+        limited: bool,
+    ) -> job_sql.Claim:
         call = job_sql.claim_call(
             self.queries,
             queue_name=queue_name,
@@ -94,8 +122,10 @@ class Broker(Routing):
             owner=owner,
             lease_seconds=self.options.lease_seconds,
             acked=acked,
+            limited=limited,
         )
-        return [ClaimedJob(*row) for row in self.rows(call)]
+        lock = job_sql.lock_queue_call(self.queries, queue_name=queue_name) if limited else None
+        return job_sql.claimed_jobs(self.rows(call, after=lock))
 
     def mark_acked(self, held: Sequence[tuple[UUID, int]]) -> int:
         """Record that these deliveries were acked before their task finished."""
@@ -137,6 +167,7 @@ class Broker(Routing):
             result=result,
             max_attempts=max_attempts,
             run_at=run_at,
+            channel=self.channel if self.options.use_notify else None,
         )
         if conn is not None:
             with self.single(conn) as c:

@@ -68,6 +68,7 @@ class Connections:
         self.url = pool.url
         self.engine = pool.engine
         self._known_queues = pool.known_queues
+        self._limited_queues = pool.limited_queues
         self._autocommit = pool.autocommit
         self._hot = pool.hot
         # The per-task statements' text for this schema (see queries.py).
@@ -282,10 +283,13 @@ class Connections:
 
     # -- per-task statements ------------------------------------------------------
 
-    def rows(self, call: Call) -> list[Row]:
-        """Run one per-task statement on our own connection, in autocommit."""
+    def rows(self, call: Call, after: Call | None = None) -> list[Row]:
+        """Run one per-task statement on our own connection, in autocommit.
+
+        ``after``: run first, in the same transaction and round trip (a lock).
+        """
         with self.translating():
-            return self._hot.rows(call, self._settings)
+            return self._hot.rows(call, self._settings, after)
 
     def rowcount(self, call: Call) -> int:
         """Run one per-task statement without rows (our connection, autocommit): rows changed."""

@@ -84,15 +84,18 @@ class HotPath:
         self.engine = engine
         self.autocommit = autocommit
 
-    def rows(self, call: Call, settings: Settings = ()) -> list[Row]:
+    def rows(self, call: Call, settings: Settings = (), after: Call | None = None) -> list[Row]:
         """The rows ``call`` returns (empty for a statement without RETURNING).
 
         ``settings``: server settings (name, value) for this statement's transaction
         only, e.g. a role's own ``synchronous_commit`` on a pool shared with another.
+        ``after``: a statement run first in the same transaction (a lock ``call`` needs
+        held), still one round trip; ``call`` then starts after it has finished, so it
+        sees (under READ COMMITTED) everything committed before ``after`` returned.
         """
         if self.observed():
-            return _again(lambda: self.through_sqlalchemy(call, settings, Call.rows))
-        return _again(lambda: self.send(call, settings, _fetch))
+            return _again(lambda: self.through_sqlalchemy(call, settings, Call.rows, after))
+        return _again(lambda: self.send(call, settings, _fetch, after))
 
     def rowcount(self, call: Call, settings: Settings = ()) -> int:
         """The number of rows ``call`` changed."""
@@ -106,27 +109,46 @@ class HotPath:
         return bool(dispatch.before_cursor_execute or dispatch.after_cursor_execute)
 
     def through_sqlalchemy(
-        self, call: Call, settings: Settings, run: Callable[[Call, sa.Connection], T]
+        self,
+        call: Call,
+        settings: Settings,
+        run: Callable[[Call, sa.Connection], T],
+        after: Call | None = None,
     ) -> T:
-        opened = self.engine.begin() if settings else self.autocommit.connect()
+        opened = self.engine.begin() if settings or after else self.autocommit.connect()
         with opened as conn:
             for setting in settings:
                 conn.exec_driver_sql(SET_LOCAL, setting)
+            if after is not None:
+                after.rows(conn)
             return run(call, conn)
 
-    def send(self, call: Call, settings: Settings, collect: Callable[[Any], T]) -> T:
+    def send(
+        self,
+        call: Call,
+        settings: Settings,
+        collect: Callable[[Any], T],
+        after: Call | None = None,
+    ) -> T:
         fairy = self.checkout()
         dbapi: Any = fairy.driver_connection
         try:
             dbapi.autocommit = True
-            if settings:
-                # One round trip still: in a pipeline both statements share the implicit
-                # transaction that ends at its sync, so the setting lasts exactly as
-                # long as the statement's commit.
+            if settings or after is not None:
+                # One round trip still: in a pipeline the statements share the implicit
+                # transaction that ends at its sync, so a setting lasts exactly as long
+                # as the statement's commit, and so does a lock ``after`` took. The
+                # server runs them one after the other and commits without waiting for
+                # us: the transaction never sits idle holding the lock.
+                # The results are read once the pipeline has synced: inside it a cursor
+                # has no description yet, and its rows would read as none.
                 with dbapi.pipeline():
                     for setting in settings:
                         dbapi.execute(SET_LOCAL, setting)
-                    return collect(dbapi.execute(call.sql, call.params))
+                    if after is not None:
+                        dbapi.execute(after.sql, after.params)
+                    cursor = dbapi.execute(call.sql, call.params)
+                return collect(cursor)
             return collect(dbapi.execute(call.sql, call.params))
         except psycopg.Error as exc:
             error: Any = exc  # SQLAlchemy types it as its own DBAPI protocol

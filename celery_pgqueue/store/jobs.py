@@ -11,6 +11,7 @@ attempt.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
 
@@ -20,7 +21,7 @@ from psycopg.types.json import Jsonb
 from celery_pgqueue.states import JobStatus, LogStatus
 from celery_pgqueue.storable import printable
 from celery_pgqueue.store.expressions import fixed as fixed  # re-exported: tests import it here
-from celery_pgqueue.store.hot import Call
+from celery_pgqueue.store.hot import Call, Row
 from celery_pgqueue.store.lookups import MAX_PRIORITY_LEVELS as MAX_PRIORITY_LEVELS
 from celery_pgqueue.store.queries import Queries, for_schema
 from celery_pgqueue.store.records import ClaimedJob, NewJob
@@ -95,16 +96,38 @@ def claim_call(
     owner: str,
     lease_seconds: float,
     acked: Sequence[tuple[UUID, int]] = (),
+    limited: bool = False,
 ) -> Call:
     """Take up to ``limit`` due jobs of an active queue, lowest priority number first.
 
     ``acked`` records deferred early acks (see :func:`mark_acked_call`) in the same
-    statement. Rows are :class:`ClaimedJob` fields.
+    statement. ``limited``: the claim of a queue with a concurrency limit, to run after
+    :func:`lock_queue_call` in the same transaction. Read the rows with
+    :func:`claimed_jobs`.
     """
     params = {"queue_name": queue_name, "owner": owner, "lease": lease_seconds}
     if acked:
         params.update(held_params(acked))
-    return Call(queries.claim(limit, with_acks=bool(acked)), params)
+    return Call(queries.claim(limit, with_acks=bool(acked), limited=limited), params)
+
+
+def lock_queue_call(queries: Queries, *, queue_name: str) -> Call:
+    """Serialise the claims of a limited queue until the transaction ends."""
+    return Call(queries.lock_queue, {"queue_name": queue_name})
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """What a claim returned: the jobs, and the queue's limit as the claim saw it."""
+
+    jobs: list[ClaimedJob]
+    concurrency_limit: int | None
+
+
+def claimed_jobs(rows: Sequence[Row]) -> Claim:
+    """The claim's rows: one per job (or one of NULLs), each ending with the limit."""
+    jobs = [ClaimedJob(*row[:-1]) for row in rows if row[0] is not None]
+    return Claim(jobs, rows[0][-1] if rows else None)
 
 
 def claim(
@@ -125,7 +148,7 @@ def claim(
         lease_seconds=lease_seconds,
         acked=acked,
     )
-    return [ClaimedJob(*row) for row in call.rows(conn)]
+    return claimed_jobs(call.rows(conn)).jobs
 
 
 def mark_acked_call(queries: Queries, *, held: Sequence[tuple[UUID, int]]) -> Call:
@@ -153,6 +176,7 @@ def finish_call(
     max_attempts: int | None = None,
     run_at: Any = None,
     result_channel: str | None = None,
+    channel: str | None = None,
 ) -> Call:
     """Move a job to ``status`` and close its current attempt's log row.
 
@@ -160,7 +184,9 @@ def finish_call(
     attempt (result-backend writes for tasks that arrived through another broker).
     ``None`` for ``result``, ``max_attempts`` or ``run_at`` leaves the column as it
     was. ``result_channel``: NOTIFY it with the job id when the row changed, in this
-    same statement (the result backend's ready states). One row: the rows changed.
+    same statement (the result backend's ready states). ``channel``: the workers', told
+    when the job leaves ``running`` in a queue with a concurrency limit (a slot is
+    free). One row: the rows changed.
     """
     return Call(
         queries.finish,
@@ -176,6 +202,7 @@ def finish_call(
             "error_message": printable(error_message or "")[:255] or None,
             "log_message": printable(log_message) if log_message else log_message,
             "result_channel": result_channel,
+            "channel": channel,
             # a success small enough rides in its notification (notify.result_note)
             "inline": (
                 result_channel is not None and status is JobStatus.COMPLETED and result is not None

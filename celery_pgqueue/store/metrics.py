@@ -1,9 +1,10 @@
 """Statements behind the Prometheus metrics: live queue state and monotonic counters.
 
 A scrape is two statements. :func:`queue_state` reads only ``queued`` and ``running``
-rows, through the partial indexes ``ix_jobs_ready`` (index-only) and ``ix_jobs_lease``,
-so its cost follows the backlog, not the table: counting finished rows by queue would
-read every retained row (0.8 s at a million). :func:`counters` reads ``job_counters``.
+rows, through the partial indexes ``ix_jobs_ready`` (index-only) and ``ix_jobs_running``
+(or ``ix_jobs_lease``), so its cost follows the backlog, not the table: counting
+finished rows by queue would read every retained row (0.8 s at a million).
+:func:`counters` reads ``job_counters``.
 
 Finished jobs are counted by :func:`fold_finished`, which maintenance runs every pass:
 it adds the jobs that reached ``completed``, ``failed`` or ``cancelled`` between the

@@ -43,6 +43,7 @@ class Outcomes(Routing):
                     result=write.document,
                     max_attempts=write.max_attempts,
                     result_channel=self.result_channel if notify and write.ready else None,
+                    channel=self.channel if self.options.use_notify else None,
                 )
             )
             return bool(row and row[0])

@@ -30,6 +30,8 @@ class Pool:
         self.url = url
         self.options = options
         self.known_queues: set[str] = set()
+        # Queues the last claim found with a concurrency limit: claimed under its lock.
+        self.limited_queues: set[str] = set()
         self.schema_checked = False
         self.channels: Channels | None = None
         self.lender: Lender | None = None

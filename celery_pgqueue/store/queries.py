@@ -1,5 +1,8 @@
 """The per-task statements, written once as SQL: enqueue, claim, ack, finish, heartbeat.
 
+The two claims' text is in :mod:`~celery_pgqueue.store.claims`; this module renders
+every statement for a schema.
+
 Each runs once or more per task, so it is plain SQL sent by psycopg
 (:mod:`~celery_pgqueue.store.hot`), not a SQLAlchemy construct compiled per call.
 Parameters are psycopg's named placeholders; each is cast, so a ``None`` has a type.
@@ -16,6 +19,7 @@ from dataclasses import dataclass, field
 
 from psycopg import sql
 
+from celery_pgqueue.store.claims import CLAIM, CLAIM_LIMITED, CLAIMED, LOCK_QUEUE
 from celery_pgqueue.store.listener import SCHEDULED_MARK
 from celery_pgqueue.store.notify import INLINE_RESULT_BYTES
 
@@ -108,48 +112,6 @@ WHERE status = 'running'
       SELECT * FROM unnest(%(held_ids)s::uuid[], %(held_attempts)s::integer[]))
 """
 
-# Take up to {limit} due jobs of an active queue, lowest priority number first, and
-# open each one's attempt in job_logs: one round trip. The locking SELECT is a CTE so
-# LIMIT and SKIP LOCKED apply before the update: concurrent claimers pass over each
-# other's rows instead of waiting, and each row is claimed by exactly one of them.
-# {acked}: pending early acks riding along (MARK_ACKED as a CTE); they touch running
-# rows, the claim queued ones, so the two updates never meet the same row.
-CLAIM = """
-WITH {acked}ready AS (
-    SELECT id FROM {jobs}
-    WHERE queue_name = %(queue_name)s::varchar
-      AND status = 'queued'
-      AND run_at <= now()
-      AND (expires_at IS NULL OR expires_at > now())
-      AND EXISTS (SELECT FROM {job_queues}
-                  WHERE name = %(queue_name)s::varchar AND is_active)
-    ORDER BY priority, run_at, created_at
-    LIMIT {limit}
-    FOR UPDATE SKIP LOCKED
-), claimed AS (
-    UPDATE {jobs}
-    SET status = 'running',
-        attempt_count = jobs.attempt_count + 1,
-        started_at = now(),
-        updated_at = now(),
-        lease_owner = %(owner)s::varchar,
-        lease_expires_at = now() + %(lease)s::float8 * interval '1 second',
-        acked_at = NULL
-    FROM ready
-    WHERE jobs.id = ready.id
-    RETURNING jobs.id, jobs.queue_name, jobs.payload, jobs.priority, jobs.attempt_count,
-              jobs.max_attempts, jobs.run_at, jobs.created_at, jobs.expires_at
-), opened AS (
-    INSERT INTO {job_logs} (job_id, attempt_number, status, started_at)
-    SELECT id, attempt_count, 'attempting', now() FROM claimed
-)
-SELECT id, queue_name, payload, priority, attempt_count, max_attempts,
-       -- the worker's own expiry check must agree with the database's clock
-       extract(epoch FROM expires_at - now())::float8
-FROM claimed
-ORDER BY priority, run_at, created_at
-"""
-
 # Put held deliveries back in line (reject with requeue, warm shutdown, restore). Only
 # rows still running at that attempt move, so a late requeue can't rerun finished
 # work or steal a newer attempt; the attempt's log row is closed as retry.
@@ -193,7 +155,8 @@ FROM moved
 # retry re-published and claimed before this write): it records what this attempt
 # did. %(result_channel)s: the result backend's waiters, woken at commit and only if
 # the row changed; a success small enough rides in the notification (notify.result_note).
-# One row: (rows changed, NOTIFYs).
+# %(channel)s: the workers' channel, told when a limited queue has a free slot.
+# One row: (rows changed, NOTIFYs, NOTIFYs).
 FINISH = """
 WITH closed AS (
     UPDATE {job_logs}
@@ -236,6 +199,7 @@ WITH closed AS (
       AND (%(attempt)s::integer IS NULL OR %(status)s::varchar <> 'queued'
            OR jobs.status = 'queued')
     RETURNING jobs.id,
+              jobs.queue_name,
               CASE WHEN %(inline)s::boolean THEN jobs.result::text END AS result_text,
               jobs.completed_at
 )
@@ -246,7 +210,22 @@ SELECT count(*),
                 THEN id::text || ' ' || extract(epoch FROM completed_at)::text
                      || ' ' || result_text
                 ELSE id::text END
-       )) FILTER (WHERE %(result_channel)s::text IS NOT NULL)
+       )) FILTER (WHERE %(result_channel)s::text IS NOT NULL),
+       -- A job that stops running in a queue its limit had filled frees a slot: wake
+       -- the workers, who found the queue full and wait for a NOTIFY naming it. Not
+       -- for every finish: a NOTIFY per task halved the throughput of a queue whose
+       -- limit never binds. (This statement's count does not see a claim that commits
+       -- while it runs; the worker whose claim filled the queue looks once more
+       -- shortly after, poller.LIMIT_RECHECK, for the slot such a finish frees.)
+       (SELECT count(pg_notify(%(channel)s::text, q.name))
+        FROM updated AS u
+        JOIN {job_queues} AS q ON q.name = u.queue_name
+        WHERE %(status)s::varchar <> 'running'
+          AND %(channel)s::text IS NOT NULL
+          AND CASE WHEN q.concurrency_limit IS NULL THEN false
+                   ELSE (SELECT count(*) FROM {jobs}
+                         WHERE queue_name = q.name AND status = 'running')
+                        >= q.concurrency_limit END)
 FROM updated
 """
 
@@ -280,19 +259,24 @@ class Queries:
     finish: str
     heartbeat: str
     delete_held: str
-    _claims: dict[tuple[int, bool], str] = field(default_factory=dict, compare=False)
+    lock_queue: str
+    _claims: dict[tuple[int, bool, bool], str] = field(default_factory=dict, compare=False)
 
-    def claim(self, limit: int, *, with_acks: bool) -> str:
-        """CLAIM with ``limit`` written in (one text, so one prepared plan, per limit)."""
-        key = (limit, with_acks)
+    def claim(self, limit: int, *, with_acks: bool, limited: bool = False) -> str:
+        """CLAIM (or CLAIM_LIMITED) with ``limit`` written in: one text, so one prepared
+        plan, per limit."""
+        key = (limit, with_acks, limited)
         text = self._claims.get(key)
         if text is None:
             acked = sql.SQL("acked AS ({}), ").format(sql.SQL(self.mark_acked))
+            # Both templates are constants: joined as text, then rendered as one.
+            template = (CLAIM_LIMITED if limited else CLAIM).replace("{claimed}", CLAIMED)
             text = self._claims[key] = _render(
-                CLAIM,
+                template,
                 self.schema,
                 limit=sql.Literal(int(limit)),
                 acked=acked if with_acks else sql.SQL(""),
+                chosen=sql.SQL("chosen" if limited else "ready"),
             )
         return text
 
@@ -309,6 +293,7 @@ def for_schema(schema: str) -> Queries:
         finish=_render(FINISH, schema, inline_bytes=sql.Literal(INLINE_RESULT_BYTES)),
         heartbeat=_render(HEARTBEAT, schema),
         delete_held=_render(DELETE_HELD, schema),
+        lock_queue=_render(LOCK_QUEUE, schema),
     )
 
 

@@ -1,4 +1,4 @@
-"""Statements on ``job_queues``: create on first use, pause, resume, priority."""
+"""Statements on ``job_queues``: create on first use, pause, resume, priority, limit."""
 
 from __future__ import annotations
 
@@ -37,6 +37,19 @@ def set_default_priority(conn: sa.Connection, *, name: str, priority: int) -> bo
     return result.rowcount > 0
 
 
+def set_concurrency_limit(conn: sa.Connection, *, name: str, limit: int | None) -> bool:
+    """Let at most ``limit`` of this queue's jobs run at once (None: no limit).
+
+    Claims of the queue read the limit under the queue row's lock
+    (:data:`~celery_pgqueue.store.queries.CLAIM_LIMITED`), so a change applies to the
+    next claim of every worker. False when no such queue exists.
+    """
+    result = conn.execute(
+        sa.update(job_queues).where(job_queues.c.name == name).values(concurrency_limit=limit)
+    )
+    return result.rowcount > 0
+
+
 def set_message_ttl(conn: sa.Connection, *, name: str, seconds: float | None) -> bool:
     """Record a queue's ``x-message-ttl``; False if unchanged (no write) or no such queue."""
     result = conn.execute(
@@ -60,6 +73,7 @@ def list_all(conn: sa.Connection) -> list[sa.RowMapping]:
                 job_queues.c.name,
                 job_queues.c.default_priority,
                 job_queues.c.is_active,
+                job_queues.c.concurrency_limit,
                 job_queues.c.created_at,
             ).order_by(job_queues.c.name)
         ).mappings()

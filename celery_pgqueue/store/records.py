@@ -122,6 +122,8 @@ class QueueStatus:
     name: str
     is_active: bool
     default_priority: int
+    concurrency_limit: int | None
+    """At most this many of its jobs run at once across all workers; None: no limit."""
     expires_at: datetime | None
     queued: int
     ready: int

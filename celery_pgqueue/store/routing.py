@@ -8,7 +8,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from celery_pgqueue.errors import InvalidQueueName, UnknownQueue
+from celery_pgqueue.errors import ConfigurationError, InvalidQueueName, UnknownQueue
 from celery_pgqueue.store import bindings as binding_sql
 from celery_pgqueue.store import queues as queue_sql
 from celery_pgqueue.store import schema as schema_sql
@@ -63,6 +63,27 @@ class Routing(Connections):
         with self.begin() as conn:
             if not queue_sql.set_default_priority(conn, name=name, priority=priority):
                 raise self.unknown_queue(name)
+
+    def set_queue_limit(self, name: str, limit: int | None) -> None:
+        """Let at most ``limit`` jobs of ``name`` run at once across every worker.
+
+        None removes the limit; 0 holds the queue's jobs back. The workers are woken,
+        so a raised or removed limit fills the new slots at once.
+        """
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int)):
+            raise ConfigurationError(
+                f"concurrency limit must be a whole number or None (got {limit!r})"
+            )
+        if limit is not None and limit < 0:
+            raise ConfigurationError(
+                f"concurrency limit must be 0 or more (got {limit}); "
+                "use none (None in Python) to remove it"
+            )
+        with self.begin() as conn:
+            if not queue_sql.set_concurrency_limit(conn, name=name, limit=limit):
+                raise self.unknown_queue(name)
+            if self.options.use_notify:
+                schema_sql.notify(conn, channel=self.channel, payload=name)
 
     def queue(self, name: str) -> dict[str, Any]:
         """A queue's settings, or UnknownQueue."""

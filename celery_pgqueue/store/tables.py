@@ -97,6 +97,14 @@ sa.Index(
     unique=True,
     postgresql_where=sa.text("unique_key IS NOT NULL AND status IN ('queued', 'running')"),
 )
+# A limited queue's running jobs, counted by its claims (store/claims.py) and by
+# finishes in it (queries.FINISH): only running rows, so the count stays cheap however
+# many finished jobs the queue keeps.
+sa.Index(
+    "ix_jobs_running",
+    jobs.c.queue_name,
+    postgresql_where=sa.text("status = 'running'"),
+)
 # Orphan rescue: running jobs whose lease ran out.
 sa.Index(
     "ix_jobs_lease",

@@ -13,7 +13,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import INTERVAL, UUID
 
-from celery_pgqueue.store.tables import TZ
+from celery_pgqueue.store.tables import TZ, job_queues
 
 metadata = sa.MetaData()
 
@@ -73,7 +73,7 @@ def _seconds(interval: sa.ColumnElement[Any], name: str) -> sa.Label[Any]:
 
 
 def queue_status(conn: sa.Connection, *, include_transient: bool) -> list[sa.RowMapping]:
-    """Depth joined with throughput, one row per queue, by name.
+    """Depth joined with throughput (and the queue's limit), one row per queue, by name.
 
     Queues with an expiry (remote-control mailboxes, event receivers, reply queues)
     are Celery's plumbing, not work: left out unless ``include_transient``.
@@ -84,6 +84,7 @@ def queue_status(conn: sa.Connection, *, include_transient: bool) -> list[sa.Row
             d.c.queue_name.label("name"),
             d.c.is_active,
             d.c.default_priority,
+            job_queues.c.concurrency_limit,
             d.c.expires_at,
             d.c.queued,
             d.c.ready,
@@ -104,7 +105,11 @@ def queue_status(conn: sa.Connection, *, include_transient: bool) -> list[sa.Row
             t.c.failure_rate_5m,
             t.c.failure_rate_1h,
         )
-        .select_from(d.join(t, t.c.queue_name == d.c.queue_name))
+        .select_from(
+            d.join(t, t.c.queue_name == d.c.queue_name).join(
+                job_queues, job_queues.c.name == d.c.queue_name
+            )
+        )
         .order_by(d.c.queue_name)
     )
     if not include_transient:

@@ -34,6 +34,12 @@ BATCH_WAIT = 0.05
 # for jobs that came due meanwhile (a look-up sent later than measured). Small: a job
 # in that window that we cannot claim (paused queue, no room) wakes us again at once.
 LOOKUP_SLACK = 0.005
+# Seconds after a short claim of a queue with a concurrency limit before one more
+# claim of it. A finish wakes the workers only when it frees a slot of a full queue,
+# and judges fullness as its statement began: a claim that filled the queue meanwhile
+# goes unseen, and that finish's slot would wait for the poll timer. Such a finish
+# commits within milliseconds of the claim; this second look takes its slot.
+LIMIT_RECHECK = 0.05
 
 
 class Poller:
@@ -51,6 +57,8 @@ class Poller:
         self._nudge_pending = False
         self._poll_timer: Any = None
         self._batch_wait_since: float | None = None
+        # Limited queues a synchronous consumer claims from again after LIMIT_RECHECK.
+        self._rechecks: set[str] = set()
         # When the soonest scheduled job of our queues comes due (monotonic), its
         # event-loop timer, and whether to ask the database again.
         self._next_due: float | None = None
@@ -123,6 +131,8 @@ class Poller:
                     wanted = True
                 else:
                     self._drained.add(queue)
+                    if got and self.transport.store.is_limited(queue):
+                        self._recheck(queue)  # this claim may have filled the queue
         self.transport.acks.flush()
         self._wanted = wanted
         if self._schedule_stale:
@@ -136,6 +146,18 @@ class Poller:
             else:
                 self._plan_wake(claims_began)
         return delivered
+
+    def _recheck(self, queue: str) -> None:
+        """Claim from a limited ``queue`` once more after ``LIMIT_RECHECK``."""
+        if self._loop is not None:
+            self._loop.call_later(LIMIT_RECHECK, self._on_recheck, queue)
+        else:
+            self._rechecks.add(queue)
+
+    def _on_recheck(self, queue: str) -> None:
+        self._drained.discard(queue)
+        self._wanted = True
+        self._wake_loop()
 
     def _batch_wait_over(self) -> bool:
         """Whether room has waited ``BATCH_WAIT`` for more; starts the wait (and a
@@ -241,6 +263,10 @@ class Poller:
             remaining = self.transport.polling_interval
             if self._batch_wait_since is not None:
                 remaining = min(remaining, BATCH_WAIT)
+            if self._rechecks:
+                remaining = min(remaining, LIMIT_RECHECK)
+                self._drained.difference_update(self._rechecks)
+                self._rechecks.clear()
             if self._next_due is not None:
                 remaining = min(remaining, max(0.0, self._next_due - monotonic()))
             if deadline is not None:

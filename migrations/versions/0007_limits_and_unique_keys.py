@@ -6,6 +6,7 @@ Create Date: 2026-12-03
 
 ``job_queues.concurrency_limit``: at most this many jobs of the queue run at once,
 across every worker (``celery pgqueue set-limit``); None, the default, is no limit.
+``ix_jobs_running``: the claim of a limited queue counts its running jobs through it.
 
 ``jobs.unique_key``: a publish with a unique key queues at most one live job per key
 and task name. The partial unique index covers only queued and running rows, so the
@@ -31,6 +32,14 @@ def upgrade() -> None:
         "job_queues",
         "concurrency_limit IS NULL OR concurrency_limit >= 0",
     )
+    # The limit's count of a queue's running jobs (each limited claim, and each finish
+    # in a limited queue): small, as only running rows are in it.
+    op.create_index(
+        "ix_jobs_running",
+        "jobs",
+        ["queue_name"],
+        postgresql_where=sa.text("status = 'running'"),
+    )
     op.add_column("jobs", sa.Column("unique_key", sa.String(255)))
     op.create_index(
         "ux_jobs_unique_key_live",
@@ -44,5 +53,6 @@ def upgrade() -> None:
 def downgrade() -> None:
     op.drop_index("ux_jobs_unique_key_live", table_name="jobs")
     op.drop_column("jobs", "unique_key")
+    op.drop_index("ix_jobs_running", table_name="jobs")
     op.drop_constraint("ck_job_queues_concurrency_limit", "job_queues", type_="check")
     op.drop_column("job_queues", "concurrency_limit")

@@ -115,3 +115,65 @@ def test_generic_claim_plan_reads_ready_rows_through_ix_jobs_ready(
 @pytest.mark.slow
 def test_generic_claim_plan_never_scans_the_whole_jobs_table(generic_claim_plan: str) -> None:
     assert "Seq Scan on jobs" not in generic_claim_plan
+
+
+@pytest.fixture(scope="module")
+def generic_limited_claim_plan(module_database_url: str, generic_claim_plan: str) -> str:
+    """EXPLAIN of a limited queue's claim, prepared by psycopg, under a generic plan.
+
+    After ``generic_claim_plan``: the million jobs are there; 2 % of q2's run.
+    """
+    store = Store(module_database_url)
+    with psycopg.connect(module_database_url, autocommit=True) as conn:
+        conn.execute(
+            "UPDATE jobs SET status = 'running' WHERE queue_name = 'q2' AND status = 'completed'"
+            " AND random() < 0.05"
+        )
+        conn.execute("UPDATE job_queues SET concurrency_limit = 1000000 WHERE name = 'q2'")
+        conn.execute("ANALYZE jobs")
+    try:
+        with store.engine.connect() as conn:
+            driver = conn.connection.dbapi_connection
+            assert isinstance(driver, psycopg.Connection)
+            driver.prepare_threshold = 0
+            with conn.begin() as transaction:
+                lock = job_sql.lock_queue_call(store.queries, queue_name="q2")
+                claim = job_sql.claim_call(
+                    store.queries,
+                    queue_name="q2",
+                    limit=10,
+                    owner="plan",
+                    lease_seconds=30.0,
+                    limited=True,
+                )
+                lock.rows(conn)
+                assert len(job_sql.claimed_jobs(claim.rows(conn)).jobs) == 10
+                names = list(dict.fromkeys(re.findall(r"%\((\w+)\)s", claim.sql)))
+                [prepared] = [
+                    name
+                    for name, text in conn.exec_driver_sql(
+                        "SELECT name, statement FROM pg_prepared_statements"
+                    )
+                    if "chosen AS" in text and name.startswith("_pg3_")
+                ]
+                conn.exec_driver_sql("SET LOCAL plan_cache_mode = force_generic_plan")
+                explain = sql.SQL("EXPLAIN EXECUTE {}({})").format(
+                    sql.Identifier(prepared),
+                    sql.SQL(", ").join(sql.Literal(claim.params[name]) for name in names),
+                )
+                plan = "\n".join(conn.exec_driver_sql(explain.as_string(driver)).scalars())
+                transaction.rollback()
+    finally:
+        store.dispose()
+    print(f"generic plan of a limited queue's claim:\n{plan}")
+    return plan
+
+
+@pytest.mark.slow
+def test_generic_limited_claim_plan_counts_running_jobs_through_ix_jobs_running(
+    generic_limited_claim_plan: str,
+) -> None:
+    assert "$1" in generic_limited_claim_plan
+    assert "on ix_jobs_running" in generic_limited_claim_plan  # index or bitmap scan
+    assert "Index Scan using ix_jobs_ready on jobs" in generic_limited_claim_plan
+    assert "Seq Scan on jobs" not in generic_limited_claim_plan

@@ -212,7 +212,10 @@ def test_the_queue_state_reads_queued_and_running_jobs_through_their_partial_ind
 
     plan = "\n".join(r[0] for r in sql("EXPLAIN " + _compiled(metrics_sql.queue_state)))
 
-    assert "ix_jobs_ready" in plan and "ix_jobs_lease" in plan, plan
+    # Running jobs: either partial index of running rows (ix_jobs_running, 0007, is
+    # keyed by queue and the planner prefers it once it exists).
+    assert "ix_jobs_ready" in plan, plan
+    assert "ix_jobs_running" in plan or "ix_jobs_lease" in plan, plan
     assert "Seq Scan on jobs" not in plan, plan
 
 
