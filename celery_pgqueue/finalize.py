@@ -11,8 +11,10 @@ by the delivery's attempt number, like every other write to a held job.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
+import celery.app.task
 from celery import signals, states
 
 from celery_pgqueue.delivery import DEFAULT_PRIORITY, attempt_of, job_of
@@ -31,12 +33,18 @@ the task's own setting applies where it runs.
 """
 
 
+# Celery 5.7+: a request's explicit ignore_result overrides the task's. Celery 5.5/5.6
+# have no such function and skip the result if either the task or the request says so.
+_ACTUAL_IGNORE_RESULT: Callable[[Any, Any], Any] | None = getattr(
+    celery.app.task, "get_actual_ignore_result", None
+)
+
+
 def _result_ignored(task: Any, request: Any) -> bool:
-    """``ignore_result`` as the worker applies it: the request's, else the task's."""
-    ignored = getattr(request, "ignore_result", None)
-    if ignored is None:
-        ignored = getattr(task, "ignore_result", False)
-    return bool(ignored)
+    """``ignore_result`` as the worker of this Celery version applies it."""
+    if _ACTUAL_IGNORE_RESULT is not None:
+        return bool(_ACTUAL_IGNORE_RESULT(task, request))
+    return bool(getattr(task, "ignore_result", False) or getattr(request, "ignore_result", False))
 
 
 def _backend_settles(task: Any, request: Any) -> bool:

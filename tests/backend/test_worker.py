@@ -19,7 +19,7 @@ from celery import chain, chord, group, signals
 from celery.exceptions import ChordError, TaskRevokedError
 from celery.exceptions import TimeoutError as ResultTimeout
 from celery.result import GroupResult, ResultSet
-from helpers import wait_until
+from helpers import CELERY_5_7, wait_until
 
 from celery_pgqueue.backend import ResultNotSerializable, ResultTooLarge
 from celery_pgqueue.ids import job_id_for
@@ -435,6 +435,11 @@ def test_forget_removes_the_job_and_its_logs(worker_tasks: Tasks) -> None:
 
 def test_revoke_before_start_reads_back_revoked(worker_tasks: Tasks) -> None:
     t = worker_tasks
+    if t.broker == "redis" and not CELERY_5_7:
+        pytest.skip(
+            "before Celery 5.7 a worker holding a countdown task stores REVOKED only when "
+            "its eta comes (the same with Redis as broker and result backend)"
+        )
     result = t.add.apply_async((1, 1), countdown=60)
 
     result.revoke()
