@@ -45,6 +45,8 @@ class Channel(virtual.Channel):  # type: ignore[misc]
         self.transport = connection
         self.store: Store = connection.store
         self._no_ack_queues: set[str] = set()
+        #: The batch every publish goes into, for Kombu without ``Producer.batch()``.
+        self.open_batch: PublishBatch | None = None
 
     # -- publishing ------------------------------------------------------------------
 
@@ -87,6 +89,8 @@ class Channel(virtual.Channel):  # type: ignore[misc]
         raise at once) and inserted when the batch flushes.
         """
         jobs = self.route(message, exchange, routing_key)
+        if _publish_batch is None:
+            _publish_batch = self.open_batch
         if _publish_batch is not None:
             _publish_batch.add(jobs)
         elif jobs:
