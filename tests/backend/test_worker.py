@@ -380,6 +380,11 @@ def test_a_failed_header_task_fails_the_chord_and_calls_its_errback(worker_tasks
     assert "header broke" in message
 
 
+@pytest.mark.skipif(
+    tuple(celery.VERSION[:2]) == (5, 6),
+    reason="Celery 5.6 revokes a group body before failing its tasks and its workers store "
+    "REVOKED over the failure (the same with Redis as broker and backend)",
+)
 def test_a_failed_header_fails_every_task_of_a_group_body(worker_tasks: Tasks) -> None:
     t = worker_tasks
     body = group(t.tsum.s(), t.tsum.s())
