@@ -30,7 +30,16 @@ def _is_pgqueue(producer: Any) -> bool:
 
     connection = getattr(producer, "connection", None)
     transport = getattr(connection, "transport", None) if connection is not None else None
-    return isinstance(transport, Transport) and hasattr(producer, "batch")
+    return isinstance(transport, Transport)
+
+
+def _batch(producer: Any) -> Any:
+    """Kombu 5.7's ``Producer.batch()``, or the channel's own batch on older Kombu."""
+    if hasattr(producer, "batch"):
+        return producer.batch(max_size=GROUP_BATCH_SIZE)
+    from celery_pgqueue.transport.publish import collecting
+
+    return collecting(producer.channel, GROUP_BATCH_SIZE)
 
 
 def _batched(apply_async: Any) -> Any:
@@ -45,7 +54,7 @@ def _batched(apply_async: Any) -> Any:
         with app.producer_or_acquire(options.pop("producer", None)) as producer:
             if not _is_pgqueue(producer):
                 return apply_async(self, args, kwargs, producer=producer, **options)
-            with unique.replaced_ids() as replaced, producer.batch(max_size=GROUP_BATCH_SIZE):
+            with unique.replaced_ids() as replaced, _batch(producer):
                 result = apply_async(self, args, kwargs, producer=producer, **options)
             return unique.redirect_group(result, replaced) if replaced else result
 
@@ -54,7 +63,7 @@ def _batched(apply_async: Any) -> Any:
 
 
 def install_group_batching(canvas: Any = None) -> None:
-    """Publish each pgqueue group in one INSERT (idempotent; Kombu 5.7+).
+    """Publish each pgqueue group in one INSERT (idempotent).
 
     Called by the hook (:mod:`celery_pgqueue_hook`) as soon as ``celery.canvas`` is
     imported.

@@ -10,8 +10,11 @@ by the delivery's attempt number, like every other write to a held job.
 
 from __future__ import annotations
 
+import functools
+import importlib
 import logging
-from typing import Any
+from collections.abc import Callable
+from typing import Any, cast
 
 from celery import signals, states
 
@@ -31,22 +34,39 @@ the task's own setting applies where it runs.
 """
 
 
-def _result_ignored(task: Any, request: Any) -> bool:
-    """``ignore_result`` as the worker applies it: the request's, else the task's."""
-    ignored = getattr(request, "ignore_result", None)
-    if ignored is None:
-        ignored = getattr(task, "ignore_result", False)
-    return bool(ignored)
+@functools.cache
+def _actual_ignore_result() -> Callable[[Any, Any], Any] | None:
+    """Celery's own rule (5.6: ``celery.app.trace``, 5.7: ``celery.app.task``), if it has one."""
+    for module in ("celery.app.task", "celery.app.trace"):
+        rule = getattr(importlib.import_module(module), "get_actual_ignore_result", None)
+        if rule is not None:
+            return cast("Callable[[Any, Any], Any]", rule)
+    return None
 
 
-def _backend_settles(task: Any, request: Any) -> bool:
+def _result_ignored(task: Any, request: Any, state: str = states.SUCCESS) -> bool:
+    """Whether the worker of this Celery version skips storing ``state``.
+
+    Celery 5.6+: the request's explicit ``ignore_result``, else the task's. Celery 5.5: a
+    success is skipped if the task or the request says so, a failure, retry or revoke
+    only if the task does.
+    """
+    rule = _actual_ignore_result()
+    if rule is not None:
+        return bool(rule(task, request))
+    if getattr(task, "ignore_result", False):
+        return True
+    return state not in states.EXCEPTION_STATES and bool(getattr(request, "ignore_result", False))
+
+
+def _backend_settles(task: Any, request: Any, state: str) -> bool:
     """Our result backend writes every state of tasks whose result it stores.
 
     Its class says so (``PgQueueBackend.settles_jobs``): no import of the backend in a
     worker whose result backend is another (a prefork child would pay it per child).
     """
     settles = getattr(type(task.backend), "settles_jobs", False) is True
-    return settles and not _result_ignored(task, request)
+    return settles and not _result_ignored(task, request, state)
 
 
 def _marker(task: Any, request: Any, state: str) -> dict[str, bool] | None:
@@ -55,7 +75,7 @@ def _marker(task: Any, request: Any, state: str) -> dict[str, bool] | None:
     ``store_errors_even_if_ignored`` makes Celery store failures, retries and revokes
     of such a task after all: those stay readable.
     """
-    if not _result_ignored(task, request):
+    if not _result_ignored(task, request, state):
         return None
     if state in states.EXCEPTION_STATES and getattr(task, "store_errors_even_if_ignored", False):
         return None
@@ -85,7 +105,7 @@ def _on_task_postrun(sender: Any = None, task_id: str = "", state: str = "", **k
         return
     request = task.request
     attempt = attempt_of(getattr(request, "properties", None))
-    if attempt is None or _backend_settles(task, request):
+    if attempt is None or _backend_settles(task, request, state):
         return
     try:
         store = _store_for(task.app)
@@ -120,7 +140,7 @@ def _on_task_revoked(sender: Any = None, request: Any = None, **kwargs: Any) -> 
     properties = getattr(message, "properties", None)
     attempt = attempt_of(properties)
     task = getattr(request, "task", None)
-    if attempt is None or task is None or _backend_settles(task, request):
+    if attempt is None or task is None or _backend_settles(task, request, "REVOKED"):
         return
     try:
         store = _store_for(task.app)

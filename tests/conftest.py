@@ -15,9 +15,12 @@ from __future__ import annotations
 import secrets
 from collections.abc import Iterator
 
+import kombu
 import psycopg
 import pytest
+from celery import signals
 from helpers import with_database
+from kombu.asynchronous import set_event_loop
 from psycopg import sql
 from transport_process.procs import Database, Workers, pgqueue_url
 
@@ -26,6 +29,19 @@ def pytest_configure(config: pytest.Config) -> None:
     """Declare markers here too so the suite works without pyproject's ini section."""
     config.addinivalue_line("markers", "slow: takes more than a few seconds")
     config.addinivalue_line("markers", "worker: starts a real Celery worker")
+
+
+@signals.worker_init.connect(weak=False)
+def _own_event_loop_per_worker(**_: object) -> None:
+    """Kombu < 5.7 leaves a stopped worker's hub as the process's event loop.
+
+    The next in-process worker (``start_worker``, as the tests use it) then adopts that
+    closed hub and its timer, which nothing drives: ETA and countdown tasks never run
+    (the same with Redis as broker and backend). Kombu 5.7 unsets a hub it closes; this
+    does the same for older Kombu. A worker process of its own never meets this.
+    """
+    if tuple(kombu.VERSION[:2]) < (5, 7):
+        set_event_loop(None)
 
 
 def _generated_name(kind: str) -> str:

@@ -11,9 +11,16 @@ from collections.abc import Callable
 from typing import TypeVar
 from urllib.parse import quote, urlencode, urlsplit, urlunsplit
 
+import celery
 from psycopg.conninfo import conninfo_to_dict
 
 T = TypeVar("T")
+
+CELERY_5_7 = tuple(celery.VERSION[:2]) >= (5, 7)
+"""Celery 5.7+: behaviour of Celery itself that older releases lack on every backend.
+
+Tests guard only assertions about such behaviour with it (README "Supported versions").
+"""
 
 
 def wait_until(

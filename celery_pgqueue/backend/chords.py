@@ -9,7 +9,7 @@ from typing import Any
 
 from celery import states
 from celery.app.task import Context
-from celery.backends.base import Backend, _create_chord_error_with_cause
+from celery.backends.base import Backend
 from celery.canvas import _chain, chord, group, maybe_signature
 from celery.exceptions import ChordError
 from celery.result import GroupResult, allow_join_result, result_from_tuple
@@ -20,6 +20,11 @@ from celery_pgqueue.ids import job_id_for
 from celery_pgqueue.storable import strict_json
 
 logger = logging.getLogger("celery_pgqueue")
+
+CELERY_FAILS_CHAINS = hasattr(Backend, "_fail_chain")
+"""Celery 5.7+ fails the rest of a chain in ``Backend._fail_chain``, following chord
+bodies, and fails what comes after a failed chord's body. Before 5.7 ``mark_as_failure``
+stores only the chain's own steps: :class:`GroupsAndChords` does the rest itself."""
 
 
 class GroupsAndChords(Backend):  # type: ignore[misc]
@@ -85,7 +90,7 @@ class GroupsAndChords(Backend):  # type: ignore[misc]
                 logger.exception("Chord %r raised: %r", group_id, exc)
                 return self.chord_error_from_stack(callback, ChordError(f"Join error: {exc!r}"))
             try:
-                app.amqp._retry_publish(callback.delay, values)
+                _publish_callback(app, callback, values)
             except Exception as exc:
                 logger.exception("Chord callback for %r raised: %r", group_id, exc)
                 return self.chord_error_from_stack(callback, ChordError(f"Callback error: {exc!r}"))
@@ -111,7 +116,96 @@ class GroupsAndChords(Backend):  # type: ignore[misc]
         the chain waits for its timeout (celery#6437; Redis fails the same way). Any
         task id can have a row here, so each of them gets the failure too.
         """
-        super()._fail_chain(chain, exc, traceback, store_result=store_result, state=state)
+        if CELERY_FAILS_CHAINS:
+            super()._fail_chain(chain, exc, traceback, store_result=store_result, state=state)
+        else:
+            self._fail_steps(_steps(chain), exc, traceback, store_result, state)
+        self._fail_unreached(chain, exc, traceback, store_result, state)
+
+    def mark_as_failure(
+        self,
+        task_id: str,
+        exc: Any,
+        traceback: Any = None,
+        request: Any = None,
+        store_result: bool = True,
+        call_errbacks: bool = True,
+        state: str = states.FAILURE,
+    ) -> None:
+        """Before Celery 5.7: what its ``_fail_chain`` adds to the chain's own steps.
+
+        Celery 5.5/5.6 store the failure for each later step of the chain but not for
+        a chord step's body (what the chain's result waits on) nor a group's tasks.
+        """
+        super().mark_as_failure(
+            task_id,
+            exc,
+            traceback=traceback,
+            request=request,
+            store_result=store_result,
+            call_errbacks=call_errbacks,
+            state=state,
+        )
+        if CELERY_FAILS_CHAINS or request is None:
+            return
+        chain = _steps(getattr(request, "chain", None))
+        bodies = [body for step in chain if (body := _chord_body(step)) is not None]
+        self._fail_steps(bodies, exc, traceback, store_result, state)
+        self._fail_unreached(chain, exc, traceback, store_result, state)
+
+    def chord_error_from_stack(self, callback: Any, exc: Any = None) -> Any:
+        """Before Celery 5.7: fail a group body's tasks and what is chained after the body.
+
+        Celery 5.5/5.6 store the error for the body's own id only: a group body's tasks
+        and the steps after the body (a chain's, when the chord was a step of one) would
+        stay PENDING.
+        """
+        info = super().chord_error_from_stack(callback, exc)
+        if CELERY_FAILS_CHAINS:
+            return info
+        if exc is None:
+            exc = info.exception if info is not None else None
+        if isinstance(callback, group):
+            cause = exc.__cause__ if isinstance(exc, ChordError) and exc.__cause__ else exc
+            self._fail_unreached([callback], cause, None, True, states.FAILURE)
+        elif isinstance(callback, _chain):  # a chord in a chain: the body carries the rest
+            self._fail_chain(list(callback.tasks), exc)
+        self._fail_chain(callback.options.get("chain"), exc)
+        return info
+
+    def _fail_steps(
+        self, steps: list[Any], exc: Any, traceback: Any, store_result: bool, state: str
+    ) -> None:
+        """Celery 5.7's walk down failed chain steps, for older Celery.
+
+        Each step with an id gets the failure, a chord member counts its part once (a
+        part that already failed has counted), and a chord step hands on to its body.
+        """
+        pending = deque(steps)
+        while pending:
+            raw = pending.popleft()
+            step = Context(raw)
+            step.update(step.options)
+            step.id = step.options.get("task_id")
+            step.group = step.options.get("group_id")
+            in_chord = "chord" in step.options
+            failed_before = (
+                in_chord
+                and step.id is not None
+                and self.get_state(step.id) in states.PROPAGATE_STATES
+            )
+            if store_result and state in states.PROPAGATE_STATES and step.id is not None:
+                self.store_result(step.id, exc, state, traceback=traceback, request=step)
+            if in_chord and not failed_before:
+                self.on_chord_part_return(step, state, exc)
+            body = _chord_body(raw)
+            if body is not None:
+                pending.append(body)
+
+    def _fail_unreached(
+        self, chain: Any, exc: Any, traceback: Any, store_result: bool, state: str
+    ) -> None:
+        """Store the failure for every group task and chord header a failed chain never ran."""
         if not store_result or state not in states.PROPAGATE_STATES:
             return
         tasks = list(_unreached_tasks(chain, self.app))
@@ -148,11 +242,41 @@ class GroupsAndChords(Backend):  # type: ignore[misc]
             value = document.get("result")
             if part.state in states.PROPAGATE_STATES:
                 cause = self.exception_to_python(value) if value else ChordError(part.state)
-                raise _create_chord_error_with_cause(
-                    message=f"Dependency {part.task_id} raised {cause!r}", original_exc=cause
-                )
+                raise _chord_error(f"Dependency {part.task_id} raised {cause!r}", cause)
             values.append(value)
         return values
+
+
+def _steps(chain: Any) -> list[Any]:
+    """A request's chain as a list (it may be None or a placeholder)."""
+    try:
+        return list(chain)
+    except TypeError:
+        return []
+
+
+def _chord_body(step: Any) -> Any:
+    """The body of a chain step that is a chord (as its message carries it), else None."""
+    if getattr(step, "get", None) is None or step.get("subtask_type") != "chord":
+        return None
+    return (step.get("kwargs") or {}).get("body")
+
+
+def _chord_error(message: str, cause: Any) -> ChordError:
+    """A ChordError whose ``__cause__`` is the header part's own exception."""
+    error = ChordError(message)
+    if isinstance(cause, Exception):
+        error.__cause__ = cause
+    return error
+
+
+def _publish_callback(app: Any, callback: Any, values: list[Any]) -> None:
+    """Send a chord's body; Celery 5.7+ retries each of its messages on its own."""
+    retry_publish = getattr(app.amqp, "_retry_publish", None)
+    if retry_publish is None:  # before Celery 5.7, as its Redis backend does
+        callback.delay(values)
+    else:
+        retry_publish(callback.delay, values)
 
 
 def _unreached_tasks(steps: Any, app: Any) -> Iterator[Any]:

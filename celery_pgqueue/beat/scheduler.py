@@ -10,7 +10,7 @@ import time
 import uuid
 from collections import deque
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
 from celery import beat as celery_beat
 
@@ -221,13 +221,29 @@ class Scheduler(celery_beat.Scheduler):  # type: ignore[misc]
             try:
                 due, next_in = self.is_due(entry)
             except Exception:
-                due, next_in = self._is_due_failed(entry)
+                due, next_in = self._due_failed(entry)
             if due:
                 if not self._send(entry, state):
                     return 0.0 if self._lease is not None else self._settings.poll
                 due, next_in = False, self._next_in(self.schedule[name])
             delay = min(delay, float(next_in))
         return delay
+
+    def _due_failed(self, entry: Any) -> tuple[bool, float]:
+        """An entry whose next run cannot be computed must not stop beat: retry it later.
+
+        Celery 5.7's ``_is_due_failed`` when there is one; Celery 5.5 has none.
+        """
+        celery_handler = getattr(super(), "_is_due_failed", None)
+        if celery_handler is not None:
+            return cast("tuple[bool, float]", celery_handler(entry))
+        logger.error(
+            "beat: cannot calculate the next run of %r, trying again in %s s",
+            entry.name,
+            self.max_interval,
+            exc_info=True,
+        )
+        return False, float(self.max_interval)
 
     def _send(self, entry: Any, state: EntryState) -> bool:
         """Send one tick, fenced; False if the lease or the entry changed meanwhile."""

@@ -45,6 +45,8 @@ class Channel(virtual.Channel):  # type: ignore[misc]
         self.transport = connection
         self.store: Store = connection.store
         self._no_ack_queues: set[str] = set()
+        #: The batch every publish goes into, for Kombu without ``Producer.batch()``.
+        self.open_batch: PublishBatch | None = None
 
     # -- publishing ------------------------------------------------------------------
 
@@ -88,6 +90,8 @@ class Channel(virtual.Channel):  # type: ignore[misc]
         at once, even in a batch: its caller learns here which job holds its key.
         """
         jobs = self.route(message, exchange, routing_key)
+        if _publish_batch is None:
+            _publish_batch = self.open_batch
         if jobs and jobs[0].unique_key is not None:
             self.enqueue_unique(jobs)
         elif _publish_batch is not None:

@@ -10,6 +10,8 @@ use it through :mod:`celery_pgqueue.batching`.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -51,3 +53,24 @@ class PublishBatch:
     def close(self) -> None:
         self._pending = []
         self._closed = True
+
+
+@contextlib.contextmanager
+def collecting(channel: Channel, max_size: int) -> Iterator[PublishBatch]:
+    """``Producer.batch()`` for Kombu before 5.7: the channel batches its own publishes.
+
+    Flushed when the block ends, discarded if it raises; a block inside another one
+    adds to the outer batch.
+    """
+    if channel.open_batch is not None:
+        yield channel.open_batch
+        return
+    batch = channel.create_publish_batch(max_size)
+    channel.open_batch = batch
+    try:
+        yield batch
+        channel.open_batch = None
+        batch.flush()
+    finally:
+        channel.open_batch = None
+        batch.close()

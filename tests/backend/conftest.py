@@ -147,6 +147,11 @@ def define_tasks(app: Celery, database_url: str, broker: str) -> Tasks:
         tasks.finished_at[key] = time.monotonic()
         return key
 
+    @app.task(name="t.timed_fail", shared=False)
+    def timed_fail(key: Any) -> None:
+        tasks.finished_at[key] = time.monotonic()
+        raise ValueError(f"timed {key}")
+
     @app.task(name="t.quiet_fail", shared=False, ignore_result=True)
     def quiet_fail(key: Any) -> None:
         tasks.finished_at[key] = time.monotonic()

@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 from celery import Celery
 from celery.schedules import crontab
+from helpers import CELERY_5_7
 from transport_process import pgbouncer
 from transport_process.procs import Database, with_port
 
@@ -166,7 +167,8 @@ def test_a_due_tick_is_one_job_whose_id_the_entry_records(
     assert row["total_run_count"] == 1
     assert row["next_run_at"] > row["last_run_at"]
     headers = db.value("SELECT payload->'headers' FROM jobs WHERE id = %s", job_id)
-    assert headers["celery_beat_task"] is True
+    if CELERY_5_7:  # Celery's beat marks what it sends since 5.7, whatever the broker
+        assert headers["celery_beat_task"] is True
 
 
 def test_an_entry_ticks_at_its_interval_not_faster(
