@@ -24,7 +24,7 @@ from celery_pgqueue.store.expressions import fixed as fixed  # re-exported: test
 from celery_pgqueue.store.hot import Call, Row
 from celery_pgqueue.store.lookups import MAX_PRIORITY_LEVELS as MAX_PRIORITY_LEVELS
 from celery_pgqueue.store.queries import Queries, for_schema
-from celery_pgqueue.store.records import ClaimedJob, NewJob
+from celery_pgqueue.store.records import ClaimedJob, NewJob, one_job_params
 
 
 def queries_of(conn: sa.Connection) -> Queries:
@@ -47,17 +47,7 @@ def insert_call(queries: Queries, *, new_jobs: Sequence[NewJob], channel: str | 
         [job] = new_jobs
         return Call(
             queries.enqueue_one,
-            {
-                "id": job.id,
-                "queue_name": job.queue_name,
-                "payload": Jsonb(job.payload),
-                "priority": job.priority,
-                "run_at": job.run_at,
-                "max_attempts": job.max_attempts,
-                "ttl": job.ttl_seconds,
-                "delay": job.delay_seconds,
-                "channel": channel,
-            },
+            one_job_params(job, channel),
         )
     return Call(
         queries.enqueue_many,

@@ -46,6 +46,22 @@ REQUEUE_SET = """status = 'queued',
 # cancelled job stays cancelled: cancel is durable. Intervals count from the
 # statement, by the database's clock: not now(), which inside a caller's long
 # transaction (enqueue_in) is when that began. One row: (rows written, NOTIFYs, NOTIFYs).
+# The two wake-up counts of an enqueue's SELECT list, over the rows it wrote ({written}):
+# one NOTIFY per queue with a job due now, one per queue with scheduled jobs saying when
+# the soonest comes due. ENQUEUE and uniqueness.ENQUEUE_UNIQUE both end with them.
+WAKE_WORKERS = """(SELECT count(pg_notify(%(channel)s::text, due.queue_name))
+     FROM (SELECT DISTINCT queue_name FROM {written}
+           WHERE run_at <= statement_timestamp()) AS due
+     WHERE %(channel)s::text IS NOT NULL),
+    (SELECT count(pg_notify(
+                %(channel)s::text,
+                scheduled.queue_name || {mark}
+                || round(extract(epoch FROM scheduled.run_at - statement_timestamp())::numeric, 3)
+                   ::text))
+     FROM (SELECT queue_name, min(run_at) AS run_at FROM {written}
+           WHERE run_at > statement_timestamp() GROUP BY queue_name) AS scheduled
+     WHERE %(channel)s::text IS NOT NULL)"""
+
 ENQUEUE = """
 WITH inserted AS (
     INSERT INTO {jobs} (id, queue_name, payload, priority, run_at, max_attempts, expires_at)
@@ -66,19 +82,8 @@ WITH inserted AS (
 )
 SELECT
     (SELECT count(*) FROM inserted),
-    (SELECT count(pg_notify(%(channel)s::text, due.queue_name))
-     FROM (SELECT DISTINCT queue_name FROM inserted
-           WHERE run_at <= statement_timestamp()) AS due
-     WHERE %(channel)s::text IS NOT NULL),
-    (SELECT count(pg_notify(
-                %(channel)s::text,
-                scheduled.queue_name || {mark}
-                || round(extract(epoch FROM scheduled.run_at - statement_timestamp())::numeric, 3)
-                   ::text))
-     FROM (SELECT queue_name, min(run_at) AS run_at FROM inserted
-           WHERE run_at > statement_timestamp() GROUP BY queue_name) AS scheduled
-     WHERE %(channel)s::text IS NOT NULL)
-"""
+    {wake}
+""".replace("{wake}", WAKE_WORKERS.replace("{written}", "inserted"))
 
 # The rows ENQUEUE inserts. One job as scalars: psycopg escapes every quote of every
 # payload inside a jsonb[] with a regular expression, which for a single publish was

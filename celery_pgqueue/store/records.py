@@ -11,6 +11,8 @@ from datetime import datetime
 from typing import Any
 from uuid import UUID
 
+from psycopg.types.json import Jsonb
+
 
 @dataclass(frozen=True, slots=True)
 class NewJob:
@@ -34,6 +36,21 @@ class NewJob:
     ttl_seconds: float | None = None
     delay_seconds: float | None = None
     unique_key: str | None = None
+
+
+def one_job_params(job: NewJob, channel: str | None) -> dict[str, Any]:
+    """The named parameters of a one-job enqueue (queries.ONE_NEW_JOB), plain or unique."""
+    return {
+        "id": job.id,
+        "queue_name": job.queue_name,
+        "payload": Jsonb(job.payload),
+        "priority": job.priority,
+        "run_at": job.run_at,
+        "max_attempts": job.max_attempts,
+        "ttl": job.ttl_seconds,
+        "delay": job.delay_seconds,
+        "channel": channel,
+    }
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,15 +10,13 @@ statement it ran before. Sent by :mod:`~celery_pgqueue.store.hot` like the other
 from __future__ import annotations
 
 import functools
-from typing import Any
 
 from psycopg import sql
-from psycopg.types.json import Jsonb
 
 from celery_pgqueue.store.hot import Call
 from celery_pgqueue.store.listener import SCHEDULED_MARK
-from celery_pgqueue.store.queries import REQUEUE_SET, _render
-from celery_pgqueue.store.records import NewJob
+from celery_pgqueue.store.queries import REQUEUE_SET, WAKE_WORKERS, _render
+from celery_pgqueue.store.records import NewJob, one_job_params
 
 # One job. Its values are computed once (v), as ENQUEUE computes them. The same task
 # id again (Celery's retry) re-queues its row as ENQUEUE does, so a retry is never
@@ -80,24 +78,13 @@ WITH v AS (
 )
 SELECT
     (SELECT count(*) FROM written),
-    (SELECT count(pg_notify(%(channel)s::text, due.queue_name))
-     FROM (SELECT DISTINCT queue_name FROM written
-           WHERE run_at <= statement_timestamp()) AS due
-     WHERE %(channel)s::text IS NOT NULL),
-    (SELECT count(pg_notify(
-                %(channel)s::text,
-                scheduled.queue_name || {mark}
-                || round(extract(epoch FROM scheduled.run_at - statement_timestamp())::numeric, 3)
-                   ::text))
-     FROM (SELECT queue_name, min(run_at) AS run_at FROM written
-           WHERE run_at > statement_timestamp() GROUP BY queue_name) AS scheduled
-     WHERE %(channel)s::text IS NOT NULL),
+    {wake},
     CASE WHEN EXISTS (SELECT FROM inserted)
               OR EXISTS (SELECT FROM {jobs} AS same WHERE same.id = %(id)s::uuid)
          THEN %(id)s::uuid
          ELSE (SELECT id FROM holder) END,
     (SELECT task_id FROM holder)
-"""
+""".replace("{wake}", WAKE_WORKERS.replace("{written}", "written"))
 
 
 @functools.cache
@@ -115,16 +102,4 @@ def insert_unique_call(schema: str, *, job: NewJob, channel: str | None) -> Call
     """Write ``job`` unless a live job holds ``job.unique_key``; see ENQUEUE_UNIQUE."""
     if not job.unique_key:
         raise ValueError("insert_unique_call: the job has no unique_key")
-    params: dict[str, Any] = {
-        "id": job.id,
-        "queue_name": job.queue_name,
-        "payload": Jsonb(job.payload),
-        "priority": job.priority,
-        "run_at": job.run_at,
-        "max_attempts": job.max_attempts,
-        "ttl": job.ttl_seconds,
-        "delay": job.delay_seconds,
-        "unique_key": job.unique_key,
-        "channel": channel,
-    }
-    return Call(for_schema(schema), params)
+    return Call(for_schema(schema), {**one_job_params(job, channel), "unique_key": job.unique_key})
