@@ -30,6 +30,8 @@ TARGET = "celery_pgqueue.transport:Transport"
 WATCHED = "kombu.transport"
 CANVAS = "celery.canvas"
 APP_BASE = "celery.app.base"
+#: ``apply_async``'s keyword (and the task attribute) that makes a publish unique.
+UNIQUE = "unique_key"
 
 
 def _register(module: ModuleType) -> None:
@@ -38,20 +40,71 @@ def _register(module: ModuleType) -> None:
         aliases.setdefault(ALIAS, TARGET)
 
 
+def _deferred(original: Any, needs_us: Any, factory: str, marker: str) -> Any:
+    """``original``, wrapped so that only a call that needs us imports our package.
+
+    ``needs_us(self, *args, **kwargs)`` decides per call; the first call that needs us
+    imports ``factory`` (``"module:function"``), which wraps ``original``, and every
+    later one uses that. Apps on other brokers never import ``celery_pgqueue`` (nor its
+    SQLAlchemy and psycopg), whatever else is installed here.
+    """
+    import functools  # loaded long before Celery is, so free here
+
+    ours: list[Any] = []
+
+    @functools.wraps(original)
+    def call(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if not needs_us(self, *args, **kwargs):
+            return original(self, *args, **kwargs)
+        if not ours:
+            module, _, name = factory.partition(":")
+            try:
+                ours.append(getattr(__import__(module, fromlist=[name]), name)(original))
+            except ImportError:  # package half-installed: Celery's own behaviour
+                ours.append(original)
+        return ours[0](self, *args, **kwargs)
+
+    setattr(call, marker, True)
+    return call
+
+
+def _is_ours(app: Any) -> bool:
+    conf = getattr(app, "conf", None)
+    return str(getattr(conf, "broker_url", None) or "").startswith(ALIAS)
+
+
+def _group_is_ours(group: Any, *args: Any, **options: Any) -> bool:
+    return _is_ours(getattr(group, "app", None))
+
+
+def _publish_is_unique(app: Any, name: Any = None, *args: Any, **options: Any) -> bool:
+    if options.get(UNIQUE) is None:
+        task = options.get("task_type") or app._tasks.get(name)
+        if getattr(task, UNIQUE, None) is None:
+            return False  # the common publish: two lookups, no conf read
+    return _is_ours(app)
+
+
 def _batch_groups(module: ModuleType) -> None:
-    try:
-        from celery_pgqueue.batching import install_group_batching
-    except ImportError:  # package half-installed: groups publish one by one, as before
+    """A pgqueue group is published in one INSERT (:mod:`celery_pgqueue.batching`)."""
+    group = getattr(module, "group", None)
+    current = getattr(group, "apply_async", None)
+    if current is None or getattr(current, "__pgqueue_batched__", False):
         return
-    install_group_batching(module)
+    group.apply_async = _deferred(  # type: ignore[union-attr]
+        current, _group_is_ours, "celery_pgqueue.batching:batched", "__pgqueue_batched__"
+    )
 
 
 def _unique_publishes(module: ModuleType) -> None:
-    try:
-        from celery_pgqueue.unique import install_unique_publishes
-    except ImportError:  # package half-installed: unique_key is an unknown property
+    """``apply_async`` takes ``unique_key`` (:mod:`celery_pgqueue.unique`)."""
+    celery = getattr(module, "Celery", None)
+    current = getattr(celery, "send_task", None)
+    if current is None or getattr(current, "__pgqueue_unique__", False):
         return
-    install_unique_publishes(module)
+    celery.send_task = _deferred(  # type: ignore[union-attr]
+        current, _publish_is_unique, "celery_pgqueue.unique:unique", "__pgqueue_unique__"
+    )
 
 
 _AFTER_IMPORT = {WATCHED: _register, CANVAS: _batch_groups, APP_BASE: _unique_publishes}

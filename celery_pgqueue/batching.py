@@ -1,22 +1,22 @@
 """Celery's groups published in one INSERT through Kombu's publish batches.
 
 Celery's ``group.apply_async`` (and so ``chunks``, and a chord's header) publishes its
-tasks one by one through one producer. :func:`install_group_batching` wraps it so that,
+tasks one by one through one producer. :func:`batched` wraps it so that,
 when the app's broker is pgqueue, that loop runs inside ``producer.batch()``
 (:mod:`celery_pgqueue.transport.publish`): a group of N tasks is one statement instead
 of N round trips (and N commits outside a caller's transaction). Other brokers' groups
 are left exactly as Celery sends them.
 
 Installed from one place, the hook (:mod:`celery_pgqueue_hook`), when ``celery.canvas``
-is imported; the hook runs at interpreter start (``celery_pgqueue.pth``) and again on
-``import celery_pgqueue``, so groups are batched without the ``.pth`` too. Nothing in
-the transport imports this module.
+is imported; it imports this module only when a pgqueue app's group is first sent. The
+hook runs at interpreter start (``celery_pgqueue.pth``) and again on ``import
+celery_pgqueue``, so groups are batched without the ``.pth`` too. Nothing in the
+transport imports this module.
 """
 
 from __future__ import annotations
 
 import functools
-import importlib
 from typing import Any
 
 from celery_pgqueue import unique
@@ -42,7 +42,9 @@ def _batch(producer: Any) -> Any:
     return collecting(producer.channel, GROUP_BATCH_SIZE)
 
 
-def _batched(apply_async: Any) -> Any:
+def batched(apply_async: Any) -> Any:
+    """``group.apply_async`` publishing in batches (wrapped by the hook, once)."""
+
     @functools.wraps(apply_async)
     def apply_async_batched(
         self: Any, args: Any = None, kwargs: Any = None, *rest: Any, **options: Any
@@ -58,19 +60,4 @@ def _batched(apply_async: Any) -> Any:
                 result = apply_async(self, args, kwargs, producer=producer, **options)
             return unique.redirect_group(result, replaced) if replaced else result
 
-    apply_async_batched.__pgqueue_batched__ = True  # type: ignore[attr-defined]
     return apply_async_batched
-
-
-def install_group_batching(canvas: Any = None) -> None:
-    """Publish each pgqueue group in one INSERT (idempotent).
-
-    Called by the hook (:mod:`celery_pgqueue_hook`) as soon as ``celery.canvas`` is
-    imported.
-    """
-    if canvas is None:
-        canvas = importlib.import_module("celery.canvas")
-    current = canvas.group.apply_async
-    if getattr(current, "__pgqueue_batched__", False):
-        return
-    canvas.group.apply_async = _batched(current)

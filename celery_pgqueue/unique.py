@@ -5,12 +5,12 @@ key reaches the transport as ``properties["unique_key"]``; the transport scopes 
 task name (:func:`stored_key`) and writes the job only if no queued or running job
 holds it (``Broker.enqueue_unique``, decided by a partial unique index). Celery builds
 the returned ``AsyncResult`` from the id it generated before publishing and drops what
-the publish returns, so :func:`install_unique_publishes` wraps ``Celery.send_task``
+the publish returns, so :func:`unique` wraps ``Celery.send_task``
 (which ``apply_async`` and ``retry`` call): it derives the task's default key from the
 arguments, opens a slot (:func:`holder_slot`) the transport fills with the holder's
-task id, and returns that job's result instead. Installed by the hook
-(:mod:`celery_pgqueue_hook`) when ``celery.app.base`` is imported; apps on other
-brokers pass through untouched.
+task id, and returns that job's result instead. The hook (:mod:`celery_pgqueue_hook`)
+wraps ``send_task`` when ``celery.app.base`` is imported and imports this module only
+for the first publish that carries a key; apps on other brokers pass through untouched.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
-import importlib
 import inspect
 import json
 from collections.abc import Iterator
@@ -165,7 +164,9 @@ def _holder_result(app: Any, sent: Any, task_id: str, result_cls: Any) -> Any:
     return result
 
 
-def _unique(send_task: Any) -> Any:
+def unique(send_task: Any) -> Any:
+    """``Celery.send_task`` that honours ``unique_key`` (wrapped by the hook, once)."""
+
     @functools.wraps(send_task)
     def send_task_unique(
         self: Any, name: str, args: Any = None, kwargs: Any = None, *rest: Any, **options: Any
@@ -196,19 +197,4 @@ def _unique(send_task: Any) -> Any:
             replaced[sent.id] = slot.task_id
         return _holder_result(self, sent, slot.task_id, options.get("result_cls"))
 
-    send_task_unique.__pgqueue_unique__ = True  # type: ignore[attr-defined]
     return send_task_unique
-
-
-def install_unique_publishes(base: Any = None) -> None:
-    """Let ``send_task`` (so ``apply_async``) take ``unique_key`` (idempotent).
-
-    Called by the hook (:mod:`celery_pgqueue_hook`) as soon as ``celery.app.base`` is
-    imported.
-    """
-    if base is None:
-        base = importlib.import_module("celery.app.base")
-    current = base.Celery.send_task
-    if getattr(current, "__pgqueue_unique__", False):
-        return
-    base.Celery.send_task = _unique(current)
