@@ -23,7 +23,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -37,6 +36,9 @@ import psycopg
 from psycopg import sql
 
 from celery_pgqueue import migrate
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from transport_process.pgbouncer import running
 
 APP = """\
 import json, os
@@ -101,58 +103,11 @@ CONFIGS = [
 ]
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @contextlib.contextmanager
 def pgbouncer(server_url: str, mode: str) -> Iterator[int]:
-    executable = shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"
-    target = urlsplit(server_url)
-    port = free_port()
-    directory = Path(tempfile.mkdtemp(prefix="cpq-bouncer-"))
-    directory.chmod(0o755)
-    (directory / "userlist.txt").write_text(f'"{target.username or "postgres"}" ""\n')
-    (directory / "pgbouncer.ini").write_text(
-        "\n".join(
-            [
-                "[databases]",
-                f"* = host={target.hostname or '127.0.0.1'} port={target.port or 5432}",
-                "[pgbouncer]",
-                "listen_addr = 127.0.0.1",
-                f"listen_port = {port}",
-                "unix_socket_dir =",
-                "auth_type = trust",
-                f"auth_file = {directory / 'userlist.txt'}",
-                f"pool_mode = {mode}",
-                "max_client_conn = 200",
-                "default_pool_size = 20",
-                "ignore_startup_parameters = extra_float_digits",
-                "",
-            ]
-        )
-    )
-    for path in directory.iterdir():
-        path.chmod(0o644)
-    args = [executable] + (["-u", "nobody"] if os.geteuid() == 0 else [])
-    process = subprocess.Popen(
-        [*args, str(directory / "pgbouncer.ini")],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    try:
-        for _ in range(300):
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
-                break
-            time.sleep(0.05)
+    """The tests' PgBouncer launcher (one home), yielding only its port."""
+    with running(server_url, mode) as (port, _log):
         yield port
-    finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(10)
-        shutil.rmtree(directory, ignore_errors=True)
 
 
 def via(db_url: str, port: int | None) -> str:

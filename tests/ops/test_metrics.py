@@ -220,7 +220,7 @@ def test_the_queue_state_reads_queued_and_running_jobs_through_their_partial_ind
 
 
 def test_a_database_that_does_not_answer_gives_up_0_not_an_error() -> None:
-    from transport_process.procs import free_port
+    from celery_pgqueue.devserver_cluster import free_port
 
     got = scrape(f"pgqueue://postgres@127.0.0.1:{free_port()}/nothing")
 
@@ -230,7 +230,7 @@ def test_a_database_that_does_not_answer_gives_up_0_not_an_error() -> None:
 def test_the_metrics_command_serves_a_scrape_over_http_until_sigterm(
     tmp_path: Path, app_module: str, jobs: Jobs
 ) -> None:
-    from transport_process.procs import free_port
+    from celery_pgqueue.devserver_cluster import free_port
 
     jobs.queued("celery")
     port = free_port()

@@ -23,7 +23,7 @@ from urllib.parse import urlsplit
 
 import psycopg
 
-from .procs import free_port
+from celery_pgqueue.devserver_cluster import free_port
 
 CANDIDATES = ("/usr/sbin/pgbouncer", "/usr/bin/pgbouncer", "/usr/local/bin/pgbouncer")
 
@@ -36,10 +36,15 @@ def binary() -> str | None:
 
 
 @contextlib.contextmanager
-def running(database_url: str) -> Iterator[tuple[int, Path]]:
-    """Start PgBouncer in front of ``database_url``'s server; yields (port, log path)."""
+def running(database_url: str, mode: str = "transaction") -> Iterator[tuple[int, Path]]:
+    """Start PgBouncer in ``mode`` pooling in front of ``database_url``'s server.
+
+    Yields (port, log path). The one launcher: the tests and the benchmarks
+    (``benchmarks/pgbouncer_latency.py``, ``connections.py --pgbouncer``) use it.
+    """
     executable = binary()
-    assert executable is not None
+    if executable is None:
+        raise FileNotFoundError("pgbouncer is not installed (Debian: apt-get install pgbouncer)")
     target = urlsplit(database_url)
     user = target.username or "postgres"
     port = free_port()
@@ -58,7 +63,7 @@ def running(database_url: str) -> Iterator[tuple[int, Path]]:
                 "unix_socket_dir =",
                 "auth_type = trust",
                 f"auth_file = {directory / 'userlist.txt'}",
-                "pool_mode = transaction",
+                f"pool_mode = {mode}",
                 "max_client_conn = 200",
                 "default_pool_size = 20",
                 "ignore_startup_parameters = extra_float_digits",

@@ -496,11 +496,3 @@ class Workers:
         for worker in self.started:
             with contextlib.suppress(Exception):
                 worker.reap(grace=0)
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])

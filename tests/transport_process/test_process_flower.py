@@ -22,7 +22,9 @@ from typing import Any
 import pytest
 from helpers import wait_until
 
-from .procs import CELERY, Database, Workers, free_port, task_specs, write_app
+from celery_pgqueue.devserver_cluster import free_port
+
+from .procs import CELERY, Database, Workers, task_specs, write_app
 
 pytestmark = [pytest.mark.worker, pytest.mark.slow, pytest.mark.timeout(600)]
 
