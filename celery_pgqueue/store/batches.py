@@ -26,7 +26,8 @@ from psycopg.types.json import Jsonb
 from celery_pgqueue.states import FINISHED, JobStatus, LogStatus
 from celery_pgqueue.storable import printable
 from celery_pgqueue.store.hot import Call
-from celery_pgqueue.store.queries import INLINE_RESULT_BYTES, _render
+from celery_pgqueue.store.notify import INLINE_RESULT_BYTES
+from celery_pgqueue.store.queries import _render
 
 FINISH_MANY = """
 WITH v AS (
@@ -130,7 +131,9 @@ def finish_many_call(
             "job_ids": [f.job_id for f in finishes],
             "attempts": [f.attempt for f in finishes],
             "statuses": [f.status.value for f in finishes],
-            "log_statuses": [None if f.log_status is None else f.log_status.value for f in finishes],
+            "log_statuses": [
+                None if f.log_status is None else f.log_status.value for f in finishes
+            ],
             "log_messages": [
                 printable(f.log_message) if f.log_message else f.log_message for f in finishes
             ],

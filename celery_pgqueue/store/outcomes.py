@@ -6,10 +6,9 @@ from collections.abc import Sequence
 from typing import Any
 from uuid import UUID
 
-from celery_pgqueue.store import batches
+from celery_pgqueue.store import batches, result_reads
 from celery_pgqueue.store import groups as group_sql
 from celery_pgqueue.store import jobs as job_sql
-from celery_pgqueue.store import result_reads
 from celery_pgqueue.store import results as result_sql
 from celery_pgqueue.store import schema as schema_sql
 from celery_pgqueue.store.batches import Finish

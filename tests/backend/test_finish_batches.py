@@ -74,18 +74,26 @@ def test_a_finish_batch_writes_all_its_rows_as_one_statement(
         for n in range(6)
     ]
     logs = rows(database_url, "SELECT status, finished_at IS NOT NULL FROM job_logs")
-    assert sorted(logs) == sorted(
-        [("success" if n % 2 else "failed", True) for n in range(6)]
-    )
+    assert sorted(logs) == sorted([("success" if n % 2 else "failed", True) for n in range(6)])
 
 
 def test_each_row_of_a_batch_is_fenced_by_its_attempt(store: Store, database_url: str) -> None:
     (first, attempt), (second, attempt2) = _claimed(store, 2)
     finishes = [
-        Finish(job_id=first, attempt=attempt + 5, status=JobStatus.COMPLETED,
-               log_status=LogStatus.SUCCESS, result={"status": "SUCCESS"}),
-        Finish(job_id=second, attempt=attempt2, status=JobStatus.COMPLETED,
-               log_status=LogStatus.SUCCESS, result={"status": "SUCCESS"}),
+        Finish(
+            job_id=first,
+            attempt=attempt + 5,
+            status=JobStatus.COMPLETED,
+            log_status=LogStatus.SUCCESS,
+            result={"status": "SUCCESS"},
+        ),
+        Finish(
+            job_id=second,
+            attempt=attempt2,
+            status=JobStatus.COMPLETED,
+            log_status=LogStatus.SUCCESS,
+            result={"status": "SUCCESS"},
+        ),
     ]
 
     assert store.finish_many(finishes, notify=False) == {second}
