@@ -1,7 +1,7 @@
 """The node's completion writer: the finishes of a prefork node's pool processes, written
-in batches by one thread of the worker's main process.
+in batches by one small process the worker's main process forks next to its pool.
 
-Group commit without a timer: the thread sleeps on its socket; woken, it takes every
+Group commit without a timer: the writer sleeps on its socket; woken, it takes every
 finish waiting there and writes them as one statement (``FINISH_MANY``); what arrives
 while that statement runs is the next batch. A lone finish is written at once, so a
 quiet node pays no window, and a busy one pays one round trip per batch instead of
@@ -9,18 +9,25 @@ one per task, on one connection instead of one per pool process. Each pool proce
 waits for its reply (:mod:`celery_pgqueue.relay`), so a task's state is committed
 before Celery hears of its end, as when the process wrote it itself.
 
-Started when a prefork pool forks its first process, when ``batch_finishes`` says so
+A process of its own, not a thread of the main process: that one's interpreter lock is
+busy with the event loop feeding the pool, and a batch whose reply waited for it ran
+the drain at half the speed (README, "Scaling out"). It exits when the main process
+does, writing what has arrived first. Started when a prefork pool forks its first
+process, when ``batch_finishes`` says so
 (``None``, the default: with a concurrency of at least :data:`AUTO_MIN_CONCURRENCY`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import secrets
 import select
+import signal
 import socket
 import threading
+import time
 from typing import Any
 
 from celery import signals
@@ -41,46 +48,40 @@ Waiting = tuple[Any, int, Finish]  # (reply address, request number, finish)
 
 
 class CompletionWriter:
-    """One thread writing the finishes the node's pool processes send it."""
+    """Writes the finishes the node's pool processes send to its socket, one batch at a
+    time; runs in a process of its own (:func:`start_process`) or, in tests, a thread."""
 
-    def __init__(self, store: Any, notify: bool) -> None:
+    def __init__(self, store: Any, notify: bool, owner: int | None = None) -> None:
         self.store = store
         self.notify = notify
         self.token = secrets.token_hex(16)
-        self.owner = os.getpid()
-        self.address = f"\0celery-pgqueue-{os.getpid()}-{secrets.token_hex(6)}".encode()
+        self.owner = os.getpid() if owner is None else owner
+        self.address = f"\0celery-pgqueue-{self.owner}-{secrets.token_hex(6)}".encode()
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.sock.bind(self.address)
         self.sock.setblocking(False)
         self.batches = 0
         self.finishes = 0
-        self._stopping = threading.Event()
-        self._thread = threading.Thread(
-            target=self._run, name="celery-pgqueue-completions", daemon=True
-        )
+        self.pid: int | None = None
+        self.stopping = threading.Event()
 
     @property
     def endpoint(self) -> relay.Endpoint:
         return relay.Endpoint(self.address, self.token, self.owner)
 
-    def start(self) -> CompletionWriter:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        """Write what has arrived, then stop."""
-        self._stopping.set()
-        self._thread.join(5)
-        self.sock.close()
-
-    def _run(self) -> None:
+    def serve(self) -> None:
+        """Write batches until told to stop or the worker's main process is gone; then
+        write what has arrived and return."""
         later: list[Waiting] = []
-        while not (self._stopping.is_set() and not later):
-            if not later:
+        while True:
+            done = self.stopping.is_set() or os.getppid() != self.owner
+            if not later and not done:
                 select.select([self.sock], [], [], 0.5)
             batch, later = _dedupe(later + self._received())
             if batch:
                 self._write(batch)
+            elif done and not later:
+                return
 
     def _received(self) -> list[Waiting]:
         got: list[Waiting] = []
@@ -113,6 +114,43 @@ class CompletionWriter:
             relay.reply(
                 self.sock, address, request, None if written is None else finish.job_id in written
             )
+
+    def start_process(self) -> CompletionWriter:
+        """Fork the process that serves (its own interpreter lock: the main process's
+        event loop, busy feeding the pool, would delay every batch's reply)."""
+        pid = os.fork()
+        if pid == 0:  # the writer process
+            code = 0
+            try:
+                signal.signal(signal.SIGTERM, lambda *_: self.stopping.set())
+                signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process decides
+                signal.signal(signal.SIGQUIT, signal.SIG_DFL)
+                self.serve()
+            except BaseException:
+                code = 1
+            finally:
+                os._exit(code)
+        self.pid = pid
+        self.sock.close()  # the main process never reads it
+        return self
+
+    def stop(self) -> None:
+        """Let the writer process write what has arrived, then reap it."""
+        if self.pid is None:
+            self.stopping.set()
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with contextlib.suppress(ChildProcessError):
+                if os.waitpid(self.pid, os.WNOHANG)[0]:
+                    return
+                time.sleep(0.05)
+                continue
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, signal.SIGKILL)
 
 
 def _dedupe(waiting: list[Waiting]) -> tuple[list[Waiting], list[Waiting]]:
@@ -159,7 +197,7 @@ def _before_fork(sender: Any = None, **_: Any) -> None:
         concurrency = int(getattr(sender, "_processes", 0) or 0)
         if not wanted(options.batch_finishes, concurrency):
             return
-        _writer = CompletionWriter(backend.store, notify=options.use_notify).start()
+        _writer = CompletionWriter(backend.store, notify=options.use_notify).start_process()
         relay.serve_at(_writer.endpoint)
 
 
@@ -175,7 +213,7 @@ def _current_app() -> Any:
 
 
 def _after_fork_in_child(**_: Any) -> None:
-    """A pool process owns no writer: its parent's socket stays the parent's."""
+    """A pool process owns no writer: that is its parent's to stop."""
     global _writer
     if _writer is not None and _writer.owner != os.getpid():
         _writer = None
