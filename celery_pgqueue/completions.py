@@ -13,8 +13,9 @@ A process of its own, not a thread of the main process: that one's interpreter l
 busy with the event loop feeding the pool, and a batch whose reply waited for it ran
 the drain at half the speed (README, "Scaling out"). It exits when the main process
 does, writing what has arrived first. Started when a prefork pool forks its first
-process, when ``batch_finishes`` says so
-(``None``, the default: with a concurrency of at least :data:`AUTO_MIN_CONCURRENCY`).
+process, when ``batch_finishes`` is on (off by default: measured, the extra hop made
+the drain slower than each pool process writing its own finish; README, "Scaling
+out").
 """
 
 from __future__ import annotations
@@ -37,12 +38,13 @@ from celery_pgqueue.store.batches import Finish
 
 logger = logging.getLogger("celery_pgqueue")
 
-AUTO_MIN_CONCURRENCY = 4
-"""Pool size from which ``batch_finishes=None`` batches: below it the hop through the
-main process cost more than the round trips it saved (README, "Scaling out")."""
-
 MAX_BATCH = 500
 """Most finishes in one statement."""
+
+WRITERS = 1
+"""Batches in flight at once, each on its own connection. Two did not measurably speed
+the drain on a 2-core machine and cost a connection; more than one lets a batch be
+gathered while the previous one is written."""
 
 Waiting = tuple[Any, int, Finish]  # (reply address, request number, finish)
 
@@ -64,6 +66,8 @@ class CompletionWriter:
         self.finishes = 0
         self.pid: int | None = None
         self.stopping = threading.Event()
+        self._reading = threading.Lock()
+        self._counting = threading.Lock()
 
     @property
     def endpoint(self) -> relay.Endpoint:
@@ -71,13 +75,25 @@ class CompletionWriter:
 
     def serve(self) -> None:
         """Write batches until told to stop or the worker's main process is gone; then
-        write what has arrived and return."""
+        write what has arrived and return. :data:`WRITERS` threads take turns reading
+        the socket, so a batch is gathered while the previous one is written."""
+        threads = [
+            threading.Thread(target=self._serve_one, name=f"pgqueue-completions-{n}")
+            for n in range(WRITERS)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+
+    def _serve_one(self) -> None:
         later: list[Waiting] = []
         while True:
             done = self.stopping.is_set() or os.getppid() != self.owner
-            if not later and not done:
-                select.select([self.sock], [], [], 0.5)
-            batch, later = _dedupe(later + self._received())
+            with self._reading:
+                if not later and not done:
+                    select.select([self.sock], [], [], 0.5)
+                batch, later = _dedupe(later + self._received())
             if batch:
                 self._write(batch)
             elif done and not later:
@@ -108,8 +124,9 @@ class CompletionWriter:
             # Each pool process then writes its own (and raises as it would have).
             logger.warning("pgqueue could not write a batch of finishes: %s", exc)
             written = None
-        self.batches += 1
-        self.finishes += len(batch)
+        with self._counting:
+            self.batches += 1
+            self.finishes += len(batch)
         for address, request, finish in batch:
             relay.reply(
                 self.sock, address, request, None if written is None else finish.job_id in written
@@ -176,13 +193,6 @@ _app: Any = None
 _lock = threading.Lock()
 
 
-def wanted(setting: bool | None, concurrency: int) -> bool:
-    """Whether a prefork pool of ``concurrency`` processes batches its finishes."""
-    if setting is None:
-        return concurrency >= AUTO_MIN_CONCURRENCY
-    return setting
-
-
 def _before_fork(sender: Any = None, **_: Any) -> None:
     """Start this node's writer before its first pool process forks, if it is wanted."""
     global _writer
@@ -194,8 +204,7 @@ def _before_fork(sender: Any = None, **_: Any) -> None:
         options = getattr(backend, "options", None)
         if not getattr(backend, "settles_jobs", False) or options is None:
             return
-        concurrency = int(getattr(sender, "_processes", 0) or 0)
-        if not wanted(options.batch_finishes, concurrency):
+        if not options.batch_finishes:
             return
         _writer = CompletionWriter(backend.store, notify=options.use_notify).start_process()
         relay.serve_at(_writer.endpoint)
