@@ -63,6 +63,25 @@ class Outcomes(Routing):
         """
         if not finishes:
             return set()
+        if len(finishes) == 1:
+            # A lone finish (a quiet node): FINISH itself costs half of FINISH_MANY.
+            f = finishes[0]
+            one = self.first(
+                job_sql.finish_call(
+                    self.queries,
+                    job_id=f.job_id,
+                    attempt=f.attempt,
+                    status=f.status,
+                    log_status=f.log_status,
+                    error_message=f.error_message,
+                    log_message=f.log_message,
+                    result=f.result,
+                    max_attempts=f.max_attempts,
+                    result_channel=self.result_channel if notify and f.notify else None,
+                    channel=self.channel if self.options.use_notify else None,
+                )
+            )
+            return {f.job_id} if one and one[0] else set()
         row = self.first(
             batches.finish_many_call(
                 self.options.schema,
