@@ -7,11 +7,11 @@ connections of one worker node, with ``batch_finishes`` off and on, interleaved.
 
 Each run: a scratch database, ``--n`` no-op tasks (with results) published first, then a
 real ``celery worker`` drains them. Reported per run: drain rate (n - 1 over the first
-to the last completion, from the rows' own timestamps: the pool's start-up left out), server transactions per
-task (``pg_stat_database.xact_commit`` from worker start to the end, less the sampler's
-own: each hot statement is one autocommit transaction, so this counts statements,
-start-up and idle polls included), and the most sessions of the database seen at
-once during the drain (``pg_stat_activity``). ``--python`` runs the worker with
+to the last completion, from the rows' own timestamps: the pool's start-up left out),
+server transactions per task (``pg_stat_database.xact_commit`` from worker start to
+the end, less the sampler's own: each hot statement is one autocommit transaction, so
+this counts statements, start-up and idle polls included), and the most sessions of
+the database seen at once during the drain (``pg_stat_activity``). ``--python`` runs the worker with
 another interpreter (another checkout's venv: "before" numbers in the same hour).
 """
 
