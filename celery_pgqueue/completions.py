@@ -139,9 +139,12 @@ class CompletionWriter:
         if pid == 0:  # the writer process
             code = 0
             try:
-                signal.signal(signal.SIGTERM, lambda *_: self.stopping.set())
-                signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process decides
+                # Not the worker's handlers it inherited (SIGHUP would re-exec a worker
+                # here): the main process decides, and stops it with SIGTERM.
+                for signum in (signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
+                    signal.signal(signum, signal.SIG_IGN)
                 signal.signal(signal.SIGQUIT, signal.SIG_DFL)
+                signal.signal(signal.SIGTERM, lambda *_: self.stopping.set())
                 self.serve()
             except BaseException:
                 code = 1
