@@ -99,7 +99,6 @@ def claim(
 ) -> dict[str, Any]:
     from celery_pgqueue.states import JobStatus, LogStatus
     from celery_pgqueue.store import NewJob
-    from celery_pgqueue.store.batches import Finish
 
     _reset(url)
     store = _store(url)
@@ -116,6 +115,8 @@ def claim(
             if not claimed:
                 return
             if many:  # batched completions: one FINISH_MANY, the ack riding in it
+                from celery_pgqueue.store.batches import Finish
+
                 store.finish_many(
                     [
                         Finish(job.id, job.attempt, JobStatus.COMPLETED, LogStatus.SUCCESS)
