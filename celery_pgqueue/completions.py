@@ -89,7 +89,8 @@ class CompletionWriter:
     def _serve_one(self) -> None:
         later: list[Waiting] = []
         while True:
-            done = self.stopping.is_set() or os.getppid() != self.owner
+            orphaned = os.getpid() != self.owner and os.getppid() != self.owner
+            done = self.stopping.is_set() or orphaned
             with self._reading:
                 if not later and not done:
                     select.select([self.sock], [], [], 0.5)
