@@ -210,8 +210,14 @@ def _before_fork(sender: Any = None, **_: Any) -> None:
             return
         if not options.batch_finishes:
             return
-        _writer = CompletionWriter(backend.store, notify=options.use_notify).start_process()
-        relay.serve_at(_writer.endpoint)
+        try:
+            writer = CompletionWriter(backend.store, notify=options.use_notify).start_process()
+        except OSError as exc:
+            # The pool processes then write their own finishes, as with the option off.
+            logger.warning("pgqueue could not start the completion writer: %s", exc)
+            return
+        _writer = writer
+        relay.serve_at(writer.endpoint)
 
 
 def _at_worker_init(sender: Any = None, **_: Any) -> None:
