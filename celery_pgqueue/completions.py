@@ -204,6 +204,10 @@ def _before_fork(sender: Any = None, **_: Any) -> None:
         if _writer is not None and _writer.owner == os.getpid():
             return
         app = _app or _current_app()
+        conf = getattr(app, "conf", None)
+        raw = getattr(conf, "result_backend_transport_options", None) or {}
+        if not raw.get("batch_finishes"):
+            return  # off: not even the backend is touched before a fork
         backend: Any = getattr(app, "backend", None)
         options = getattr(backend, "options", None)
         if not getattr(backend, "settles_jobs", False) or options is None:
