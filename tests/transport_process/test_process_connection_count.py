@@ -10,6 +10,7 @@ from __future__ import annotations
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -23,14 +24,16 @@ TASKS = 400
 PEAK = 6
 
 
-def _count(url: str, stop: threading.Event, most: list[int]) -> None:
+def _count(url: str, stop: threading.Event, most: list[Any]) -> None:
     with psycopg.connect(url, autocommit=True) as conn:
         while not stop.is_set():
-            row = conn.execute(
-                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+            rows = conn.execute(
+                "SELECT application_name, state, left(query, 40) FROM pg_stat_activity"
+                " WHERE datname = current_database()"
                 " AND application_name LIKE 'celery-pgqueue%%'"
-            ).fetchone()
-            most[0] = max(most[0], int(row[0]) if row else 0)
+            ).fetchall()
+            if len(rows) > most[0]:
+                most[0], most[1] = len(rows), rows
             time.sleep(0.005)
 
 
@@ -44,7 +47,7 @@ def test_a_prefork_c8_node_with_batched_completions_holds_at_most_6_connections(
         result_backend_transport_options={"batch_finishes": True},
     )
     worker = workers.start(app, "node", concurrency=8)
-    stop, most = threading.Event(), [0]
+    stop, most = threading.Event(), [0, []]
     sampler = threading.Thread(target=_count, args=(database_url, stop, most), daemon=True)
     sampler.start()
     try:
@@ -59,4 +62,4 @@ def test_a_prefork_c8_node_with_batched_completions_holds_at_most_6_connections(
         sampler.join()
     assert worker.alive()
     measure(f"prefork -c 8, batch_finishes on, {TASKS} tasks with results: peak {most[0]}")
-    assert most[0] <= PEAK, f"{most[0]} server connections at peak"
+    assert most[0] <= PEAK, f"{most[0]} server connections at peak: {most[1]}"
