@@ -96,6 +96,7 @@ class Sampler:
         self.db_url = db_url
         self.everything = everything
         self.phase = "start"
+        self.count = 0  # samples taken: one transaction of its own each
         self.most: dict[str, collections.Counter[str]] = {}
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self.run, daemon=True)
@@ -118,6 +119,7 @@ class Sampler:
                         " AND application_name NOT LIKE 'bench-load%%'"
                         " GROUP BY 1"
                     ).fetchall()
+                self.count += 1
                 now = collections.Counter({str(name): int(n) for name, n in rows})
                 now["total"] = sum(now.values())
                 best = self.most.setdefault(self.phase, collections.Counter())

@@ -8,6 +8,8 @@
   worker's early acks, which the transport defers and writes in one statement), then
   per job ``Store.finish(COMPLETED, SUCCESS)`` (what a finished task writes): the
   statements a Celery worker on pgqueue runs per task, at limit 1 and at a batch;
+  with ``--finish-many`` also each claimed batch finished by one ``Store.finish_many``
+  (``FINISH_MANY``, the ack riding in it: batched completions);
 * celery_publish: ``.delay()`` on Kombu's in-process ``memory://`` transport, no
   broker at all: what Celery itself costs per publish, the part no broker can remove;
 * handoff: publish -> claimed latency at a steady rate (``--handoff-rate`` jobs/s for
@@ -92,7 +94,9 @@ def enqueue(url: str, n: int, threads: int) -> dict[str, Any]:
     return {"jobs": n, "seconds": elapsed, "rate": n / elapsed}
 
 
-def claim(url: str, n: int, threads: int, batch: int, ack: bool) -> dict[str, Any]:
+def claim(
+    url: str, n: int, threads: int, batch: int, ack: bool, many: bool = False
+) -> dict[str, Any]:
     from celery_pgqueue.states import JobStatus, LogStatus
     from celery_pgqueue.store import NewJob
 
@@ -110,6 +114,18 @@ def claim(url: str, n: int, threads: int, batch: int, ack: bool) -> dict[str, An
             claimed = store.claim(QUEUE, batch, f"{owner}-{index}")
             if not claimed:
                 return
+            if many:  # batched completions: one FINISH_MANY, the ack riding in it
+                from celery_pgqueue.store.batches import Finish
+
+                store.finish_many(
+                    [
+                        Finish(job.id, job.attempt, JobStatus.COMPLETED, LogStatus.SUCCESS)
+                        for job in claimed
+                    ],
+                    notify=False,
+                )
+                done[index] += len(claimed)
+                continue
             if ack:  # the transport defers acks and writes a batch in one statement
                 store.mark_acked([(job.id, job.attempt) for job in claimed])
             for job in claimed:
@@ -124,7 +140,14 @@ def claim(url: str, n: int, threads: int, batch: int, ack: bool) -> dict[str, An
     elapsed = _run_threads(threads, work)
     store.dispose()
     total = sum(done)
-    return {"jobs": total, "seconds": elapsed, "rate": total / elapsed, "batch": batch, "ack": ack}
+    return {
+        "jobs": total,
+        "seconds": elapsed,
+        "rate": total / elapsed,
+        "batch": batch,
+        "ack": ack,
+        "finish_many": many,
+    }
 
 
 def _percentiles(samples: list[float]) -> dict[str, Any]:
@@ -249,6 +272,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", default="1,2")
     parser.add_argument("--batch", default="1")
     parser.add_argument("--no-ack", action="store_true")
+    parser.add_argument(
+        "--finish-many",
+        action="store_true",
+        help="also finish each claimed batch with one FINISH_MANY (acks riding in it)",
+    )
     parser.add_argument("--handoff-n", type=int, default=1000, help="0: skip")
     parser.add_argument("--handoff-rate", type=float, default=100.0)
     parser.add_argument("--redis-url", help="also measure Redis's handoff floor")
@@ -266,6 +294,10 @@ def main(argv: list[str] | None = None) -> int:
             outcome[f"claim_b{batch}_t{threads}"] = claim(
                 args.url, args.n, threads, batch, not args.no_ack
             )
+            if args.finish_many:
+                outcome[f"claim_b{batch}_t{threads}_many"] = claim(
+                    args.url, args.n, threads, batch, not args.no_ack, many=True
+                )
     _reset(args.url)
     sys.stdout.write(json.dumps(outcome) + "\n")
     return 0

@@ -8,6 +8,7 @@ from typing import Any
 from celery.backends.asynchronous import AsyncBackendMixin
 from kombu.serialization import prepare_accept_content
 
+from celery_pgqueue import completions  # noqa: F401  (starts with a prefork pool)
 from celery_pgqueue.backend.chords import GroupsAndChords
 from celery_pgqueue.backend.encoding import JSON, ResultEncoding
 from celery_pgqueue.backend.reading import StateReading

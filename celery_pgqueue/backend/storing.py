@@ -11,11 +11,12 @@ from celery import signals, states
 from celery.backends.base import Backend
 from celery.exceptions import Retry
 
-from celery_pgqueue import clock
+from celery_pgqueue import clock, relay
 from celery_pgqueue.backend.encoding import error_summary
 from celery_pgqueue.delivery import attempt_of
 from celery_pgqueue.ids import job_id_for
 from celery_pgqueue.states import CELERY_TO_LOG, job_status_for
+from celery_pgqueue.store.batches import Finish
 from celery_pgqueue.store.results import StateWrite
 
 TRACEBACK_LIMIT = 1_000
@@ -56,6 +57,8 @@ class StateStoring(Backend):  # type: ignore[misc]
         **kwargs: Any,
     ) -> Any:
         write = self._state_write(task_id, result, state, traceback, request)
+        if write.transport_owned and self._relayed(write):
+            return result
         # A task's outcome waits out a restart (and a pooled session the server closed)
         # instead of failing the task and leaving its row to lease rescue.
         self.store.retrying(
@@ -63,6 +66,25 @@ class StateStoring(Backend):  # type: ignore[misc]
             what=f"the {state} state of task {task_id}",
         )
         return result
+
+    def _relayed(self, write: StateWrite) -> bool:
+        """Whether the node's completion writer committed ``write`` (a prefork pool
+        process handing its finish over, :mod:`celery_pgqueue.relay`)."""
+        client = relay.client()
+        if client is None:
+            return False
+        finish = Finish(
+            job_id=write.job_id,
+            attempt=write.attempt,
+            status=write.status,
+            log_status=write.log_status,
+            result=write.document,
+            max_attempts=write.max_attempts,
+            error_message=write.error_message,
+            log_message=write.log_message,
+            notify=self.options.use_notify and write.ready,
+        )
+        return client.send(finish) is not None
 
     def _state_write(
         self, task_id: str, result: Any, state: str, traceback: str | None, request: Any

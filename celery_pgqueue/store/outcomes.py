@@ -6,11 +6,12 @@ from collections.abc import Sequence
 from typing import Any
 from uuid import UUID
 
+from celery_pgqueue.store import batches, result_reads
 from celery_pgqueue.store import groups as group_sql
 from celery_pgqueue.store import jobs as job_sql
-from celery_pgqueue.store import result_reads
 from celery_pgqueue.store import results as result_sql
 from celery_pgqueue.store import schema as schema_sql
+from celery_pgqueue.store.batches import Finish
 from celery_pgqueue.store.groups import ChordPart
 from celery_pgqueue.store.notify import ResultListener
 from celery_pgqueue.store.results import StateWrite, StoredResult
@@ -52,6 +53,44 @@ class Outcomes(Routing):
             return result_sql.upsert_state(
                 conn, write=write, channel=self.result_channel if notify else None
             )
+
+    def finish_many(self, finishes: Sequence[Finish], *, notify: bool) -> set[UUID]:
+        """Record the finish writes of many transport-owned tasks in one statement.
+
+        The batched :meth:`write_state` of a completion writer: each row fenced by its
+        attempt exactly as alone. Returns the ids whose row changed (the others were
+        fenced out). One job id at most once per call.
+        """
+        if not finishes:
+            return set()
+        if len(finishes) == 1:
+            # A lone finish (a quiet node): FINISH itself costs half of FINISH_MANY.
+            f = finishes[0]
+            one = self.first(
+                job_sql.finish_call(
+                    self.queries,
+                    job_id=f.job_id,
+                    attempt=f.attempt,
+                    status=f.status,
+                    log_status=f.log_status,
+                    error_message=f.error_message,
+                    log_message=f.log_message,
+                    result=f.result,
+                    max_attempts=f.max_attempts,
+                    result_channel=self.result_channel if notify and f.notify else None,
+                    channel=self.channel if self.options.use_notify else None,
+                )
+            )
+            return {f.job_id} if one and one[0] else set()
+        row = self.first(
+            batches.finish_many_call(
+                self.options.schema,
+                finishes,
+                result_channel=self.result_channel if notify else None,
+                channel=self.channel if self.options.use_notify else None,
+            )
+        )
+        return set(row[3] or ()) if row else set()
 
     def write_unrun_states(self, writes: Sequence[StateWrite], *, notify: bool) -> int:
         """Record one state for many tasks that never ran, in one statement; rows written.

@@ -21,6 +21,7 @@ from typing import Any
 import psycopg
 from kombu.transport import virtual
 
+from celery_pgqueue import completions  # noqa: F401  (starts with a prefork pool)
 from celery_pgqueue.errors import DatabaseUnavailable
 from celery_pgqueue.store import Store
 from celery_pgqueue.transport import url as urls
