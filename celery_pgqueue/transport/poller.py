@@ -6,7 +6,8 @@ claims what the consumers have room for (:meth:`Poller.deliver_ready`), and wake
 itself for the soonest scheduled job. In Celery's event loop it registers the LISTEN
 socket, a wake-up socket, a tick callback and a poll timer; synchronous consumers
 (``drain_events``) sleep on the LISTEN socket instead. The poll every
-``polling_interval`` is the fallback for a NOTIFY missed.
+``polling_interval`` (ten times that in an event loop with LISTEN working) is the
+fallback for a NOTIFY missed. Which of several woken workers claims: :mod:`.herd`.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from time import monotonic
 from typing import TYPE_CHECKING, Any
 
 from celery_pgqueue.errors import DatabaseUnavailable
-from celery_pgqueue.store.listener import Listener, wake_note
+from celery_pgqueue.store.listener import Listener, drained_note, drained_payload, wake_note
+from celery_pgqueue.transport.herd import LISTEN_POLL_FACTOR, Herd
 
 if TYPE_CHECKING:
     from celery_pgqueue.transport.transport import Transport
@@ -64,6 +66,7 @@ class Poller:
         self._next_due: float | None = None
         self._due_timer: Any = None
         self._schedule_stale = True
+        self.herd = Herd(self)
 
     @property
     def listener(self) -> Listener:
@@ -125,7 +128,10 @@ class Poller:
                     break
                 limit = min(room, MAX_BATCH) if room else MAX_BATCH
                 self._batch_wait_since = None
-                got = channel.claim_into(queue, limit)
+                woken = queue in self.herd.woken
+                self.herd.woken.discard(queue)
+                drained = drained_payload(queue, self.transport.owner) if woken else None
+                got = channel.claim_into(queue, limit, drained)
                 delivered += got
                 if got >= limit:
                     wanted = True
@@ -240,10 +246,22 @@ class Poller:
         """Apply NOTIFY payloads; True when one says jobs are due now."""
         due = False
         consumed: set[str] | None = None
+        fresh: set[str] = set()  # queues a NOTIFY of this batch sends us to claim
         for _, payload in notes:
-            # Always read as a queue name too: a name may contain the mark itself.
-            self._drained.discard(payload)
+            note = drained_note(payload)
+            if note is not None:
+                queue, owner = note
+                if self.herd.drained(queue, owner, fresh):
+                    continue
+                payload = queue  # an empty owner hands the turn on: a wake-up
             queue, seconds = wake_note(payload)
+            # Always read as a queue name too: a name may contain the marks.
+            if payload in self._drained:
+                if self.herd.hold(payload):
+                    continue
+                fresh.add(payload)
+                self.herd.woken.add(payload)
+                self._drained.discard(payload)
             if seconds is None:
                 due = True
                 continue
@@ -307,8 +325,10 @@ class Poller:
                 end.setblocking(False)
         loop.add_reader(self._nudge[0].fileno(), self._on_nudged)
         loop.on_tick.add(self._on_tick)
+        # LISTEN is the wake-up; the poll only a safety net (see herd.py).
+        factor = LISTEN_POLL_FACTOR if self.transport.options.use_notify else 1
         self._poll_timer = loop.call_repeatedly(
-            self.transport.polling_interval, self._on_poll_timer
+            self.transport.polling_interval * factor, self._on_poll_timer
         )
         self._wanted = True
         self._cancel_due()
@@ -327,6 +347,7 @@ class Poller:
             self._poll_timer.cancel()
             self._poll_timer = None
         self._cancel_due()
+        self.herd.cancel_all()
 
     def _listen_dropped(self) -> None:
         """Whatever ended the LISTEN session (a restart, a failover, an administrator)
