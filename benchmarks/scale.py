@@ -211,7 +211,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate", type=float, default=10.0, help="tasks per second")
     parser.add_argument("--seconds", type=float, default=30.0, help="seconds of load")
     parser.add_argument("--idle-seconds", type=float, default=30.0)
-    parser.add_argument("--settle", type=float, default=5.0, help="seconds after start-up")
+    parser.add_argument(
+        "--settle", type=float, default=STATS_TAIL, help="seconds after start-up, before idle"
+    )
     parser.add_argument("--no-backend", dest="backend", action="store_false")
     parser.add_argument("--src", help="run the workers on the celery_pgqueue in this checkout")
     parser.add_argument("--label", default="")
