@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING, Any
 
 from celery_pgqueue.errors import DatabaseUnavailable
 from celery_pgqueue.store.listener import Listener, drained_note, drained_payload, wake_note
+from celery_pgqueue.transport import draining
+from celery_pgqueue.transport.acks import ACK_DELAY
 from celery_pgqueue.transport.herd import LISTEN_POLL_FACTOR, Herd
 
 if TYPE_CHECKING:
@@ -67,6 +69,8 @@ class Poller:
         self._due_timer: Any = None
         self._schedule_stale = True
         self.herd = Herd(self)
+        self.batch_wait, self.limit_recheck = BATCH_WAIT, LIMIT_RECHECK  # for draining.py
+        self._ack_timer: Any = None
 
     @property
     def listener(self) -> Listener:
@@ -274,43 +278,7 @@ class Poller:
 
     def drain_events(self, timeout: float | None = None) -> None:
         """Synchronous consumers: deliver, else sleep on the LISTEN socket."""
-        deadline = None if timeout is None else monotonic() + timeout
-        while True:
-            if self.deliver_ready():
-                return
-            remaining = self.transport.polling_interval
-            if self._batch_wait_since is not None:
-                remaining = min(remaining, BATCH_WAIT)
-            if self._rechecks:
-                remaining = min(remaining, LIMIT_RECHECK)
-                self._drained.difference_update(self._rechecks)
-                self._rechecks.clear()
-            if self._next_due is not None:
-                remaining = min(remaining, max(0.0, self._next_due - monotonic()))
-            if deadline is not None:
-                left = deadline - monotonic()
-                if left <= 0:
-                    raise TimeoutError()
-                remaining = min(remaining, left)
-            self._sleep(remaining)
-            if self._next_due is not None and monotonic() >= self._next_due:
-                self._came_due()
-
-    def _sleep(self, seconds: float) -> None:
-        if not self.transport.options.use_notify:
-            self.transport.stopping.wait(seconds)
-            self._drained.clear()
-            self._schedule_stale = True
-            return
-        try:
-            notes = self.listener.wait(seconds)
-        except DatabaseUnavailable:
-            self._listen_dropped()
-            raise
-        if notes:
-            self._take_notes(notes)
-        else:
-            self._drained.clear()
+        draining.drain_events(self, timeout)
 
     # -- the event loop ----------------------------------------------------------------
 
@@ -348,6 +316,9 @@ class Poller:
             self._poll_timer = None
         self._cancel_due()
         self.herd.cancel_all()
+        if self._ack_timer is not None:
+            self._ack_timer.cancel()
+            self._ack_timer = None
 
     def _listen_dropped(self) -> None:
         """Whatever ended the LISTEN session (a restart, a failover, an administrator)
@@ -390,6 +361,13 @@ class Poller:
         """
         if self._wanted:
             self._wake_loop()
+        if self._loop is not None and self._ack_timer is None and self.transport.acks.pending():
+            # No claim may come soon to carry the ack, and the poll timer is 10 s away.
+            self._ack_timer = self._loop.call_later(ACK_DELAY * 1.5, self._on_ack_timer)
+
+    def _on_ack_timer(self) -> None:
+        self._ack_timer = None
+        self.transport.acks.flush()
 
     def _wake_loop(self) -> None:
         """Make the hub's poll return at once; one pending wake-up byte is enough."""
