@@ -6,7 +6,9 @@ empty. Instead:
 
 * A claim woken by a NOTIFY that takes fewer jobs than it asked for (it drained the
   queue, as its snapshot saw it) sends a *drained* note naming the queue and its
-  lease owner, in its own transaction (``claims.CLAIM``'s ``told``): free.
+  lease owner, in its own transaction (``claims.CLAIM``'s ``told``): free. A worker
+  that knows no peer on the queue sends one only every ``REPORT_ALONE`` seconds, so
+  that peers find each other while a lone worker's commits carry almost no NOTIFY.
 * The worker that sent the latest drained note of a queue is its *leader*: on the
   next NOTIFY it claims at once. Every other worker that has seen a drained note from
   someone else (so it knows it has peers on that queue) *holds* its claim for a random
@@ -46,6 +48,9 @@ HOLD_MAX = 0.1
 """Longest hold: the added latency when the leader is busy or gone."""
 PEER_MEMORY = 120.0
 """Seconds a peer's drained note is remembered: after that a worker claims at once."""
+REPORT_ALONE = 5.0
+"""Seconds between drained notes of a worker that knows no peer on the queue: enough
+for peers to find each other, and a lone worker's claims mostly carry no NOTIFY."""
 LISTEN_POLL_FACTOR = 10
 """A worker LISTENing polls every ``polling_interval`` times this (a safety net only)."""
 
@@ -57,6 +62,7 @@ class Herd:
         self.poller = poller
         self.leaders: dict[str, str] = {}
         self._peer_seen: dict[str, float] = {}
+        self._reported: dict[str, float] = {}
         self.holds: dict[str, Any] = {}
         """Queues whose claim is held, and the event-loop timer that ends the hold."""
         self.woken: set[str] = set()
@@ -69,6 +75,15 @@ class Herd:
     def has_peers(self, queue: str) -> bool:
         seen = self._peer_seen.get(queue)
         return seen is not None and monotonic() - seen < PEER_MEMORY
+
+    def report(self, queue: str) -> bool:
+        """Whether a claim answering a NOTIFY of ``queue`` should carry a drained note:
+        always with peers, else every ``REPORT_ALONE`` seconds (so peers find us)."""
+        now = monotonic()
+        if self.has_peers(queue) or now - self._reported.get(queue, -REPORT_ALONE) >= REPORT_ALONE:
+            self._reported[queue] = now
+            return True
+        return False
 
     def drained(self, queue: str, owner: str, fresh: set[str]) -> bool:
         """Take a drained note; True when it is no wake-up (an empty owner is one).

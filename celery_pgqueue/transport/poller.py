@@ -132,7 +132,7 @@ class Poller:
                     break
                 limit = min(room, MAX_BATCH) if room else MAX_BATCH
                 self._batch_wait_since = None
-                woken = queue in self.herd.woken
+                woken = queue in self.herd.woken and self.herd.report(queue)
                 self.herd.woken.discard(queue)
                 drained = drained_payload(queue, self.transport.owner) if woken else None
                 got = channel.claim_into(queue, limit, drained)
