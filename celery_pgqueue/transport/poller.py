@@ -71,6 +71,7 @@ class Poller:
         self.herd = Herd(self)
         self.batch_wait, self.limit_recheck = BATCH_WAIT, LIMIT_RECHECK  # for draining.py
         self._ack_timer: Any = None
+        self._polls = 0
 
     @property
     def listener(self) -> Listener:
@@ -293,10 +294,9 @@ class Poller:
                 end.setblocking(False)
         loop.add_reader(self._nudge[0].fileno(), self._on_nudged)
         loop.on_tick.add(self._on_tick)
-        # LISTEN is the wake-up; the poll only a safety net (see herd.py).
-        factor = LISTEN_POLL_FACTOR if self.transport.options.use_notify else 1
+        # With LISTEN only every LISTEN_POLL_FACTOR-th tick polls (see herd.py).
         self._poll_timer = loop.call_repeatedly(
-            self.transport.polling_interval * factor, self._on_poll_timer
+            self.transport.polling_interval, self._on_poll_timer
         )
         self._wanted = True
         self._cancel_due()
@@ -383,6 +383,16 @@ class Poller:
             self._nudge[0].recv(4096)  # type: ignore[index]
 
     def _on_poll_timer(self) -> None:
+        self._polls += 1
+        if self.transport.options.use_notify and self._polls % LISTEN_POLL_FACTOR:
+            # LISTEN works: only queues with a concurrency limit, whose freed slots a
+            # finish may not announce (see LIMIT_RECHECK), are looked at every time.
+            store = self.transport.store
+            limited = [queue for queue in self._drained if store.is_limited(queue)]
+            if limited:
+                self._drained.difference_update(limited)
+                self.deliver_ready()
+            return
         self._drained.clear()  # the fallback: a NOTIFY may have been missed
         if not self.transport.options.use_notify:
             self._schedule_stale = True  # no publish tells us of sooner jobs
