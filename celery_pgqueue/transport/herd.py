@@ -24,7 +24,9 @@ empty. Instead:
 * A leader woken while it has no room (its prefetch is full) hands its turn on: one
   NOTIFY with an empty owner, which every worker takes as a wake-up with no leader.
 * The poll timer stays the safety net, every ``polling_interval`` times
-  ``LISTEN_POLL_FACTOR`` while LISTEN works (NOTIFY is the wake-up).
+  ``LISTEN_POLL_FACTOR`` while LISTEN works (NOTIFY is the wake-up); a queue with a
+  concurrency limit, whose freed slots a finish may not announce, every
+  ``polling_interval`` as before.
 """
 
 from __future__ import annotations
