@@ -244,6 +244,12 @@ class Admin(Routing):
         self._known_queues.difference_update(names)
         return len(names), messages
 
+    def take_turn(self, purpose: str, seconds: float) -> bool:
+        """Whether it is this caller's turn for ``purpose`` (then the next one is due in
+        ``seconds``); one short transaction either way (see ``locks.take_turn``)."""
+        with self.begin() as conn:
+            return lock_sql.take_turn(conn, purpose=purpose, seconds=seconds)
+
     @contextlib.contextmanager
     def advisory_lock(self, purpose: str) -> Iterator[bool]:
         """Hold an advisory lock for ``purpose`` in this schema, if it is free.

@@ -14,6 +14,7 @@ from celery_pgqueue.store import jobs as job_sql
 from celery_pgqueue.store import lookups as lookup_sql
 from celery_pgqueue.store import rescue as rescue_sql
 from celery_pgqueue.store import retention as retention_sql
+from celery_pgqueue.store import schema as schema_sql
 from celery_pgqueue.store import uniqueness
 from celery_pgqueue.store.hot import Call, Row
 from celery_pgqueue.store.records import ClaimedJob, LiveJob, NewJob
@@ -82,8 +83,13 @@ class Broker(Routing):
         limit: int,
         owner: str,
         acked: Sequence[tuple[UUID, int]] = (),
+        drained: str | None = None,
     ) -> list[ClaimedJob]:
         """Take up to ``limit`` due jobs of an active queue under a lease for ``owner``.
+
+        ``drained``: a payload the claim NOTIFYs at its commit if it takes fewer than
+        ``limit`` (never for a limited queue, whose short claims say nothing of what
+        is left); ignored when ``use_notify`` is off.
 
         ``acked`` deliveries are marked acked in the same statement. A queue with a
         concurrency limit gets no more than its free slots, under the queue's lock
@@ -92,7 +98,8 @@ class Broker(Routing):
         limit set or removed applies from every worker's next claim.
         """
         limited = queue_name in self._limited_queues
-        claim = self._claim(queue_name, limit, owner, acked, limited=limited)
+        tell = drained if self.options.use_notify and not limited else None
+        claim = self._claim(queue_name, limit, owner, acked, limited=limited, drained=tell)
         if claim.concurrency_limit is None:
             self._limited_queues.discard(queue_name)
         elif not limited:
@@ -114,6 +121,7 @@ class Broker(Routing):
         acked: Sequence[tuple[UUID, int]],
         *,
         limited: bool,
+        drained: str | None = None,
     ) -> job_sql.Claim:
         call = job_sql.claim_call(
             self.queries,
@@ -123,9 +131,17 @@ class Broker(Routing):
             lease_seconds=self.options.lease_seconds,
             acked=acked,
             limited=limited,
+            channel=self.channel if drained else None,
+            drained=drained,
         )
         lock = job_sql.lock_queue_call(self.queries, queue_name=queue_name) if limited else None
         return job_sql.claimed_jobs(self.rows(call, after=lock))
+
+    def tell_workers(self, payload: str) -> None:
+        """One NOTIFY on the queues channel (a worker handing its turn to claim on)."""
+        if self.options.use_notify:
+            with self.single() as conn:
+                schema_sql.notify(conn, channel=self.channel, payload=payload)
 
     def mark_acked(self, held: Sequence[tuple[UUID, int]]) -> int:
         """Record that these deliveries were acked before their task finished."""

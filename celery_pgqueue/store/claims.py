@@ -48,6 +48,12 @@ CLAIMED = """claimed AS (
 ), opened AS (
     INSERT INTO {job_logs} (job_id, attempt_number, status, started_at)
     SELECT id, attempt_count, 'attempting', now() FROM claimed
+), told AS (
+    -- The "drained" note (listener.drained_payload): a claim woken by a NOTIFY that
+    -- took fewer than it asked for tells the other woken workers, at its commit, that
+    -- they need not claim (no transaction of its own: it rides on this one).
+    SELECT pg_notify(%(channel)s::text, %(drained)s::text)
+    WHERE %(drained)s::text IS NOT NULL AND (SELECT count(*) FROM claimed) < {limit}
 )
 -- One row per claimed job, or one of NULLs when none was: each carries the queue's
 -- concurrency limit, so an empty claim still says whether the queue is limited.
@@ -58,7 +64,7 @@ SELECT claimed.id, claimed.queue_name, claimed.payload, claimed.priority,
        q.concurrency_limit
 FROM {job_queues} AS q
 LEFT OUTER JOIN claimed ON true
-WHERE q.name = %(queue_name)s::varchar
+WHERE q.name = %(queue_name)s::varchar AND (SELECT count(*) FROM told) >= 0
 ORDER BY claimed.priority, claimed.run_at, claimed.created_at"""
 
 # A queue with a concurrency limit: at most that many of its jobs are running at once,

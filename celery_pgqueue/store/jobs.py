@@ -87,15 +87,24 @@ def claim_call(
     lease_seconds: float,
     acked: Sequence[tuple[UUID, int]] = (),
     limited: bool = False,
+    channel: str | None = None,
+    drained: str | None = None,
 ) -> Call:
     """Take up to ``limit`` due jobs of an active queue, lowest priority number first.
 
     ``acked`` records deferred early acks (see :func:`mark_acked_call`) in the same
     statement. ``limited``: the claim of a queue with a concurrency limit, to run after
     :func:`lock_queue_call` in the same transaction. Read the rows with
-    :func:`claimed_jobs`.
+    :func:`claimed_jobs`. ``drained``: a payload sent on ``channel`` if the claim takes
+    fewer than ``limit`` (see :func:`~celery_pgqueue.store.listener.drained_payload`).
     """
-    params = {"queue_name": queue_name, "owner": owner, "lease": lease_seconds}
+    params = {
+        "queue_name": queue_name,
+        "owner": owner,
+        "lease": lease_seconds,
+        "channel": channel,
+        "drained": drained if channel else None,
+    }
     if acked:
         params.update(held_params(acked))
     return Call(queries.claim(limit, with_acks=bool(acked), limited=limited), params)

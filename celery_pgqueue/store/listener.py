@@ -23,6 +23,24 @@ SCHEDULED_MARK = "\x1f"
 """Separates a queue name from the seconds until its soonest new scheduled job."""
 
 
+DRAINED_MARK = "\x1e"
+"""Separates a queue name from the lease owner whose claim drained it."""
+
+
+def drained_payload(queue: str, owner: str) -> str:
+    """The note a claim sends when it drained ``queue``: other woken workers need not
+    claim it. An empty ``owner`` hands the turn on: "wake up, I cannot claim it"."""
+    return f"{queue}{DRAINED_MARK}{owner}"
+
+
+def drained_note(payload: str) -> tuple[str, str] | None:
+    """``(queue, owner)`` of a drained note, or None for any other payload."""
+    queue, mark, owner = payload.rpartition(DRAINED_MARK)
+    if not mark or SCHEDULED_MARK in owner:
+        return None
+    return queue, owner
+
+
 def wake_note(payload: str) -> tuple[str, float | None]:
     """A queue channel payload: ``(queue, None)`` for "jobs are due now", or ``(queue,
     seconds)`` for "a job of this queue comes due in that many seconds".

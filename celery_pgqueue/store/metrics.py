@@ -29,6 +29,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 
 from celery_pgqueue.states import FINISHED as FINISHED_STATUSES
 from celery_pgqueue.states import JobStatus
+from celery_pgqueue.store.locks import TURN_PREFIX
 from celery_pgqueue.store.tables import job_counters, job_queues, jobs
 
 if TYPE_CHECKING:
@@ -123,11 +124,11 @@ def queue_state(conn: sa.Connection) -> list[QueueState]:
 
 
 def counters(conn: sa.Connection) -> list[CounterValue]:
-    """Every total in ``job_counters`` (not the mark)."""
+    """Every total in ``job_counters`` (not the mark, nor the turn rows of locks.py)."""
     c = job_counters
     rows = conn.execute(
         sa.select(c.c.counter, c.c.queue_name, c.c.value)
-        .where(c.c.counter != MARK)
+        .where(c.c.counter != MARK, ~c.c.counter.startswith(TURN_PREFIX, autoescape=True))
         .order_by(c.c.counter, c.c.queue_name)
     )
     return [CounterValue(*row) for row in rows]

@@ -44,6 +44,9 @@ Modules
 * :mod:`.qos` -- :class:`QoS`: acks, rejects and restores on the rows, deliveries
   kept across a consumer restart;
 * :mod:`.poller` -- LISTEN, the wake-up socket, the poll timer, claiming and delivery;
+* :mod:`.draining` -- the same for synchronous consumers (``drain_events()``);
+* :mod:`.herd` -- which of the idle workers woken by one NOTIFY claims (one at once,
+  the others after a short hold, dropped if the queue was drained meanwhile);
 * :mod:`.acks` -- the buffer that batches acks onto the next claim;
 * :mod:`.maintainer` -- the maintenance runner (deferred acks, rescue, retention);
 * :mod:`.leases` -- the process's lease keeper (attached on the first consume);

@@ -3,7 +3,8 @@
 Most early acks of short tasks are written by the next claim statement, or would find
 the row already finished; a statement of their own per tick was mostly no-op updates.
 Until written the row still reads as unacked, so a worker that dies in that window (at
-most ``ACK_DELAY``, or one poll interval when idle) has the task requeued rather than
+about ``ACK_DELAY``: an idle event loop arms a timer for it, ``Poller.room_freed``;
+a synchronous consumer flushes at its next poll) has the task requeued rather than
 marked lost. Consumed messages that are not tasks (mailbox and event traffic) are
 deleted instead, at the next flush.
 """

@@ -167,14 +167,15 @@ class Channel(virtual.Channel):  # type: ignore[misc]
             self.transport.acks.defer(held_of(message), transient=not is_task_delivery(message))
         return message
 
-    def claim_into(self, queue: str, limit: int) -> int:
+    def claim_into(self, queue: str, limit: int, drained: str | None = None) -> int:
         """Claim up to ``limit`` rows of ``queue`` and hand each to its consumer.
 
-        Deferred acks are written by the same statement.
+        Deferred acks are written by the same statement; so is the ``drained`` note
+        (NOTIFYed if the claim takes fewer than ``limit``, see ``herd.py``).
         """
         acked = self.transport.acks.take()
         try:
-            claimed = self.store.claim(queue, limit, self.transport.owner, acked)
+            claimed = self.store.claim(queue, limit, self.transport.owner, acked, drained)
         except Exception:
             self.transport.acks.give_back(acked)
             raise

@@ -2,8 +2,9 @@
 
 Started with the lease keeper by the first consume (:meth:`Maintainer.start`), in
 event-loop and synchronous consumers alike. Every beat it writes the deferred acks
-that no claim carried (:mod:`.acks`); every ``maintenance_interval`` it runs a pass of
-orphan rescue and retention (:mod:`celery_pgqueue.maintenance`), one process at a time.
+that no claim carried (:mod:`.acks`); every ``maintenance_interval`` it asks for the
+maintenance turn and, if it got it, runs a pass of orphan rescue and retention
+(:mod:`celery_pgqueue.maintenance`): one pass per period across all workers.
 Lease renewal has a thread and a connection of its own (:mod:`.leases`), so neither a
 long maintenance pass nor an exhausted pool can delay a renewal.
 """
@@ -24,6 +25,11 @@ if TYPE_CHECKING:
     from celery_pgqueue.transport.transport import Transport
 
 logger = logging.getLogger("celery_pgqueue")
+
+TURN = "maintenance"
+"""The ``store.take_turn`` purpose of the workers' maintenance passes."""
+TURN_SHARE = 0.9
+"""A turn lasts this share of ``maintenance_interval``."""
 
 
 class Maintainer:
@@ -70,7 +76,12 @@ class Maintainer:
             if monotonic() - last_maintenance >= interval:
                 last_maintenance = monotonic()
                 try:
-                    run_maintenance(transport.store, keeper=self.keeper)
+                    # One worker per period, whoever asks first after the turn is due:
+                    # a pass in every worker (24 workers, 24 passes) was most of an
+                    # idle worker's load. A turn a little shorter than the period, so
+                    # a lone worker's next ask (one period later) always finds it due.
+                    if transport.store.take_turn(TURN, interval * TURN_SHARE):
+                        run_maintenance(transport.store, keeper=self.keeper)
                 except Exception as exc:
                     logger.warning("pgqueue maintenance failed (retried next pass): %s", exc)
 

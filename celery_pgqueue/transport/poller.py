@@ -6,7 +6,8 @@ claims what the consumers have room for (:meth:`Poller.deliver_ready`), and wake
 itself for the soonest scheduled job. In Celery's event loop it registers the LISTEN
 socket, a wake-up socket, a tick callback and a poll timer; synchronous consumers
 (``drain_events``) sleep on the LISTEN socket instead. The poll every
-``polling_interval`` is the fallback for a NOTIFY missed.
+``polling_interval`` (ten times that in an event loop with LISTEN working) is the
+fallback for a NOTIFY missed. Which of several woken workers claims: :mod:`.herd`.
 """
 
 from __future__ import annotations
@@ -20,7 +21,10 @@ from time import monotonic
 from typing import TYPE_CHECKING, Any
 
 from celery_pgqueue.errors import DatabaseUnavailable
-from celery_pgqueue.store.listener import Listener, wake_note
+from celery_pgqueue.store.listener import Listener, drained_note, drained_payload, wake_note
+from celery_pgqueue.transport import draining
+from celery_pgqueue.transport.acks import ACK_DELAY
+from celery_pgqueue.transport.herd import LISTEN_POLL_FACTOR, Herd
 
 if TYPE_CHECKING:
     from celery_pgqueue.transport.transport import Transport
@@ -64,6 +68,10 @@ class Poller:
         self._next_due: float | None = None
         self._due_timer: Any = None
         self._schedule_stale = True
+        self.herd = Herd(self)
+        self.batch_wait, self.limit_recheck = BATCH_WAIT, LIMIT_RECHECK  # for draining.py
+        self._ack_timer: Any = None
+        self._polls = 0
 
     @property
     def listener(self) -> Listener:
@@ -125,7 +133,10 @@ class Poller:
                     break
                 limit = min(room, MAX_BATCH) if room else MAX_BATCH
                 self._batch_wait_since = None
-                got = channel.claim_into(queue, limit)
+                woken = queue in self.herd.woken and self.herd.report(queue)
+                self.herd.woken.discard(queue)
+                drained = drained_payload(queue, self.transport.owner) if woken else None
+                got = channel.claim_into(queue, limit, drained)
                 delivered += got
                 if got >= limit:
                     wanted = True
@@ -240,10 +251,22 @@ class Poller:
         """Apply NOTIFY payloads; True when one says jobs are due now."""
         due = False
         consumed: set[str] | None = None
+        fresh: set[str] = set()  # queues a NOTIFY of this batch sends us to claim
         for _, payload in notes:
-            # Always read as a queue name too: a name may contain the mark itself.
-            self._drained.discard(payload)
+            note = drained_note(payload)
+            if note is not None:
+                queue, owner = note
+                if self.herd.drained(queue, owner, fresh):
+                    continue
+                payload = queue  # an empty owner hands the turn on: a wake-up
             queue, seconds = wake_note(payload)
+            # Always read as a queue name too: a name may contain the marks.
+            if payload in self._drained:
+                if self.herd.hold(payload):
+                    continue
+                fresh.add(payload)
+                self.herd.woken.add(payload)
+                self._drained.discard(payload)
             if seconds is None:
                 due = True
                 continue
@@ -256,43 +279,7 @@ class Poller:
 
     def drain_events(self, timeout: float | None = None) -> None:
         """Synchronous consumers: deliver, else sleep on the LISTEN socket."""
-        deadline = None if timeout is None else monotonic() + timeout
-        while True:
-            if self.deliver_ready():
-                return
-            remaining = self.transport.polling_interval
-            if self._batch_wait_since is not None:
-                remaining = min(remaining, BATCH_WAIT)
-            if self._rechecks:
-                remaining = min(remaining, LIMIT_RECHECK)
-                self._drained.difference_update(self._rechecks)
-                self._rechecks.clear()
-            if self._next_due is not None:
-                remaining = min(remaining, max(0.0, self._next_due - monotonic()))
-            if deadline is not None:
-                left = deadline - monotonic()
-                if left <= 0:
-                    raise TimeoutError()
-                remaining = min(remaining, left)
-            self._sleep(remaining)
-            if self._next_due is not None and monotonic() >= self._next_due:
-                self._came_due()
-
-    def _sleep(self, seconds: float) -> None:
-        if not self.transport.options.use_notify:
-            self.transport.stopping.wait(seconds)
-            self._drained.clear()
-            self._schedule_stale = True
-            return
-        try:
-            notes = self.listener.wait(seconds)
-        except DatabaseUnavailable:
-            self._listen_dropped()
-            raise
-        if notes:
-            self._take_notes(notes)
-        else:
-            self._drained.clear()
+        draining.drain_events(self, timeout)
 
     # -- the event loop ----------------------------------------------------------------
 
@@ -307,6 +294,7 @@ class Poller:
                 end.setblocking(False)
         loop.add_reader(self._nudge[0].fileno(), self._on_nudged)
         loop.on_tick.add(self._on_tick)
+        # With LISTEN only every LISTEN_POLL_FACTOR-th tick polls (see herd.py).
         self._poll_timer = loop.call_repeatedly(
             self.transport.polling_interval, self._on_poll_timer
         )
@@ -327,6 +315,10 @@ class Poller:
             self._poll_timer.cancel()
             self._poll_timer = None
         self._cancel_due()
+        self.herd.cancel_all()
+        if self._ack_timer is not None:
+            self._ack_timer.cancel()
+            self._ack_timer = None
 
     def _listen_dropped(self) -> None:
         """Whatever ended the LISTEN session (a restart, a failover, an administrator)
@@ -369,6 +361,13 @@ class Poller:
         """
         if self._wanted:
             self._wake_loop()
+        if self._loop is not None and self._ack_timer is None and self.transport.acks.pending():
+            # No claim may come soon to carry the ack, and the poll timer is 10 s away.
+            self._ack_timer = self._loop.call_later(ACK_DELAY * 1.5, self._on_ack_timer)
+
+    def _on_ack_timer(self) -> None:
+        self._ack_timer = None
+        self.transport.acks.flush()
 
     def _wake_loop(self) -> None:
         """Make the hub's poll return at once; one pending wake-up byte is enough."""
@@ -384,6 +383,16 @@ class Poller:
             self._nudge[0].recv(4096)  # type: ignore[index]
 
     def _on_poll_timer(self) -> None:
+        self._polls += 1
+        if self.transport.options.use_notify and self._polls % LISTEN_POLL_FACTOR:
+            # LISTEN works: only queues with a concurrency limit, whose freed slots a
+            # finish may not announce (see LIMIT_RECHECK), are looked at every time.
+            store = self.transport.store
+            limited = [queue for queue in self._drained if store.is_limited(queue)]
+            if limited:
+                self._drained.difference_update(limited)
+                self.deliver_ready()
+            return
         self._drained.clear()  # the fallback: a NOTIFY may have been missed
         if not self.transport.options.use_notify:
             self._schedule_stale = True  # no publish tells us of sooner jobs
