@@ -20,14 +20,12 @@ from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
 
-from psycopg import sql
 from psycopg.types.json import Jsonb
 
 from celery_pgqueue.states import FINISHED, JobStatus, LogStatus
 from celery_pgqueue.storable import printable
 from celery_pgqueue.store.hot import Call
-from celery_pgqueue.store.notify import INLINE_RESULT_BYTES
-from celery_pgqueue.store.queries import _render
+from celery_pgqueue.store.queries import RESULT_NOTE, render
 
 FINISH_MANY = """
 WITH v AS (
@@ -79,10 +77,7 @@ WITH v AS (
 SELECT count(*),
        count(pg_notify(
            %(result_channel)s::text,
-           CASE WHEN octet_length(result_text) <= {inline_bytes}
-                THEN id::text || ' ' || extract(epoch FROM completed_at)::text
-                     || ' ' || result_text
-                ELSE id::text END
+           {result_note}
        )) FILTER (WHERE notify AND %(result_channel)s::text IS NOT NULL),
        -- as FINISH: a job leaving running in a queue its limit had filled frees a slot
        (SELECT count(pg_notify(%(channel)s::text, q.name))
@@ -117,7 +112,7 @@ class Finish:
 @functools.cache
 def finish_many_sql(schema: str) -> str:
     """``FINISH_MANY`` for tables in ``schema``, rendered once."""
-    return _render(FINISH_MANY, schema, inline_bytes=sql.Literal(INLINE_RESULT_BYTES))
+    return render(FINISH_MANY, schema, result_note=RESULT_NOTE)
 
 
 def finish_many_call(

@@ -211,10 +211,7 @@ WITH closed AS (
 SELECT count(*),
        count(pg_notify(
            %(result_channel)s::text,
-           CASE WHEN octet_length(result_text) <= {inline_bytes}
-                THEN id::text || ' ' || extract(epoch FROM completed_at)::text
-                     || ' ' || result_text
-                ELSE id::text END
+           {result_note}
        )) FILTER (WHERE %(result_channel)s::text IS NOT NULL),
        -- A job that stops running in a queue its limit had filled frees a slot: wake
        -- the workers, who found the queue full and wait for a NOTIFY naming it. Not
@@ -276,7 +273,7 @@ class Queries:
             acked = sql.SQL("acked AS ({}), ").format(sql.SQL(self.mark_acked))
             # Both templates are constants: joined as text, then rendered as one.
             template = (CLAIM_LIMITED if limited else CLAIM).replace("{claimed}", CLAIMED)
-            text = self._claims[key] = _render(
+            text = self._claims[key] = render(
                 template,
                 self.schema,
                 limit=sql.Literal(int(limit)),
@@ -291,16 +288,25 @@ def for_schema(schema: str) -> Queries:
     """Every per-task statement for tables in ``schema``."""
     return Queries(
         schema=schema,
-        enqueue_one=_render(ENQUEUE, schema, new_jobs=sql.SQL(ONE_NEW_JOB), **_ENQUEUE_ARGS),
-        enqueue_many=_render(ENQUEUE, schema, new_jobs=sql.SQL(NEW_JOBS), **_ENQUEUE_ARGS),
-        mark_acked=_render(MARK_ACKED, schema),
-        requeue=_render(REQUEUE, schema),
-        finish=_render(FINISH, schema, inline_bytes=sql.Literal(INLINE_RESULT_BYTES)),
-        heartbeat=_render(HEARTBEAT, schema),
-        delete_held=_render(DELETE_HELD, schema),
-        lock_queue=_render(LOCK_QUEUE, schema),
+        enqueue_one=render(ENQUEUE, schema, new_jobs=sql.SQL(ONE_NEW_JOB), **_ENQUEUE_ARGS),
+        enqueue_many=render(ENQUEUE, schema, new_jobs=sql.SQL(NEW_JOBS), **_ENQUEUE_ARGS),
+        mark_acked=render(MARK_ACKED, schema),
+        requeue=render(REQUEUE, schema),
+        finish=render(FINISH, schema, result_note=RESULT_NOTE),
+        heartbeat=render(HEARTBEAT, schema),
+        delete_held=render(DELETE_HELD, schema),
+        lock_queue=render(LOCK_QUEUE, schema),
     )
 
+
+# A finished job's results notification: the id, and for a small result its completion
+# time and JSON too, so the waiter reads nothing (FINISH and FINISH_MANY both send it).
+RESULT_NOTE = sql.SQL(
+    """CASE WHEN octet_length(result_text) <= {inline_bytes}
+                THEN id::text || ' ' || extract(epoch FROM completed_at)::text
+                     || ' ' || result_text
+                ELSE id::text END"""
+).format(inline_bytes=sql.Literal(INLINE_RESULT_BYTES))
 
 _ENQUEUE_ARGS = {
     "mark": sql.Literal(SCHEDULED_MARK),
@@ -316,7 +322,8 @@ def _table(schema: str, name: str) -> sql.Composable:
     return sql.SQL("{}.{}").format(sql.Identifier(schema), sql.SQL(name))
 
 
-def _render(template: str, schema: str, **parts: sql.Composable) -> str:
+def render(template: str, schema: str, **parts: sql.Composable) -> str:
+    """A statement template with this schema's tables (and ``parts``) filled in, as text."""
     query = sql.SQL(template.strip()).format(
         jobs=_table(schema, "jobs"),
         job_logs=_table(schema, "job_logs"),

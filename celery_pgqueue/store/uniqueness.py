@@ -15,7 +15,7 @@ from psycopg import sql
 
 from celery_pgqueue.store.hot import Call
 from celery_pgqueue.store.listener import SCHEDULED_MARK
-from celery_pgqueue.store.queries import REQUEUE_SET, WAKE_WORKERS, _render
+from celery_pgqueue.store.queries import REQUEUE_SET, WAKE_WORKERS, render
 from celery_pgqueue.store.records import NewJob, one_job_params
 
 # One job. Its values are computed once (v), as ENQUEUE computes them. The same task
@@ -90,7 +90,7 @@ SELECT
 @functools.cache
 def for_schema(schema: str) -> str:
     """ENQUEUE_UNIQUE for tables in ``schema``."""
-    return _render(
+    return render(
         ENQUEUE_UNIQUE,
         schema,
         mark=sql.Literal(SCHEDULED_MARK),
