@@ -32,22 +32,17 @@ class Outcomes(Routing):
         statement, so it fires at its commit and only if the row changed.
         """
         if write.transport_owned:
-            row = self.first(
-                job_sql.finish_call(
-                    self.queries,
-                    job_id=write.job_id,
-                    attempt=write.attempt,
-                    status=write.status,
-                    log_status=write.log_status,
-                    error_message=write.error_message,
-                    log_message=write.log_message,
-                    result=write.document,
-                    max_attempts=write.max_attempts,
-                    result_channel=self.result_channel if notify and write.ready else None,
-                    channel=self.channel if self.options.use_notify else None,
-                )
+            return self._finish(
+                job_id=write.job_id,
+                attempt=write.attempt,
+                status=write.status,
+                log_status=write.log_status,
+                error_message=write.error_message,
+                log_message=write.log_message,
+                result=write.document,
+                max_attempts=write.max_attempts,
+                notify_result=notify and write.ready,
             )
-            return bool(row and row[0])
         self.ensure_queues([write.queue_name])
         with self.single() as conn:
             return result_sql.upsert_state(
@@ -66,22 +61,18 @@ class Outcomes(Routing):
         if len(finishes) == 1:
             # A lone finish (a quiet node): FINISH itself costs half of FINISH_MANY.
             f = finishes[0]
-            one = self.first(
-                job_sql.finish_call(
-                    self.queries,
-                    job_id=f.job_id,
-                    attempt=f.attempt,
-                    status=f.status,
-                    log_status=f.log_status,
-                    error_message=f.error_message,
-                    log_message=f.log_message,
-                    result=f.result,
-                    max_attempts=f.max_attempts,
-                    result_channel=self.result_channel if notify and f.notify else None,
-                    channel=self.channel if self.options.use_notify else None,
-                )
+            changed = self._finish(
+                job_id=f.job_id,
+                attempt=f.attempt,
+                status=f.status,
+                log_status=f.log_status,
+                error_message=f.error_message,
+                log_message=f.log_message,
+                result=f.result,
+                max_attempts=f.max_attempts,
+                notify_result=notify and f.notify,
             )
-            return {f.job_id} if one and one[0] else set()
+            return {f.job_id} if changed else set()
         row = self.first(
             batches.finish_many_call(
                 self.options.schema,
@@ -198,3 +189,15 @@ class Outcomes(Routing):
             False,
             max_batches,
         )
+
+    def _finish(self, *, notify_result: bool, **fields: Any) -> bool:
+        """One transport-owned finish (FINISH); True if the fenced row changed."""
+        row = self.first(
+            job_sql.finish_call(
+                self.queries,
+                result_channel=self.result_channel if notify_result else None,
+                channel=self.channel if self.options.use_notify else None,
+                **fields,
+            )
+        )
+        return bool(row and row[0])
