@@ -7,8 +7,11 @@ the claim rate with 8 against 64 concurrent claimers on one queue of 100,000 rea
 
 publish  N processes (forked, each its own Celery app on ``pgqueue://``, no worker)
          call ``noop.delay()`` in a loop for ``--seconds`` after a common start; the
-         aggregate rate is every process's count over the window. Issue #17.5 asks
-         for 16 producers >= 2x one.
+         aggregate rate is every process's count over the window, with the machine's
+         CPU busy share over it. Issue #17.5 asks for 16 producers >= 2x one.
+         ``--client store`` publishes with ``Store.enqueue()`` instead (the same
+         statement without Celery's own CPU per publish), which shows whether the
+         server serialises the commits when the producers' CPU does not bind first.
 claim    100,000 ready jobs in a fresh queue, then C processes each claim ``--claim-batch``
          jobs at a time (``Store.claim``, no Celery) for ``--seconds``; jobs claimed
          per second over all claimers. #17.5: 64 must not collapse against 8.
@@ -31,9 +34,14 @@ import psycopg
 from backend_results import scratch_database
 
 FORK = mp.get_context("fork")
+CLIENT_VAR = "PRODUCERS_CLIENT"  # how the forked publishers publish (--client)
+BUSY: list[float] = []  # whole-machine CPU busy %, one per publish window
 
 
 def _publisher(db_url: str, start_at: float, seconds: float, out: Connection) -> None:
+    if os.environ.get(CLIENT_VAR) == "store":
+        _store_publisher(db_url, start_at, seconds, out)
+        return
     from celery import Celery
 
     app = Celery(f"producers-{os.getpid()}", set_as_current=False)
@@ -53,6 +61,32 @@ def _publisher(db_url: str, start_at: float, seconds: float, out: Connection) ->
     out.send(count)
 
 
+def _store_publisher(db_url: str, start_at: float, seconds: float, out: Connection) -> None:
+    """The transport's publish statement without Celery: ``Store.enqueue`` of one job."""
+    from celery_pgqueue.store import NewJob, Store
+
+    store = Store.for_url(db_url)
+
+    def publish(i: int) -> None:
+        store.enqueue([NewJob(id=uuid.uuid4(), queue_name="celery", payload={"i": i})])
+
+    for i in range(20):
+        publish(i)
+    time.sleep(max(0.0, start_at - time.time()))
+    count, end = 0, start_at + seconds
+    while time.time() < end:
+        publish(count)
+        count += 1
+    out.send(count)
+
+
+def cpu_times() -> tuple[float, float]:
+    """(busy, total) jiffies of the whole machine, from /proc/stat."""
+    fields = [float(x) for x in open("/proc/stat").readline().split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return sum(fields) - idle, sum(fields)
+
+
 def publish_rate(db_url: str, processes: int, seconds: float) -> float:
     start_at = time.time() + 1.0 + 0.15 * processes  # every process warmed up by then
     pipes, procs = [], []
@@ -62,7 +96,11 @@ def publish_rate(db_url: str, processes: int, seconds: float) -> float:
         proc.start()
         pipes.append(ours)
         procs.append(proc)
+    time.sleep(max(0.0, start_at - time.time()))
+    busy0, total0 = cpu_times()
     total = sum(int(p.recv()) for p in pipes)
+    busy1, total1 = cpu_times()
+    BUSY.append(100.0 * (busy1 - busy0) / max(1.0, total1 - total0))
     for proc in procs:
         proc.join()
     with psycopg.connect(db_url, autocommit=True) as conn:
@@ -131,7 +169,14 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5.0, help="window per measurement")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--no-claims", action="store_true", help="publish rates only")
+    parser.add_argument(
+        "--client",
+        choices=("celery", "store"),
+        default="celery",
+        help="publish with noop.delay() (celery) or Store.enqueue() without Celery (store)",
+    )
     args = parser.parse_args()
+    os.environ[CLIENT_VAR] = args.client
     producers = [int(p) for p in args.producers.split(",")]
     claimers = [] if args.no_claims else [int(c) for c in args.claimers.split(",")]
     publish: dict[int, list[float]] = {p: [] for p in producers}
@@ -141,7 +186,11 @@ def main() -> None:
         for round_no in range(args.rounds):
             for p in producers:
                 publish[p].append(publish_rate(db_url, p, args.seconds))
-                print(f"round {round_no + 1}: {p} producer(s) {publish[p][-1]:,.0f}/s", flush=True)
+                print(
+                    f"round {round_no + 1}: {p} producer(s) {publish[p][-1]:,.0f}/s, "
+                    f"machine CPU {BUSY[-1]:.0f}% busy",
+                    flush=True,
+                )
             for c in claimers:
                 claims[c].append(claim_rate(db_url, c, args.jobs, args.claim_batch, args.seconds))
                 print(f"round {round_no + 1}: {c} claimers {claims[c][-1]:,.0f}/s", flush=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from time import monotonic
 from typing import Any
 from uuid import UUID
 
@@ -17,8 +18,9 @@ from celery_pgqueue.store import retention as retention_sql
 from celery_pgqueue.store import schema as schema_sql
 from celery_pgqueue.store import uniqueness
 from celery_pgqueue.store.hot import Call, Row
-from celery_pgqueue.store.records import ClaimedJob, LiveJob, NewJob
+from celery_pgqueue.store.records import ClaimedJob, LiveJob, NewJob, due_now
 from celery_pgqueue.store.routing import Routing
+from celery_pgqueue.store.wakeups import Wakeups
 
 UNIQUE_ATTEMPTS = 10
 """Times a unique publish is sent while its key's holder stays out of sight.
@@ -38,9 +40,49 @@ class Broker(Routing):
         names = sorted({j.queue_name for j in new_jobs})
         self.ensure_queues(names, conn)
         channel = self.channel if self.options.use_notify else None
+        if channel is not None and conn is None and all(map(due_now, new_jobs)):
+            return self._enqueue_coalesced(new_jobs, names, channel)
         call = job_sql.insert_call(self.queries, new_jobs=new_jobs, channel=channel)
         row = self._write(call, names, conn)
         return int(row[0]) if row else 0
+
+    def _enqueue_coalesced(self, new_jobs: Sequence[NewJob], names: list[str], channel: str) -> int:
+        """Our own commit of jobs due now: it notifies unless this process just did.
+
+        See :mod:`~celery_pgqueue.store.wakeups`: a NOTIFY in every publish's commit
+        serialises the commits of every producer on the server.
+        """
+        wakeups = self.wakeups()
+        if not wakeups.notify_now(names):
+            call = job_sql.insert_call(self.queries, new_jobs=new_jobs, channel=None)
+            try:
+                row = self._write(call, names, None)
+            finally:  # even a failure may have committed (a reply lost): a spare NOTIFY is harmless
+                wakeups.owe(names)
+            return int(row[0]) if row else 0
+        call = job_sql.insert_call(self.queries, new_jobs=new_jobs, channel=channel)
+        started = monotonic()
+        try:
+            row = self._write(call, names, None)
+        except BaseException:
+            wakeups.failed(names)
+            raise
+        wakeups.notified(monotonic() - started)
+        return int(row[0]) if row else 0
+
+    def wakeups(self) -> Wakeups:
+        """This process's wake-up debts for this database (made on first use)."""
+        pool = self.pool
+        if pool.wakeups is None:
+            with pool.lock:
+                if pool.wakeups is None:
+                    channel, hot = self.channel, self._hot
+
+                    def wake(queues: list[str]) -> None:
+                        hot.rows(job_sql.wake_call(channel, queues))
+
+                    pool.wakeups = Wakeups(wake)
+        return pool.wakeups
 
     def enqueue_unique(self, job: NewJob, conn: sa.Connection | None = None) -> LiveJob:
         """Insert ``job`` unless a queued or running job holds ``job.unique_key``.

@@ -23,7 +23,7 @@ from celery_pgqueue.storable import printable
 from celery_pgqueue.store.expressions import fixed as fixed  # re-exported: tests import it here
 from celery_pgqueue.store.hot import Call, Row
 from celery_pgqueue.store.lookups import MAX_PRIORITY_LEVELS as MAX_PRIORITY_LEVELS
-from celery_pgqueue.store.queries import Queries, for_schema
+from celery_pgqueue.store.queries import WAKE_QUEUES, Queries, for_schema
 from celery_pgqueue.store.records import ClaimedJob, NewJob, one_job_params
 
 
@@ -71,6 +71,11 @@ def insert(conn: sa.Connection, *, new_jobs: Sequence[NewJob], channel: str | No
         return 0
     row = insert_call(queries_of(conn), new_jobs=new_jobs, channel=channel).first(conn)
     return int(row[0]) if row else 0
+
+
+def wake_call(channel: str, queues: Sequence[str]) -> Call:
+    """One NOTIFY per queue on ``channel``, in a transaction of its own (store.wakeups)."""
+    return Call(WAKE_QUEUES, {"channel": channel, "queues": list(queues)})
 
 
 def held_params(held: Sequence[tuple[UUID, int]]) -> dict[str, Any]:

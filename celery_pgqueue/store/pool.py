@@ -13,6 +13,7 @@ from celery_pgqueue.options import DatabaseURL, PgQueueOptions, pool_conflict
 from celery_pgqueue.store.borrowed import Lender
 from celery_pgqueue.store.hot import HotPath
 from celery_pgqueue.store.notify import Channels
+from celery_pgqueue.store.wakeups import Wakeups
 
 
 class Pool:
@@ -35,6 +36,8 @@ class Pool:
         self.schema_checked = False
         self.channels: Channels | None = None
         self.lender: Lender | None = None
+        # Wake-ups owed by this process's publishes (store.wakeups), made on first use.
+        self.wakeups: Wakeups | None = None
         self.lock = threading.Lock()
         # The role views on this pool, one per distinct set of options.
         self.stores: dict[PgQueueOptions, Any] = {}

@@ -62,6 +62,12 @@ WAKE_WORKERS = """(SELECT count(pg_notify(%(channel)s::text, due.queue_name))
            WHERE run_at > statement_timestamp() GROUP BY queue_name) AS scheduled
      WHERE %(channel)s::text IS NOT NULL)"""
 
+# What a process owes the workers for publishes that committed without a NOTIFY
+# (store/wakeups.py): one NOTIFY per queue, in a transaction of its own, which writes
+# no WAL and so holds the notify lock only briefly. One row: (NOTIFYs).
+WAKE_QUEUES = """SELECT count(pg_notify(%(channel)s::text, q))
+FROM unnest(%(queues)s::text[]) AS q"""
+
 ENQUEUE = """
 WITH inserted AS (
     INSERT INTO {jobs} (id, queue_name, payload, priority, run_at, max_attempts, expires_at)

@@ -38,6 +38,11 @@ class NewJob:
     unique_key: str | None = None
 
 
+def due_now(job: NewJob) -> bool:
+    """Whether ``job`` is ready at once: no countdown or ETA still ahead of it."""
+    return job.run_at is None and (job.delay_seconds is None or job.delay_seconds <= 0)
+
+
 def one_job_params(job: NewJob, channel: str | None) -> dict[str, Any]:
     """The named parameters of a one-job enqueue (queries.ONE_NEW_JOB), plain or unique."""
     return {

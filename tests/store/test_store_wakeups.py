@@ -1,0 +1,103 @@
+"""Fewer wake-ups from a fast producer, none lost (store.wakeups, #17.5).
+
+A process's publish of due jobs notifies in its own commit unless this process
+notified that queue within the window; such a publish commits without a NOTIFY and is
+owed one, sent once the window has passed, or at interpreter exit. Every committed job
+is followed by a NOTIFY naming its queue. The window is widened here (``min_window``)
+so that "not yet" and "then" are seconds apart, not milliseconds.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+
+import pytest
+from store_factories import new_job, notifications_up_to_marker
+
+from celery_pgqueue.store import Store
+from celery_pgqueue.store.listener import Listener
+
+WINDOW = 1.0
+
+
+@pytest.fixture
+def listener(store: Store) -> Iterator[Listener]:
+    listening = Listener(store.url, [store.channel], connect_timeout=5)
+    listening.connect()
+    yield listening
+    listening.close()
+
+
+def _heard(listener: Listener, store: Store) -> list[str]:
+    return notifications_up_to_marker(listener, store.url.libpq_url(), store.channel)
+
+
+def _next_payload(listener: Listener, channel: str, timeout: float) -> str | None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for ch, payload in listener.wait(0.05):
+            if ch == channel:
+                return payload
+    return None
+
+
+def test_a_publish_within_the_window_is_woken_when_the_window_ends(
+    store: Store, listener: Listener
+) -> None:
+    store.wakeups().min_window = WINDOW
+    store.enqueue([new_job()])
+    assert _heard(listener, store) == ["default"]  # the first notifies in its commit
+
+    owed_at = time.monotonic()
+    store.enqueue([new_job()])
+    assert _heard(listener, store) == []  # committed without one: owed
+
+    assert _next_payload(listener, store.channel, timeout=5 * WINDOW) == "default"
+    assert time.monotonic() - owed_at >= 0.5 * WINDOW
+    assert _heard(listener, store) == []  # paid once
+
+
+def test_each_queue_keeps_its_own_window(store: Store, listener: Listener) -> None:
+    store.wakeups().min_window = WINDOW
+    store.enqueue([new_job("a")])
+    store.enqueue([new_job("b")])
+    assert _heard(listener, store) == ["a", "b"]
+
+
+def test_a_scheduled_job_always_notifies_in_its_commit(
+    store: Store, listener: Listener
+) -> None:
+    store.wakeups().min_window = WINDOW
+    store.enqueue([new_job()])
+    store.enqueue([new_job(delay_seconds=60)])
+    heard = _heard(listener, store)
+    # the due job's wake-up, then the scheduled one's note saying when it comes due
+    assert heard[0] == "default"
+    assert len(heard) == 2 and heard[1].startswith("default") and heard[1] != "default"
+
+
+def test_a_group_notifies_its_queue_once(store: Store, listener: Listener) -> None:
+    store.enqueue([new_job() for _ in range(50)] + [new_job("other") for _ in range(50)])
+    assert sorted(_heard(listener, store)) == ["default", "other"]
+
+
+def test_what_is_owed_is_sent_when_the_producer_exits(
+    store: Store, listener: Listener, database_url: str
+) -> None:
+    script = textwrap.dedent(
+        f"""
+        import uuid
+        from celery_pgqueue.store import NewJob, Store
+        store = Store({database_url!r})
+        store.wakeups().min_window = 60.0
+        for _ in range(2):
+            store.enqueue([NewJob(id=uuid.uuid4(), queue_name="default", payload={{}})])
+        """
+    )
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=60)
+    # one in the first commit, the debt of the second paid at exit, not 60 s later
+    assert _heard(listener, store) == ["default", "default"]
