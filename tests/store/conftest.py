@@ -10,6 +10,7 @@ from store_factories import Db
 
 from celery_pgqueue.options import PgQueueOptions
 from celery_pgqueue.store import Store
+from celery_pgqueue.store.listener import Listener
 
 
 @pytest.fixture
@@ -37,3 +38,12 @@ def make_store(database_url: str) -> Iterator[Callable[..., Store]]:
 @pytest.fixture
 def store(make_store: Callable[..., Store]) -> Store:
     return make_store()
+
+
+@pytest.fixture
+def listener(store: Store) -> Iterator[Listener]:
+    """A LISTEN connection on the workers' channel of ``store``'s schema."""
+    listening = Listener(store.url, [store.channel], connect_timeout=5)
+    listening.connect()
+    yield listening
+    listening.close()

@@ -93,3 +93,8 @@ def notifications_up_to_marker(listener: Listener, url: str, channel: str) -> li
 
     wait_until(marker_arrived, timeout=10, message=f"marker NOTIFY on {channel}")
     return got[: got.index(marker)]
+
+
+def heard(listener: Listener, store: Any) -> list[str]:
+    """:func:`notifications_up_to_marker` on the workers' channel of ``store``'s schema."""
+    return notifications_up_to_marker(listener, store.url.libpq_url(), store.channel)

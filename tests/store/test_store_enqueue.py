@@ -4,23 +4,14 @@ re-publish of a task id, durable cancel, NOTIFY at commit, message TTL."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import timedelta
 
-import pytest
 from store_factories import Db, new_job, notifications_up_to_marker
 
 from celery_pgqueue.states import JobStatus, LogStatus
 from celery_pgqueue.store import Store
 from celery_pgqueue.store.listener import Listener, wake_note
-
-
-@pytest.fixture
-def listener(store: Store) -> Iterator[Listener]:
-    listening = Listener(store.url, [store.channel], connect_timeout=5)
-    listening.connect()
-    yield listening
-    listening.close()
 
 
 def test_enqueue_inserts_one_queued_row_per_job(store: Store, db: Db) -> None:

@@ -9,43 +9,29 @@ asks, and its row never shows among the metrics' totals.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 
-import pytest
-from store_factories import new_job, notifications_up_to_marker
+from store_factories import heard, new_job
 
 from celery_pgqueue.store import Store
 from celery_pgqueue.store import metrics as counters
 from celery_pgqueue.store.listener import Listener, drained_note, drained_payload
 
 
-@pytest.fixture
-def listener(store: Store) -> Iterator[Listener]:
-    listening = Listener(store.url, [store.channel], connect_timeout=5)
-    listening.connect()
-    yield listening
-    listening.close()
-
-
-def _heard(listener: Listener, store: Store) -> list[str]:
-    return notifications_up_to_marker(listener, store.url.libpq_url(), store.channel)
-
-
 def test_a_short_claim_notifies_its_drained_note_and_a_full_one_does_not(
     store: Store, listener: Listener
 ) -> None:
     store.enqueue([new_job() for _ in range(3)])
-    _heard(listener, store)  # the publish's own wake-up
+    heard(listener, store)  # the publish's own wake-up
     note = drained_payload("default", "host:1:abc")
 
     assert len(store.claim("default", 2, "w", drained=note)) == 2
-    assert _heard(listener, store) == []
+    assert heard(listener, store) == []
     assert len(store.claim("default", 2, "w", drained=note)) == 1
-    assert _heard(listener, store) == [note]
+    assert heard(listener, store) == [note]
     assert store.claim("default", 2, "w", drained=note) == []
-    assert _heard(listener, store) == [note]
+    assert heard(listener, store) == [note]
     assert store.claim("default", 2, "w") == []  # no payload: nothing sent
-    assert _heard(listener, store) == []
+    assert heard(listener, store) == []
 
 
 def test_drained_notes_parse_apart_from_queue_names() -> None:

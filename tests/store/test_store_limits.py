@@ -11,7 +11,7 @@ from __future__ import annotations
 import random
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -24,14 +24,6 @@ from celery_pgqueue.states import JobStatus, LogStatus
 from celery_pgqueue.store import Store
 from celery_pgqueue.store.listener import Listener
 from celery_pgqueue.store.results import StateWrite
-
-
-@pytest.fixture
-def listener(store: Store) -> Iterator[Listener]:
-    listening = Listener(store.url, [store.channel], connect_timeout=5)
-    listening.connect()
-    yield listening
-    listening.close()
 
 
 def _complete(store: Store, job_id: object, attempt: int = 1) -> bool:

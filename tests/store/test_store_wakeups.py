@@ -13,27 +13,13 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Iterator
 
-import pytest
-from store_factories import new_job, notifications_up_to_marker
+from store_factories import heard, new_job
 
 from celery_pgqueue.store import Store
 from celery_pgqueue.store.listener import Listener
 
 WINDOW = 1.0
-
-
-@pytest.fixture
-def listener(store: Store) -> Iterator[Listener]:
-    listening = Listener(store.url, [store.channel], connect_timeout=5)
-    listening.connect()
-    yield listening
-    listening.close()
-
-
-def _heard(listener: Listener, store: Store) -> list[str]:
-    return notifications_up_to_marker(listener, store.url.libpq_url(), store.channel)
 
 
 def _next_payload(listener: Listener, channel: str, timeout: float) -> str | None:
@@ -50,39 +36,37 @@ def test_a_publish_within_the_window_is_woken_when_the_window_ends(
 ) -> None:
     store.wakeups().min_window = WINDOW
     store.enqueue([new_job()])
-    assert _heard(listener, store) == ["default"]  # the first notifies in its commit
+    assert heard(listener, store) == ["default"]  # the first notifies in its commit
 
     owed_at = time.monotonic()
     store.enqueue([new_job()])
-    assert _heard(listener, store) == []  # committed without one: owed
+    assert heard(listener, store) == []  # committed without one: owed
 
     assert _next_payload(listener, store.channel, timeout=5 * WINDOW) == "default"
     assert time.monotonic() - owed_at >= 0.5 * WINDOW
-    assert _heard(listener, store) == []  # paid once
+    assert heard(listener, store) == []  # paid once
 
 
 def test_each_queue_keeps_its_own_window(store: Store, listener: Listener) -> None:
     store.wakeups().min_window = WINDOW
     store.enqueue([new_job("a")])
     store.enqueue([new_job("b")])
-    assert _heard(listener, store) == ["a", "b"]
+    assert heard(listener, store) == ["a", "b"]
 
 
-def test_a_scheduled_job_always_notifies_in_its_commit(
-    store: Store, listener: Listener
-) -> None:
+def test_a_scheduled_job_always_notifies_in_its_commit(store: Store, listener: Listener) -> None:
     store.wakeups().min_window = WINDOW
     store.enqueue([new_job()])
     store.enqueue([new_job(delay_seconds=60)])
-    heard = _heard(listener, store)
+    payloads = heard(listener, store)
     # the due job's wake-up, then the scheduled one's note saying when it comes due
-    assert heard[0] == "default"
-    assert len(heard) == 2 and heard[1].startswith("default") and heard[1] != "default"
+    assert payloads[0] == "default"
+    assert len(payloads) == 2 and payloads[1].startswith("default") and payloads[1] != "default"
 
 
 def test_a_group_notifies_its_queue_once(store: Store, listener: Listener) -> None:
     store.enqueue([new_job() for _ in range(50)] + [new_job("other") for _ in range(50)])
-    assert sorted(_heard(listener, store)) == ["default", "other"]
+    assert sorted(heard(listener, store)) == ["default", "other"]
 
 
 def test_what_is_owed_is_sent_when_the_producer_exits(
@@ -100,4 +84,4 @@ def test_what_is_owed_is_sent_when_the_producer_exits(
     )
     subprocess.run([sys.executable, "-c", script], check=True, timeout=60)
     # one in the first commit, the debt of the second paid at exit, not 60 s later
-    assert _heard(listener, store) == ["default", "default"]
+    assert heard(listener, store) == ["default", "default"]
