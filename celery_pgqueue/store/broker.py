@@ -97,12 +97,24 @@ class Broker(Routing):
         call = uniqueness.insert_unique_call(self.queries.schema, job=job, channel=channel)
         for _ in range(UNIQUE_ATTEMPTS):
             row = self._write(call, [job.queue_name], conn)
-            if row is not None and row[3] is not None:
-                return LiveJob(id=row[3], task_id=None if row[3] == job.id else row[4])
+            if row is None or row[3] is None:
+                continue
+            if row[3] != job.id and row[5]:
+                # The holder is past its expires: it will never run, yet would answer
+                # every duplicate until a claim or maintenance met it. Settle it as
+                # Celery would (REVOKED, "expired") and publish again.
+                self._expire_holder(row[3], conn)
+                continue
+            return LiveJob(id=row[3], task_id=None if row[3] == job.id else row[4])
         raise UniqueKeyContention(
             f"unique key {job.unique_key!r}: its holder changed {UNIQUE_ATTEMPTS} times "
             "while publishing; publish again"
         )
+
+    def _expire_holder(self, holder: UUID, conn: sa.Connection | None) -> None:
+        results = self.result_channel if self.options.use_notify else None
+        with self.single(conn) as c:
+            rescue_sql.expire_tasks(c, limit=1, job_ids=[holder], result_channel=results)
 
     def _write(self, call: Call, names: list[str], conn: sa.Connection | None) -> Row | None:
         """Run an enqueue statement: on ``conn`` if given, else in autocommit."""

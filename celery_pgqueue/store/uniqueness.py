@@ -27,7 +27,8 @@ from celery_pgqueue.store.records import NewJob, one_job_params
 # The holder is read in the statement's snapshot, so one that committed after that
 # began is not seen: the fourth column is then NULL and the caller sends the
 # statement again (a new snapshot). One row: (rows written, NOTIFYs, NOTIFYs, id of
-# the live job, its task id when it is another job's).
+# the live job, its task id when it is another job's, whether that job is past its
+# expires).
 ENQUEUE_UNIQUE = """
 WITH v AS (
     SELECT n.id,
@@ -70,7 +71,11 @@ WITH v AS (
     UNION ALL
     SELECT queue_name, run_at FROM inserted
 ), holder AS (
-    SELECT held.id, coalesce(held.payload->'headers'->>'id', held.id::text) AS task_id
+    SELECT held.id,
+           coalesce(held.payload->'headers'->>'id', held.id::text) AS task_id,
+           -- past its expires (rescue.IS_EXPIRED): it will never run, so the caller
+           -- settles it as expired and publishes again
+           held.status = 'queued' AND held.expires_at <= now() AS expired
     FROM {jobs} AS held
     WHERE held.unique_key = %(unique_key)s::varchar
       AND held.status IN ('queued', 'running')
@@ -83,7 +88,8 @@ SELECT
               OR EXISTS (SELECT FROM {jobs} AS same WHERE same.id = %(id)s::uuid)
          THEN %(id)s::uuid
          ELSE (SELECT id FROM holder) END,
-    (SELECT task_id FROM holder)
+    (SELECT task_id FROM holder),
+    coalesce((SELECT expired FROM holder), false)
 """.replace("{wake}", WAKE_WORKERS.replace("{written}", "written"))
 
 

@@ -166,3 +166,21 @@ def test_an_operator_retry_of_a_failed_unique_job_never_collides_with_a_newer_ho
 
     assert (db.status(failed.id), db.job(failed.id)["unique_key"]) == ("queued", None)
     assert store.enqueue_unique(new_job(unique_key="k")).id == newer.id
+
+
+def test_a_job_past_its_expires_frees_its_key_at_the_next_publish(store: Store, db: Db) -> None:
+    # Celery would end it REVOKED ("expired") when a worker met it; until maintenance
+    # or a claim got there, it kept answering duplicates with an id that never runs.
+    task = {"headers": {"task": "t.send", "id": "first"}, "body": "[]"}
+    first = new_job(unique_key="k", ttl_seconds=0.2, payload=task)
+    assert store.enqueue_unique(first).id == first.id
+    db.execute("UPDATE jobs SET expires_at = now() - interval '1 s' WHERE id = :id", id=first.id)
+
+    second = new_job(unique_key="k", payload={**task, "headers": {**task["headers"], "id": "2"}})
+    assert store.enqueue_unique(second).id == second.id
+
+    assert db.scalar("SELECT status FROM jobs WHERE id = :id", id=first.id) == "cancelled"
+    assert db.scalar("SELECT status FROM jobs WHERE id = :id", id=second.id) == "queued"
+    assert "expired" in db.scalar(
+        "SELECT log_message FROM job_logs WHERE job_id = :id", id=first.id
+    )
