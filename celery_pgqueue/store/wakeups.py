@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import atexit
 import logging
+import multiprocessing.util
 import os
 import threading
 import weakref
@@ -110,6 +111,7 @@ class Wakeups:
                     target=self._run, name="celery-pgqueue-wakeups", daemon=True
                 )
                 self._thread.start()
+                _pay_at_exit()
             self._changed.notify()
 
     def flush(self) -> None:
@@ -163,6 +165,21 @@ class Wakeups:
 def _flush_all() -> None:
     for wakeups in list(Wakeups._instances):
         wakeups.flush()
+
+
+_paying_pid: int | None = None
+
+
+def _pay_at_exit() -> None:
+    """Also pay at the exit of a ``multiprocessing`` child, which skips atexit hooks.
+
+    (Celery's prefork children need none of this: billiard sleeps a second before
+    their exit, time enough for the thread.)
+    """
+    global _paying_pid
+    if _paying_pid != os.getpid():
+        _paying_pid = os.getpid()
+        multiprocessing.util.Finalize(None, _flush_all, exitpriority=0)
 
 
 atexit.register(_flush_all)

@@ -9,6 +9,7 @@ so that "not yet" and "then" are seconds apart, not milliseconds.
 
 from __future__ import annotations
 
+import multiprocessing
 import subprocess
 import sys
 import textwrap
@@ -84,4 +85,24 @@ def test_what_is_owed_is_sent_when_the_producer_exits(
     )
     subprocess.run([sys.executable, "-c", script], check=True, timeout=60)
     # one in the first commit, the debt of the second paid at exit, not 60 s later
+    assert heard(listener, store) == ["default", "default"]
+
+
+def _publish_twice_and_exit(database_url: str) -> None:
+    store = Store(database_url)
+    store.wakeups().min_window = 60.0
+    store.enqueue([new_job()])
+    store.enqueue([new_job()])
+
+
+def test_what_a_multiprocessing_child_owes_is_sent_when_it_exits(
+    store: Store, listener: Listener, database_url: str
+) -> None:
+    # multiprocessing ends its children with os._exit, past the atexit hooks
+    child = multiprocessing.get_context("fork").Process(
+        target=_publish_twice_and_exit, args=(database_url,)
+    )
+    child.start()
+    child.join(60)
+    assert child.exitcode == 0
     assert heard(listener, store) == ["default", "default"]
