@@ -13,7 +13,10 @@ it commits without a NOTIFY and the queue is *owed* one. The next notifying publ
 of that queue pays the debt (it commits after the owed ones, so its NOTIFY wakes the
 workers to them too); if none comes within the window, a daemon thread sends the
 NOTIFY in a transaction of its own, and at interpreter exit anything still owed is
-sent. Every committed job is followed by a NOTIFY within about one window.
+sent. Every committed job is followed by a NOTIFY within a few windows. The thread
+pays only once the process has published nothing for a window, on a pooled
+connection nobody is using (publishes wait for it meanwhile), so a producer still
+holds one connection per thread publishing at once, not one more.
 
 The window follows how long this process's notifying publishes take: about a
 millisecond alone, so a steady 100 tasks/s (one every 10 ms) never waits; when
@@ -68,6 +71,9 @@ class Wakeups:
         self._owed: set[str] = set()
         self._cost = MIN_WINDOW / WINDOW_FACTOR  # smoothed notifying publish, seconds
         self._thread: threading.Thread | None = None
+        self._in_flight = 0  # publishes between notify_now and notified/owe
+        self._last_end = 0.0  # when the latest publish ended
+        self._sending = False  # the thread is sending: publishes wait for it
 
     @property
     def window(self) -> float:
@@ -79,12 +85,14 @@ class Wakeups:
 
         True also settles what those queues are owed: every owed publish committed
         before this one asked, so this one's NOTIFY, at its later commit, covers it.
-        Report the outcome with :meth:`notified` or, if the publish failed,
-        :meth:`failed`.
+        Report the outcome with :meth:`notified` or :meth:`owe` (or :meth:`failed`).
         """
         names = set(queues)
-        now = monotonic()
         with self._lock:
+            while self._sending:  # the thread is using the connection we would take
+                self._changed.wait()
+            self._in_flight += 1
+            now = monotonic()
             window = self.window
             if all(now - self._last.get(q, -window) < window for q in names):
                 return False
@@ -97,6 +105,9 @@ class Wakeups:
         """A publish that notified in its commit took ``seconds``, round trip included."""
         with self._lock:
             self._cost += SMOOTHING * (seconds - self._cost)
+            overdue = self._ended()
+        if overdue:
+            self._deliver(overdue)
 
     def failed(self, queues: Iterable[str]) -> None:
         """A publish that was to notify failed: what it settled is owed again."""
@@ -105,6 +116,8 @@ class Wakeups:
     def owe(self, queues: Iterable[str]) -> None:
         """Publishes to ``queues`` committed without a NOTIFY: send one within the window."""
         with self._lock:
+            if not self._owed:
+                self._changed.notify_all()  # the thread may wait for a first debt
             self._owed.update(queues)
             if self._thread is None:
                 self._thread = threading.Thread(
@@ -112,7 +125,33 @@ class Wakeups:
                 )
                 self._thread.start()
                 _pay_at_exit()
-            self._changed.notify()
+            overdue = self._ended()
+        if overdue:
+            self._deliver(overdue)
+
+    def _ended(self) -> list[str]:
+        """A publish has ended (lock held): debts its thread must pay now, if any.
+
+        The thread pays a debt only once this process has published nothing for a
+        window: then a pooled connection is idle for it, where sending while a
+        publish is in flight would open one more (a producer would hold two). A busy
+        producer settles its queues' debts with its next notifying publishes; one
+        that keeps publishing to other queues only pays here, on the connection its
+        thread has just given back, a debt a window overdue.
+        """
+        now = monotonic()
+        self._in_flight -= 1
+        self._last_end = now
+        return self._take_due(now, late_by=self.window)
+
+    def _take_due(self, now: float, late_by: float = 0.0) -> list[str]:
+        """Owed queues whose window passed ``late_by`` ago (lock held), marked sent."""
+        edge = self.window + late_by
+        due = sorted(q for q in self._owed if now - self._last.get(q, -edge) >= edge)
+        self._owed.difference_update(due)
+        for q in due:
+            self._last[q] = now
+        return due
 
     def flush(self) -> None:
         """Send every owed wake-up now (at interpreter exit)."""
@@ -125,24 +164,29 @@ class Wakeups:
         while True:
             with self._lock:
                 due = self._wait_for_due()
-            self._deliver(due)
+                self._sending = True
+            try:
+                self._deliver(due)
+            finally:
+                with self._lock:
+                    self._sending = False
+                    self._changed.notify_all()
 
     def _wait_for_due(self) -> list[str]:
-        """Block until some owed queue's window has passed; those queues, marked sent."""
+        """Block until a debt is due and no publish has run for a window (lock held)."""
         while True:
-            now = monotonic()
-            window = self.window
-            due = sorted(q for q in self._owed if now - self._last.get(q, -window) >= window)
-            if due:
-                self._owed.difference_update(due)
-                for q in due:
-                    self._last[q] = now
-                return due
             if not self._owed:
                 self._changed.wait()
                 continue
+            now = monotonic()
+            window = self.window
             soonest = min(self._last.get(q, now) for q in self._owed) + window
-            self._changed.wait(max(0.0, soonest - now))
+            ready_at = max(soonest, self._last_end + window)
+            if self._in_flight == 0 and now >= ready_at:
+                due = self._take_due(now)
+                if due:
+                    return due
+            self._changed.wait(max(ready_at - now, window))
 
     def _deliver(self, queues: list[str]) -> None:
         try:

@@ -106,3 +106,14 @@ def test_what_a_multiprocessing_child_owes_is_sent_when_it_exits(
     child.join(60)
     assert child.exitcode == 0
     assert heard(listener, store) == ["default", "default"]
+
+
+def test_a_producer_publishing_fast_holds_one_connection(store: Store) -> None:
+    # The debts are paid on a connection nobody is using: the thread pays only once
+    # the producer has been idle for a window, so no publish is waiting on the pool.
+    for _ in range(300):
+        store.enqueue([new_job()])
+    time.sleep(0.2)  # every debt paid
+    pool = store.engine.pool
+    assert pool.checkedout() == 0
+    assert pool.checkedin() == 1
