@@ -34,12 +34,10 @@ import psycopg
 from backend_results import scratch_database
 
 FORK = mp.get_context("fork")
-CLIENT_VAR = "PRODUCERS_CLIENT"  # how the forked publishers publish (--client)
-BUSY: list[float] = []  # whole-machine CPU busy %, one per publish window
 
 
-def _publisher(db_url: str, start_at: float, seconds: float, out: Connection) -> None:
-    if os.environ.get(CLIENT_VAR) == "store":
+def _publisher(db_url: str, client: str, start_at: float, seconds: float, out: Connection) -> None:
+    if client == "store":
         _store_publisher(db_url, start_at, seconds, out)
         return
     from celery import Celery
@@ -87,12 +85,13 @@ def cpu_times() -> tuple[float, float]:
     return sum(fields) - idle, sum(fields)
 
 
-def publish_rate(db_url: str, processes: int, seconds: float) -> float:
+def publish_rate(db_url: str, processes: int, seconds: float, client: str) -> tuple[float, float]:
+    """(tasks published per second, whole-machine CPU busy % over the window)."""
     start_at = time.time() + 1.0 + 0.15 * processes  # every process warmed up by then
     pipes, procs = [], []
     for _ in range(processes):
         ours, theirs = FORK.Pipe(duplex=False)
-        proc = FORK.Process(target=_publisher, args=(db_url, start_at, seconds, theirs))
+        proc = FORK.Process(target=_publisher, args=(db_url, client, start_at, seconds, theirs))
         proc.start()
         pipes.append(ours)
         procs.append(proc)
@@ -100,12 +99,12 @@ def publish_rate(db_url: str, processes: int, seconds: float) -> float:
     busy0, total0 = cpu_times()
     total = sum(int(p.recv()) for p in pipes)
     busy1, total1 = cpu_times()
-    BUSY.append(100.0 * (busy1 - busy0) / max(1.0, total1 - total0))
+    busy = 100.0 * (busy1 - busy0) / max(1.0, total1 - total0)
     for proc in procs:
         proc.join()
     with psycopg.connect(db_url, autocommit=True) as conn:
         conn.execute("TRUNCATE jobs CASCADE")
-    return total / seconds
+    return total / seconds, busy
 
 
 def _claimer(
@@ -176,7 +175,6 @@ def main() -> None:
         help="publish with noop.delay() (celery) or Store.enqueue() without Celery (store)",
     )
     args = parser.parse_args()
-    os.environ[CLIENT_VAR] = args.client
     producers = [int(p) for p in args.producers.split(",")]
     claimers = [] if args.no_claims else [int(c) for c in args.claimers.split(",")]
     publish: dict[int, list[float]] = {p: [] for p in producers}
@@ -185,10 +183,11 @@ def main() -> None:
     with scratch_database(args.url) as db_url:
         for round_no in range(args.rounds):
             for p in producers:
-                publish[p].append(publish_rate(db_url, p, args.seconds))
+                rate, busy = publish_rate(db_url, p, args.seconds, args.client)
+                publish[p].append(rate)
                 print(
-                    f"round {round_no + 1}: {p} producer(s) {publish[p][-1]:,.0f}/s, "
-                    f"machine CPU {BUSY[-1]:.0f}% busy",
+                    f"round {round_no + 1}: {p} producer(s) {rate:,.0f}/s, "
+                    f"machine CPU {busy:.0f}% busy",
                     flush=True,
                 )
             for c in claimers:

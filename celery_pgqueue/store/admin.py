@@ -211,21 +211,6 @@ class Admin(Routing):
         with self.begin() as conn:
             return retention_sql.drop_expired(conn, limit=limit or self.options.prune_batch_size)
 
-    def expire_tasks(self, job_ids: Sequence[UUID] | None = None, limit: int | None = None) -> int:
-        """Record queued tasks past their ``expires`` as cancelled (REVOKED), one batch.
-
-        ``job_ids``: only those (a client waiting on them); else any. Waiting ``get()``
-        calls are woken.
-        """
-        results = self.result_channel if self.options.use_notify else None
-        with self.single() as conn:
-            return rescue_sql.expire_tasks(
-                conn,
-                limit=limit or self.options.prune_batch_size,
-                job_ids=job_ids,
-                result_channel=results,
-            )
-
     def drop_expired_queues(self, limit: int | None = None) -> tuple[int, int]:
         """Drop queues past their ``x-expires`` with their waiting messages (one batch).
 

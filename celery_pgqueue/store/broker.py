@@ -53,21 +53,22 @@ class Broker(Routing):
         serialises the commits of every producer on the server.
         """
         wakeups = self.wakeups()
-        if not wakeups.notify_now(names):
-            call = job_sql.insert_call(self.queries, new_jobs=new_jobs, channel=None)
-            try:
-                row = self._write(call, names, None)
-            finally:  # even a failure may have committed (a reply lost): a spare NOTIFY is harmless
-                wakeups.owe(names)
-            return int(row[0]) if row else 0
-        call = job_sql.insert_call(self.queries, new_jobs=new_jobs, channel=channel)
+        notify = wakeups.notify_now(names)
+        call = job_sql.insert_call(
+            self.queries, new_jobs=new_jobs, channel=channel if notify else None
+        )
         started = monotonic()
         try:
             row = self._write(call, names, None)
         except BaseException:
-            wakeups.failed(names)
+            # Owed, whether it was to notify or not: even a failure may have
+            # committed (a lost reply), and a spare NOTIFY is harmless.
+            wakeups.owe(names)
             raise
-        wakeups.notified(monotonic() - started)
+        if notify:
+            wakeups.notified(monotonic() - started)
+        else:
+            wakeups.owe(names)
         return int(row[0]) if row else 0
 
     def wakeups(self) -> Wakeups:
@@ -103,7 +104,7 @@ class Broker(Routing):
                 # The holder is past its expires: it will never run, yet would answer
                 # every duplicate until a claim or maintenance met it. Settle it as
                 # Celery would (REVOKED, "expired") and publish again.
-                self._expire_holder(row[3], conn)
+                self.expire_tasks([row[3]], conn=conn)
                 continue
             return LiveJob(id=row[3], task_id=None if row[3] == job.id else row[4])
         raise UniqueKeyContention(
@@ -111,10 +112,26 @@ class Broker(Routing):
             "while publishing; publish again"
         )
 
-    def _expire_holder(self, holder: UUID, conn: sa.Connection | None) -> None:
+    def expire_tasks(
+        self,
+        job_ids: Sequence[UUID] | None = None,
+        limit: int | None = None,
+        conn: sa.Connection | None = None,
+    ) -> int:
+        """Record queued tasks past their ``expires`` as cancelled (REVOKED), one batch.
+
+        ``job_ids``: only those (a client waiting on them, a unique task's holder);
+        else any. Waiting ``get()`` calls are woken. ``conn``: in the caller's
+        transaction.
+        """
         results = self.result_channel if self.options.use_notify else None
         with self.single(conn) as c:
-            rescue_sql.expire_tasks(c, limit=1, job_ids=[holder], result_channel=results)
+            return rescue_sql.expire_tasks(
+                c,
+                limit=limit or self.options.prune_batch_size,
+                job_ids=job_ids,
+                result_channel=results,
+            )
 
     def _write(self, call: Call, names: list[str], conn: sa.Connection | None) -> Row | None:
         """Run an enqueue statement: on ``conn`` if given, else in autocommit."""

@@ -90,7 +90,8 @@ class Wakeups:
 
         True also settles what those queues are owed: every owed publish committed
         before this one asked, so this one's NOTIFY, at its later commit, covers it.
-        Report the outcome with :meth:`notified` or :meth:`owe` (or :meth:`failed`).
+        Report the outcome with :meth:`notified`, or :meth:`owe` if it did not notify
+        or failed (what it settled is then owed again).
         """
         names = set(queues)
         with self._lock:
@@ -114,12 +115,8 @@ class Wakeups:
         if overdue:
             self._deliver(overdue)
 
-    def failed(self, queues: Iterable[str]) -> None:
-        """A publish that was to notify failed: what it settled is owed again."""
-        self.owe(queues)
-
     def owe(self, queues: Iterable[str]) -> None:
-        """Publishes to ``queues`` committed without a NOTIFY: send one within the window."""
+        """Publishes to ``queues`` committed without a NOTIFY (or failed): send one soon."""
         with self._lock:
             if self._asleep:
                 self._changed.notify_all()  # a first debt after a quiet spell
