@@ -36,6 +36,7 @@ import sys
 import tempfile
 import threading
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +52,9 @@ POSTGRES_DEFAULTS = {
     "synchronous_commit": "on",
     "full_page_writes": "on",
     "autovacuum": "on",
+    # Logging only, so a slow minute can be laid beside what the server did in it.
+    "log_checkpoints": "on",
+    "log_autovacuum_min_duration": "0",
 }
 COUNT_LOCK = threading.Lock()
 RESCUED = "worker lost (lease expired)"  # store/rescue.py's log message
@@ -110,14 +114,67 @@ def produce(rate: float, deadline: float, stop: threading.Event, counts: list[in
             next_at = time.monotonic()  # fell behind: never burst to catch up
 
 
-def read_records(records: Path) -> list[tuple[float, float]]:
-    rows = []
-    for path in records.glob("*.txt"):
-        for line in path.read_text().splitlines():
-            parts = line.split()
-            if len(parts) == 2:
-                rows.append((float(parts[0]), float(parts[1])))
-    return rows
+class Records:
+    """The workers' ``published started`` lines, read on from where the last read ended.
+
+    Re-reading every file each sample cost the producer's process seconds of GIL by
+    the end of a run (half a million lines), which showed up as publish latency.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.rows: list[tuple[float, float]] = []
+        self._offsets: dict[Path, int] = {}
+
+    def read(self) -> list[tuple[float, float]]:
+        for path in self.directory.glob("*.txt"):
+            with path.open("rb") as fh:
+                fh.seek(self._offsets.get(path, 0))
+                data = fh.read()
+            whole = data[: data.rfind(b"\n") + 1]  # a line being written waits
+            self._offsets[path] = self._offsets.get(path, 0) + len(whole)
+            for line in whole.decode().splitlines():
+                parts = line.split()
+                if len(parts) == 2:
+                    self.rows.append((float(parts[0]), float(parts[1])))
+        return self.rows
+
+
+def cpu_busy(stop: threading.Event, busy: list[tuple[float, float]]) -> None:
+    """Every 10 s, the machine's CPU busy share since the last look (from /proc/stat)."""
+
+    def ticks() -> tuple[int, int]:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
+        return sum(fields), fields[3] + fields[4]  # all, idle + iowait
+
+    last = ticks()
+    while not stop.wait(10.0):
+        now = ticks()
+        total, idle = now[0] - last[0], now[1] - last[1]
+        busy.append((time.time(), 1 - idle / total if total else 0.0))
+        last = now
+
+
+def server_events(logfile: Path) -> list[tuple[float, str]]:
+    """Checkpoint starts and autovacuum/analyze runs on our tables, from the server log."""
+    events = []
+    for line in logfile.read_text(errors="replace").splitlines():
+        if "checkpoint starting" in line:
+            what = "ckpt"
+        elif "automatic vacuum of table" in line or "automatic analyze of table" in line:
+            table = line.rsplit(".", 1)[-1].split('"')[0]
+            if table not in ("jobs", "job_logs", "job_queues"):
+                continue
+            what = ("vac " if "vacuum" in line else "anl ") + table
+        else:
+            continue
+        try:  # log_line_prefix '%m [%p] ': "2026-12-04 13:55:01.123 UTC [42] LOG: ..."
+            when = datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S.%f")
+        except ValueError:
+            continue
+        utc = line[24:27] == "UTC"
+        events.append(((when.replace(tzinfo=UTC) if utc else when).timestamp(), what))
+    return events
 
 
 def sample(conn: psycopg.Connection[Any]) -> dict[str, int]:
@@ -139,8 +196,32 @@ def p99(values: list[float]) -> float:
     return ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
 
 
+def per_minute_table(
+    minutes: dict[int, list[float]],
+    full: list[int],
+    began: float,
+    events: list[tuple[float, str]],
+    busy: list[tuple[float, float]],
+) -> None:
+    """One line a minute: tasks, p50, p99, CPU busy, and what the server did then."""
+    print(f"  {'min':>3} {'tasks':>6} {'p50 ms':>7} {'p99 ms':>7} {'cpu':>4}  server")
+    for m in full:
+        lo, hi = began + m * 60, began + (m + 1) * 60
+        shares = [b for t, b in busy if lo < t <= hi]
+        cpu = f"{statistics.mean(shares):.0%}" if shares else "-"
+        seen = sorted({what for t, what in events if lo <= t < hi})
+        values = minutes[m]
+        print(f"  {m + 1:>3} {len(values):>6} {statistics.median(values) * 1000:>7.1f} "
+              f"{p99(values) * 1000:>7.1f} {cpu:>4}  {', '.join(seen)}")  # fmt: skip
+
+
 def verdict(
-    samples: list[dict[str, Any]], records: list[tuple[float, float]], began: float, args: Any
+    samples: list[dict[str, Any]],
+    records: list[tuple[float, float]],
+    began: float,
+    args: Any,
+    events: list[tuple[float, str]] | None = None,
+    busy: list[tuple[float, float]] | None = None,
 ) -> bool:
     ok = True
     third = [s for s in samples if s["t"] >= samples[-1]["t"] * 2 / 3]
@@ -157,6 +238,7 @@ def verdict(
     full = [m for m in sorted(minutes) if (m + 1) * 60 <= args.minutes * 60]
     per_minute = {m: p99(minutes[m]) for m in full}
     if per_minute:
+        per_minute_table(minutes, full, began, events or [], busy or [])
         first = per_minute[full[0]]
         worst = max(per_minute.values())
         good = worst <= 2 * first
@@ -168,27 +250,28 @@ def verdict(
         all_lat = [s - p for p, s in records]
         print(f"  all tasks: p50 {statistics.median(all_lat) * 1000:.1f} ms, "
               f"p99 {p99(all_lat) * 1000:.1f} ms, n={len(all_lat):,}")  # fmt: skip
-    lapsed = max(s["rescued"] for s in samples) + max(s["second_attempts"] for s in samples)
+    lapsed = int(max(s["rescued"] for s in samples) + max(s["second_attempts"] for s in samples))
     ok &= lapsed == 0
     print(f"  lapsed leases: {lapsed} ({'none' if not lapsed else 'LAPSED'})")
     print(f"VERDICT: {'PASS' if ok else 'FAIL'}")
     return ok
 
 
-def run(args: argparse.Namespace, server_url: str, workdir: Path) -> None:
+def run(args: argparse.Namespace, server_url: str, workdir: Path, logfile: Path) -> None:
     name = f"cpq_soak_{secrets.token_hex(4)}"
     with psycopg.connect(server_url, autocommit=True) as admin:
         admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
     url = server_url.rsplit("/", 1)[0] + "/" + name
     upgrade(url)
-    records = workdir / "records"
-    records.mkdir()
+    records_dir = workdir / "records"
+    records_dir.mkdir()
+    records = Records(records_dir)
     options = {"completed_retention": args.retention, "maintenance_interval": 5.0}
     env = {
         **os.environ,
         "SOAK_BROKER": "pgqueue://" + url.split("://", 1)[1],
         "SOAK_OPTIONS": json.dumps(options),
-        "SOAK_RECORDS": str(records),
+        "SOAK_RECORDS": str(records_dir),
         "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]),
     }
     os.environ.update({k: env[k] for k in ("SOAK_BROKER", "SOAK_OPTIONS")})
@@ -196,6 +279,8 @@ def run(args: argparse.Namespace, server_url: str, workdir: Path) -> None:
     workers = start_workers(env, args.workers, workdir)
     stop = threading.Event()
     counts = [0]
+    busy: list[tuple[float, float]] = []
+    threading.Thread(target=cpu_busy, args=(stop, busy), daemon=True).start()
     try:
         time.sleep(5.0)  # workers up
         began = time.time()
@@ -219,7 +304,7 @@ def run(args: argparse.Namespace, server_url: str, workdir: Path) -> None:
             while True:
                 time.sleep(min(args.sample, max(0.0, deadline - time.monotonic())))
                 row = {"t": round(time.time() - began), **sample(conn)}
-                row["started"] = len(read_records(records))
+                row["started"] = len(records.read())
                 samples.append(row)
                 print(f"{row['t']:>6} {counts[0]:>10} {row['started']:>9} "
                       f"{row['jobs_bytes'] / 2**20:>9.1f} {row['logs_bytes'] / 2**20:>9.1f} "
@@ -231,7 +316,7 @@ def run(args: argparse.Namespace, server_url: str, workdir: Path) -> None:
             producer.join()
         (workdir / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
         print(f"published {counts[0]:,} ({counts[0] / (args.minutes * 60):.0f}/s)")
-        verdict(samples, read_records(records), began, args)
+        verdict(samples, records.read(), began, args, server_events(logfile), busy)
     finally:
         stop.set()
         for worker in workers:
@@ -255,7 +340,7 @@ def main() -> None:
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     workdir = Path(tempfile.mkdtemp(prefix="cpq-soak-"))
     with EmbeddedPostgres(settings=POSTGRES_DEFAULTS) as server:
-        run(args, server.url(), workdir)
+        run(args, server.url(), workdir, server.logfile)
 
 
 if __name__ == "__main__":
