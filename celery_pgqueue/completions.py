@@ -29,6 +29,7 @@ import signal
 import socket
 import threading
 import time
+from collections import OrderedDict
 from typing import Any
 
 from celery import signals
@@ -46,6 +47,15 @@ WRITERS = 1
 the drain on a 2-core machine and cost a connection; more than one lets a batch be
 gathered while the previous one is written."""
 
+RESTARTS = 3
+"""Unexpected exits of the writer process within :data:`RESTART_WINDOW` seconds after
+which the main process stops starting another: its pool processes then write their own
+finishes (as with ``batch_finishes`` off) rather than feed a writer that keeps dying."""
+RESTART_WINDOW = 60.0
+
+ANSWERED = 4096
+"""Replies remembered for copies of a request that arrive after it was answered."""
+
 Waiting = tuple[Any, int, Finish]  # (reply address, request number, finish)
 
 
@@ -59,15 +69,29 @@ class CompletionWriter:
         self.token = secrets.token_hex(16)
         self.owner = os.getpid() if owner is None else owner
         self.address = f"\0celery-pgqueue-{self.owner}-{secrets.token_hex(6)}".encode()
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(self.address)
-        self.sock.setblocking(False)
+        self.sock = self._bind()
         self.batches = 0
         self.finishes = 0
         self.pid: int | None = None
         self.stopping = threading.Event()
+        self.exits: list[float] = []
+        """When writer processes exited unexpectedly (main process, monotonic)."""
+        self._stopped = False
         self._reading = threading.Lock()
         self._counting = threading.Lock()
+        self._pending: set[tuple[Any, int]] = set()
+        """Requests received and not yet answered: a pool process that waited a second
+        sends its request again (a restarted writer never got it), and a copy of one
+        still pending is dropped here."""
+        self._answered: OrderedDict[tuple[Any, int], bool | None] = OrderedDict()
+        """The latest :data:`ANSWERED` replies: a copy that arrives after its answer
+        (it waited in the socket while the original was written) gets the same one."""
+
+    def _bind(self) -> socket.socket:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        sock.bind(self.address)
+        sock.setblocking(False)
+        return sock
 
     @property
     def endpoint(self) -> relay.Endpoint:
@@ -110,8 +134,17 @@ class CompletionWriter:
             except OSError:
                 break  # closed at stop
             decoded = relay.decode(data, self.token)
-            if decoded is not None:
-                got.append((address, decoded[0], decoded[1]))
+            if decoded is None:
+                continue
+            key = (address, decoded[0])
+            with self._counting:
+                if key in self._pending:
+                    continue  # sent again while we wrote it: one reply is enough
+                if key in self._answered:
+                    relay.reply(self.sock, address, decoded[0], self._answered[key])
+                    continue
+                self._pending.add(key)
+            got.append((address, decoded[0], decoded[1]))
         return got
 
     def _write(self, batch: list[Waiting]) -> None:
@@ -129,13 +162,23 @@ class CompletionWriter:
             self.batches += 1
             self.finishes += len(batch)
         for address, request, finish in batch:
-            relay.reply(
-                self.sock, address, request, None if written is None else finish.job_id in written
-            )
+            outcome = None if written is None else finish.job_id in written
+            relay.reply(self.sock, address, request, outcome)
+            with self._counting:
+                self._pending.discard((address, request))
+                self._answered[(address, request)] = outcome
+                if len(self._answered) > ANSWERED:
+                    self._answered.popitem(last=False)
 
     def start_process(self) -> CompletionWriter:
         """Fork the process that serves (its own interpreter lock: the main process's
-        event loop, busy feeding the pool, would delay every batch's reply)."""
+        event loop, busy feeding the pool, would delay every batch's reply), and a
+        thread of the main process that starts another if it dies."""
+        self._fork()
+        threading.Thread(target=self._watch, name="pgqueue-completions-watch", daemon=True).start()
+        return self
+
+    def _fork(self) -> None:
         pid = os.fork()
         if pid == 0:  # the writer process
             code = 0
@@ -153,10 +196,52 @@ class CompletionWriter:
                 os._exit(code)
         self.pid = pid
         self.sock.close()  # the main process never reads it
-        return self
+        logger.info("pgqueue completion writer started (pid %d)", pid)
+
+    def _watch(self) -> None:
+        """Reap the writer process; if it died while the worker runs (killed, out of
+        memory), start another on the same address and token, so the pool processes,
+        which learnt both when they forked, go on handing their finishes to it."""
+        while True:
+            pid = self.pid
+            if pid is None:
+                return
+            try:
+                _, status = os.waitpid(pid, 0)
+            except ChildProcessError:
+                return  # reaped by stop()
+            except InterruptedError:
+                continue
+            if self._stopped:
+                return
+            now = time.monotonic()
+            self.exits = [t for t in self.exits if now - t < RESTART_WINDOW] + [now]
+            if len(self.exits) > RESTARTS:
+                logger.error(
+                    "pgqueue's completion writer exited %d times in %.0f s; pool processes "
+                    "now write their own finishes",
+                    len(self.exits),
+                    RESTART_WINDOW,
+                )
+                self.pid = None
+                return
+            logger.warning(
+                "pgqueue's completion writer (pid %d) exited unexpectedly (status %d); "
+                "starting another",
+                pid,
+                status,
+            )
+            try:
+                self.sock = self._bind()
+                self._fork()
+            except OSError as exc:
+                logger.error("pgqueue could not restart the completion writer: %s", exc)
+                self.pid = None
+                return
 
     def stop(self) -> None:
         """Let the writer process write what has arrived, then reap it."""
+        self._stopped = True
         if self.pid is None:
             self.stopping.set()
             return

@@ -24,7 +24,7 @@ import socket
 import threading
 import uuid
 from dataclasses import dataclass
-from time import monotonic
+from time import monotonic, sleep
 from typing import Any
 
 from celery_pgqueue.states import JobStatus, LogStatus
@@ -37,6 +37,19 @@ MAX_DATAGRAM = 60_000
 
 REPLY_WAIT = 35.0
 """Seconds to wait for the writer's reply (it retries a restarting server for 30 s)."""
+
+RESEND_AFTER = 1.0
+"""Seconds without a reply after which a finish is sent again (the writer may have died
+with it and been restarted; a live one drops the copy)."""
+
+RESTART_GRACE = 0.5
+"""Seconds a send refused (no writer bound) is tried again: the main process restarts a
+dead writer within milliseconds, and a pool process that wrote its own finish meanwhile
+would keep a connection open for good."""
+
+DOWN_FOR = 5.0
+"""Seconds a pool process writes its finishes itself, without trying, after the writer
+stayed away for :data:`RESTART_GRACE`."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +112,7 @@ class RelayClient:
         self._lock = threading.Lock()
         self._sock: socket.socket | None = None
         self._request = 0
+        self._down_until = 0.0
 
     def _socket(self) -> socket.socket:
         if self._sock is None:
@@ -110,7 +124,7 @@ class RelayClient:
     def send(self, finish: Finish) -> bool | None:
         """Have the writer record ``finish``: whether the row changed once committed,
         or None when the caller must write it itself."""
-        if os.getppid() != self.endpoint.owner:
+        if os.getppid() != self.endpoint.owner or monotonic() < self._down_until:
             return None
         with self._lock:
             self._request += 1
@@ -123,24 +137,41 @@ class RelayClient:
                 return None
             try:
                 sock = self._socket()
-                sock.sendto(data, self.endpoint.address)
-                return self._reply(sock, request)
+                self._send(sock, data)
+                return self._reply(sock, request, data)
             except OSError as exc:
                 logger.debug("pgqueue relay unavailable, writing the finish here: %s", exc)
                 self.close()
                 return None
 
-    def _reply(self, sock: socket.socket, request: int) -> bool | None:
+    def _send(self, sock: socket.socket, data: bytes) -> None:
+        """Send ``data`` to the writer, waiting out a restart; OSError if it stays away."""
+        deadline = monotonic() + RESTART_GRACE
+        while True:
+            try:
+                sock.sendto(data, self.endpoint.address)
+                return
+            except ConnectionRefusedError:
+                if monotonic() >= deadline or os.getppid() != self.endpoint.owner:
+                    self._down_until = monotonic() + DOWN_FOR
+                    raise
+                sleep(0.01)
+
+    def _reply(self, sock: socket.socket, request: int, data: bytes) -> bool | None:
         deadline = monotonic() + REPLY_WAIT
         while (left := deadline - monotonic()) > 0:
-            sock.settimeout(min(1.0, left))
+            sock.settimeout(min(RESEND_AFTER, left))
             try:
-                data = sock.recv(256)
+                answer = sock.recv(256)
             except TimeoutError:
                 if os.getppid() != self.endpoint.owner:
                     return None  # the main process died: nobody will answer
+                # Again: a writer restarted after a crash never got it (a copy reaching
+                # a live writer that still holds it is dropped there). No writer at
+                # all refuses it (OSError): the caller then writes the finish itself.
+                self._send(sock, data)
                 continue
-            number, _, outcome = data.decode().partition(" ")
+            number, _, outcome = answer.decode().partition(" ")
             if number != str(request):
                 continue  # a late answer to a request we gave up on
             return {"1": True, "0": False}.get(outcome)

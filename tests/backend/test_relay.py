@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import select
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -90,3 +92,59 @@ def test_a_finish_too_large_for_one_datagram_is_written_by_the_pool_process(
 
     assert relay.RelayClient(w.endpoint).send(large) is None
     assert store.batches == []
+
+
+def _send_in_thread(client: relay.RelayClient, finish: Finish) -> tuple[threading.Thread, dict]:
+    outcome: dict[str, Any] = {}
+    thread = threading.Thread(target=lambda: outcome.setdefault("sent", client.send(finish)))
+    thread.start()
+    return thread, outcome
+
+
+def test_a_finish_lost_with_a_dead_writer_reaches_the_one_started_in_its_place(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(relay, "RESEND_AFTER", 0.2)
+    store = Recording()
+    w = CompletionWriter(store, notify=True, owner=os.getppid())
+    finish = _finish()
+    thread, outcome = _send_in_thread(relay.RelayClient(w.endpoint), finish)
+    # The writer dies holding the finish: read, never answered, its socket gone.
+    assert select.select([w.sock], [], [], 5)[0], "the finish never reached the writer"
+    w.sock.recv(relay.MAX_DATAGRAM + 1024)
+    w.sock.close()
+    # Its replacement binds the same address (as the main process's watcher does).
+    w.sock = w._bind()
+    server = threading.Thread(target=w.serve, daemon=True)
+    server.start()
+    try:
+        thread.join(5)
+        assert outcome.get("sent") is True, "the pool process got no answer"
+        assert store.batches == [[finish]]
+    finally:
+        w.stopping.set()
+        server.join(5)
+
+
+class Slow(Recording):
+    def finish_many(self, finishes: list[Finish], *, notify: bool) -> set[uuid.UUID]:
+        time.sleep(0.6)
+        return super().finish_many(finishes, notify=notify)
+
+
+def test_a_finish_sent_again_while_the_writer_holds_it_is_written_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(relay, "RESEND_AFTER", 0.1)
+    store = Slow()
+    w = CompletionWriter(store, notify=True, owner=os.getppid())
+    server = threading.Thread(target=w.serve, daemon=True)
+    server.start()
+    try:
+        finish = _finish()
+        assert relay.RelayClient(w.endpoint).send(finish) is True
+        time.sleep(0.8)  # any copy the writer kept would be written by now
+        assert store.batches == [[finish]], "a copy sent while it was written was kept"
+    finally:
+        w.stopping.set()
+        server.join(5)

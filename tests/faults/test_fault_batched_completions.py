@@ -16,7 +16,9 @@ and rescue has run:
 
 from __future__ import annotations
 
+import os
 import random
+import re
 import signal
 import time
 from pathlib import Path
@@ -24,7 +26,7 @@ from pathlib import Path
 import psycopg
 import pytest
 from helpers import wait_until
-from transport_process.procs import Database, Workers, task_specs, write_app
+from transport_process.procs import Database, Worker, Workers, peak_sessions, task_specs, write_app
 
 from celery_pgqueue.store import Store
 
@@ -122,3 +124,47 @@ def test_kill_9_of_the_main_process_loses_no_batched_finish(
         f"{'acks_late' if acks_late else 'early ack'}: {TRIALS} trials x {TASKS} tasks: "
         + ", ".join(f"{k} {v}" for k, v in sorted(totals.items()))
     )
+
+
+def _writer_pids(worker: Worker) -> list[int]:
+    return [
+        int(pid) for pid in re.findall(r"completion writer started \(pid (\d+)\)", worker.log())
+    ]
+
+
+def _completed(db: Database) -> int:
+    return int(db.value("SELECT count(*) FROM jobs WHERE status = 'completed'"))
+
+
+def test_a_killed_completion_writer_is_replaced_and_no_finish_is_lost(
+    tmp_path: Path, broker_url: str, database_url: str, db: Database, workers: Workers, measure
+) -> None:
+    """``kill -9`` of the writer alone, mid-drain and then idle: the main process starts
+    another on the same address, the pool processes go on handing their finishes to it
+    (the node keeps one connection for them, not one per process), and every task ends
+    completed, none left ``running``."""
+    app = write_app(
+        tmp_path,
+        broker_url,
+        result_backend=broker_url,
+        result_backend_transport_options={"batch_finishes": True},
+    )
+    worker = workers.start(app, "node", concurrency=4)
+    wait_until(lambda: _writer_pids(worker), timeout=10, message="the completion writer")
+    # Mid-drain: finishes in its hands are sent again to its successor.
+    app.publish(task_specs(200, sleep=0.005, label="mid"))
+    wait_until(lambda: _completed(db) >= 50, timeout=60, interval=0.005, message="a drain")
+    os.kill(_writer_pids(worker)[-1], signal.SIGKILL)
+    wait_until(lambda: _completed(db) >= 200, timeout=60, message="the rest of the drain")
+    wait_until(lambda: len(_writer_pids(worker)) == 2, timeout=10, message="a new writer")
+    # Idle: the next drain still goes through one writer.
+    os.kill(_writer_pids(worker)[-1], signal.SIGKILL)
+    wait_until(lambda: len(_writer_pids(worker)) == 3, timeout=10, message="a third writer")
+    with peak_sessions(database_url) as most:
+        app.publish(task_specs(TASKS * 10, sleep=0.005, label="after"))
+        wait_until(lambda: _completed(db) >= 200 + TASKS * 10, timeout=120, message="a drain")
+    assert worker.alive()
+    assert db.value("SELECT count(*) FROM jobs WHERE status <> 'completed'") == 0
+    assert "exited unexpectedly" in worker.log()
+    measure(f"completion writer killed twice, prefork -c 4: peak {most[0]} sessions after")
+    assert most[0] <= 6, f"pool processes write their own finishes: {most[1]}"

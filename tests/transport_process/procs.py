@@ -19,10 +19,11 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -496,3 +497,30 @@ class Workers:
         for worker in self.started:
             with contextlib.suppress(Exception):
                 worker.reap(grace=0)
+
+
+@contextlib.contextmanager
+def peak_sessions(url: str) -> Iterator[list[Any]]:
+    """While the block runs, count our sessions in ``pg_stat_activity`` every few
+    milliseconds; yields ``[most seen at once, those rows]`` (a count, not a timing)."""
+    stop, most = threading.Event(), [0, []]
+
+    def count() -> None:
+        with psycopg.connect(url, autocommit=True) as conn:
+            while not stop.is_set():
+                rows = conn.execute(
+                    "SELECT application_name, state, left(query, 40) FROM pg_stat_activity"
+                    " WHERE datname = current_database()"
+                    " AND application_name LIKE 'celery-pgqueue%%'"
+                ).fetchall()
+                if len(rows) > most[0]:
+                    most[0], most[1] = len(rows), rows
+                time.sleep(0.005)
+
+    sampler = threading.Thread(target=count, daemon=True)
+    sampler.start()
+    try:
+        yield most
+    finally:
+        stop.set()
+        sampler.join()

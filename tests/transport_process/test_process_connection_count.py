@@ -7,34 +7,17 @@ milliseconds while the node drains tasks with results: a count, not a timing.
 
 from __future__ import annotations
 
-import threading
-import time
 from pathlib import Path
-from typing import Any
 
-import psycopg
 import pytest
 from helpers import wait_until
 
-from transport_process.procs import Database, Workers, task_specs, write_app
+from transport_process.procs import Database, Workers, peak_sessions, task_specs, write_app
 
 pytestmark = [pytest.mark.worker, pytest.mark.slow]
 
 TASKS = 400
 PEAK = 6
-
-
-def _count(url: str, stop: threading.Event, most: list[Any]) -> None:
-    with psycopg.connect(url, autocommit=True) as conn:
-        while not stop.is_set():
-            rows = conn.execute(
-                "SELECT application_name, state, left(query, 40) FROM pg_stat_activity"
-                " WHERE datname = current_database()"
-                " AND application_name LIKE 'celery-pgqueue%%'"
-            ).fetchall()
-            if len(rows) > most[0]:
-                most[0], most[1] = len(rows), rows
-            time.sleep(0.005)
 
 
 def test_a_prefork_c8_node_with_batched_completions_holds_at_most_6_connections(
@@ -47,19 +30,13 @@ def test_a_prefork_c8_node_with_batched_completions_holds_at_most_6_connections(
         result_backend_transport_options={"batch_finishes": True},
     )
     worker = workers.start(app, "node", concurrency=8)
-    stop, most = threading.Event(), [0, []]
-    sampler = threading.Thread(target=_count, args=(database_url, stop, most), daemon=True)
-    sampler.start()
-    try:
+    with peak_sessions(database_url) as most:
         app.publish(task_specs(TASKS, sleep=0.005, label="count"))
         wait_until(
             lambda: db.value("SELECT count(*) FROM jobs WHERE status = 'completed'") >= TASKS,
             timeout=120,
             message="the drain",
         )
-    finally:
-        stop.set()
-        sampler.join()
     assert worker.alive()
     measure(f"prefork -c 8, batch_finishes on, {TASKS} tasks with results: peak {most[0]}")
     assert most[0] <= PEAK, f"{most[0]} server connections at peak: {most[1]}"
