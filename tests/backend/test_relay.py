@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import threading
@@ -43,16 +44,24 @@ def _finish() -> Finish:
     )
 
 
+@contextlib.contextmanager
+def serving(w: CompletionWriter) -> Iterator[CompletionWriter]:
+    """``w`` serving in a thread of this process (in a worker, a process of its own)."""
+    thread = threading.Thread(target=w.serve, daemon=True)
+    thread.start()
+    try:
+        yield w
+    finally:
+        w.stopping.set()
+        thread.join(5)
+
+
 @pytest.fixture
 def writer() -> Iterator[tuple[CompletionWriter, Recording]]:
     store = Recording()
     # Owned by our parent, as a pool process's writer is owned by the worker's main process.
-    w = CompletionWriter(store, notify=True, owner=os.getppid())
-    thread = threading.Thread(target=w.serve, daemon=True)
-    thread.start()
-    yield w, store
-    w.stopping.set()
-    thread.join(5)
+    with serving(CompletionWriter(store, notify=True, owner=os.getppid())) as w:
+        yield w, store
 
 
 def test_a_finish_sent_is_written_and_acknowledged(
@@ -115,15 +124,10 @@ def test_a_finish_lost_with_a_dead_writer_reaches_the_one_started_in_its_place(
     w.sock.close()
     # Its replacement binds the same address (as the main process's watcher does).
     w.sock = w._bind()
-    server = threading.Thread(target=w.serve, daemon=True)
-    server.start()
-    try:
+    with serving(w):
         thread.join(5)
-        assert outcome.get("sent") is True, "the pool process got no answer"
-        assert store.batches == [[finish]]
-    finally:
-        w.stopping.set()
-        server.join(5)
+    assert outcome.get("sent") is True, "the pool process got no answer"
+    assert store.batches == [[finish]]
 
 
 class Slow(Recording):
@@ -137,14 +141,8 @@ def test_a_finish_sent_again_while_the_writer_holds_it_is_written_once(
 ) -> None:
     monkeypatch.setattr(relay, "RESEND_AFTER", 0.1)
     store = Slow()
-    w = CompletionWriter(store, notify=True, owner=os.getppid())
-    server = threading.Thread(target=w.serve, daemon=True)
-    server.start()
-    try:
-        finish = _finish()
+    finish = _finish()
+    with serving(CompletionWriter(store, notify=True, owner=os.getppid())) as w:
         assert relay.RelayClient(w.endpoint).send(finish) is True
         time.sleep(0.8)  # any copy the writer kept would be written by now
-        assert store.batches == [[finish]], "a copy sent while it was written was kept"
-    finally:
-        w.stopping.set()
-        server.join(5)
+    assert store.batches == [[finish]], "a copy sent while it was written was kept"
