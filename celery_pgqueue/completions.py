@@ -225,11 +225,11 @@ class CompletionWriter:
                 )
                 self.pid = None
                 return
+            code = os.waitstatus_to_exitcode(status)
             logger.warning(
-                "pgqueue's completion writer (pid %d) exited unexpectedly (status %d); "
-                "starting another",
+                "pgqueue's completion writer (pid %d) %s; starting another",
                 pid,
-                status,
+                f"was killed by signal {-code}" if code < 0 else f"exited with code {code}",
             )
             try:
                 self.sock = self._bind()
