@@ -57,6 +57,9 @@ ANSWERED = 4096
 """Replies remembered for copies of a request that arrive after it was answered."""
 
 Waiting = tuple[Any, int, Finish]  # (reply address, request number, finish)
+Request = tuple[Any, int, Any, int | None]
+"""(reply address, request number, job id, attempt): the job too, because a new pool
+process may be given a dead one's address and count its requests from 1 again."""
 
 
 class CompletionWriter:
@@ -79,11 +82,11 @@ class CompletionWriter:
         self._stopped = False
         self._reading = threading.Lock()
         self._counting = threading.Lock()
-        self._pending: set[tuple[Any, int]] = set()
+        self._pending: set[Request] = set()
         """Requests received and not yet answered: a pool process that waited a second
         sends its request again (a restarted writer never got it), and a copy of one
         still pending is dropped here."""
-        self._answered: OrderedDict[tuple[Any, int], bool | None] = OrderedDict()
+        self._answered: OrderedDict[Request, bool | None] = OrderedDict()
         """The latest :data:`ANSWERED` replies: a copy that arrives after its answer
         (it waited in the socket while the original was written) gets the same one."""
 
@@ -136,7 +139,7 @@ class CompletionWriter:
             decoded = relay.decode(data, self.token)
             if decoded is None:
                 continue
-            key = (address, decoded[0])
+            key = (address, decoded[0], decoded[1].job_id, decoded[1].attempt)
             with self._counting:
                 if key in self._pending:
                     continue  # sent again while we wrote it: one reply is enough
@@ -164,9 +167,10 @@ class CompletionWriter:
         for address, request, finish in batch:
             outcome = None if written is None else finish.job_id in written
             relay.reply(self.sock, address, request, outcome)
+            key = (address, request, finish.job_id, finish.attempt)
             with self._counting:
-                self._pending.discard((address, request))
-                self._answered[(address, request)] = outcome
+                self._pending.discard(key)
+                self._answered[key] = outcome
                 if len(self._answered) > ANSWERED:
                     self._answered.popitem(last=False)
 
