@@ -362,6 +362,10 @@ def resolve_database_url(
     return server.url(), server
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def _main(argv: list[str] | None = None) -> int:
     """``python -m celery_pgqueue.devserver``: run a server until Ctrl-C (for demos)."""
     import argparse
@@ -380,6 +384,11 @@ def _main(argv: list[str] | None = None) -> int:
         )
         for line in server.footprint():
             print(f"  {line}", flush=True)
+        # Ctrl-C even when started with SIGINT ignored (a background job of a script),
+        # and `kill` too: both stop the server and remove what it created; the default
+        # SIGTERM would end this process and leave the server running.
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, _interrupt)
         print("Stop with Ctrl-C.", flush=True)
         try:
             signal.pause()

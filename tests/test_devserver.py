@@ -308,11 +308,13 @@ def _lines_until(proc: subprocess.Popen[str], marker: str, timeout: float) -> li
 
 @pytest.mark.slow
 def test_the_devserver_command_says_what_it_created_and_how_to_remove_it() -> None:
+    # Started as a script's background job is: with SIGINT ignored, which Python keeps.
     proc = subprocess.Popen(
         [sys.executable, "-m", "celery_pgqueue.devserver"],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
     )
     try:
         lines = _lines_until(proc, "Ctrl-C", timeout=60)
@@ -323,3 +325,22 @@ def test_the_devserver_command_says_what_it_created_and_how_to_remove_it() -> No
     assert "data directory" in text and "deleted when the server stops" in text, text
     if os.geteuid() == 0:
         assert "userdel celery_pgqueue_pg" in text and "rm -rf" in text, text
+
+
+@pytest.mark.slow
+def test_kill_stops_the_devserver_and_removes_its_data_directory() -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "celery_pgqueue.devserver"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        lines = _lines_until(proc, "Ctrl-C", timeout=60)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+    datadir = next(
+        line.split("data directory", 1)[1].split()[0] for line in lines if "data directory" in line
+    )
+    assert not Path(datadir).exists(), "".join(lines)
