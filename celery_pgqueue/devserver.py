@@ -384,9 +384,8 @@ def _main(argv: list[str] | None = None) -> int:
         )
         for line in server.footprint():
             print(f"  {line}", flush=True)
-        # Ctrl-C even when started with SIGINT ignored (a background job of a script),
-        # and `kill` too: both stop the server and remove what it created; the default
-        # SIGTERM would end this process and leave the server running.
+        # Ctrl-C even if started with SIGINT ignored, and `kill` (whose default would
+        # leave the server running): both stop it and remove what it created.
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, _interrupt)
         print("Stop with Ctrl-C.", flush=True)

@@ -306,21 +306,30 @@ def _lines_until(proc: subprocess.Popen[str], marker: str, timeout: float) -> li
     return seen
 
 
-@pytest.mark.slow
-def test_the_devserver_command_says_what_it_created_and_how_to_remove_it() -> None:
-    # Started as a script's background job is: with SIGINT ignored, which Python keeps.
+def _devserver_until_stopped(stop: int, *, ignore_sigint: bool = False) -> list[str]:
+    """Run the devserver command until it is ready, send ``stop``; its output lines."""
+
+    def deaf() -> None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
     proc = subprocess.Popen(
         [sys.executable, "-m", "celery_pgqueue.devserver"],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+        preexec_fn=deaf if ignore_sigint else None,
     )
     try:
-        lines = _lines_until(proc, "Ctrl-C", timeout=60)
+        return _lines_until(proc, "Ctrl-C", timeout=60)
     finally:
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(stop)
         proc.wait(30)
+
+
+@pytest.mark.slow
+def test_the_devserver_command_says_what_it_created_and_how_to_remove_it() -> None:
+    # Started as a script's background job is: with SIGINT ignored, which Python keeps.
+    lines = _devserver_until_stopped(signal.SIGINT, ignore_sigint=True)
     text = "".join(lines)
     assert "data directory" in text and "deleted when the server stops" in text, text
     if os.geteuid() == 0:
@@ -329,17 +338,7 @@ def test_the_devserver_command_says_what_it_created_and_how_to_remove_it() -> No
 
 @pytest.mark.slow
 def test_kill_stops_the_devserver_and_removes_its_data_directory() -> None:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "celery_pgqueue.devserver"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    try:
-        lines = _lines_until(proc, "Ctrl-C", timeout=60)
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(30)
+    lines = _devserver_until_stopped(signal.SIGTERM)
     datadir = next(
         line.split("data directory", 1)[1].split()[0] for line in lines if "data directory" in line
     )
