@@ -36,6 +36,9 @@ WITH v AS (
         %(inline)s::boolean[])
         AS v(job_id, attempt, status, log_status, log_message, result, max_attempts,
              error_message, notify, inline)
+), locked AS (
+    -- in id order, as queries.MARK_ACKED and HEARTBEAT lock theirs (see there)
+    SELECT id FROM {jobs} WHERE id IN (SELECT job_id FROM v) ORDER BY id FOR NO KEY UPDATE
 ), closed AS (
     UPDATE {job_logs}
     SET status = v.log_status,
@@ -65,7 +68,7 @@ WITH v AS (
         lease_owner = CASE WHEN v.status = 'running' THEN jobs.lease_owner END,
         lease_expires_at = CASE WHEN v.status = 'running' THEN jobs.lease_expires_at END,
         updated_at = now()
-    FROM v
+    FROM v JOIN locked ON locked.id = v.job_id
     WHERE jobs.id = v.job_id
       AND jobs.status <> 'completed'
       AND (v.attempt IS NULL OR jobs.attempt_count = v.attempt)

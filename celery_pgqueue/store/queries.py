@@ -112,6 +112,13 @@ NEW_JOBS = """unnest(
     %(delays)s::float8[]
 ) AS v(id, queue_name, payload, priority, run_at, max_attempts, ttl, delay)"""
 
+# Every statement that updates many jobs rows of a worker at once (these early acks,
+# riding on a claim; batches.FINISH_MANY; the lease renewal HEARTBEAT) locks them in id
+# order first: two such statements on different connections of one node, each locking
+# its rows in its own join order, deadlocked on the rows they share, and each deadlock
+# stalled both for deadlock_timeout (1 s) before the server rolled one back.
+# ORDER BY below FOR NO KEY UPDATE: the rows are locked as the sort returns them.
+
 # Early acks: from now a lost worker means failed, not requeued. Held deliveries are
 # (id, attempt) pairs from two arrays, one SQL text for any count.
 MARK_ACKED = """
@@ -119,8 +126,14 @@ UPDATE {jobs}
 SET acked_at = now()
 WHERE status = 'running'
   AND acked_at IS NULL
-  AND (id, attempt_count) IN (
-      SELECT * FROM unnest(%(held_ids)s::uuid[], %(held_attempts)s::integer[]))
+  AND id IN (
+      SELECT held.id FROM {jobs} AS held
+      WHERE held.status = 'running'
+        AND held.acked_at IS NULL
+        AND (held.id, held.attempt_count) IN (
+            SELECT * FROM unnest(%(held_ids)s::uuid[], %(held_attempts)s::integer[]))
+      ORDER BY held.id
+      FOR NO KEY UPDATE)
 """
 
 # Put held deliveries back in line (reject with requeue, warm shutdown, restore). Only
@@ -244,7 +257,13 @@ UPDATE {jobs}
 SET lease_expires_at = now() + %(lease)s::float8 * interval '1 second'
 WHERE status = 'running'
   AND lease_owner = %(owner)s::varchar
-  AND id = ANY(%(ids)s::uuid[])
+  AND id IN (
+      SELECT mine.id FROM {jobs} AS mine
+      WHERE mine.status = 'running'
+        AND mine.lease_owner = %(owner)s::varchar
+        AND mine.id = ANY(%(ids)s::uuid[])
+      ORDER BY mine.id
+      FOR NO KEY UPDATE)
 """
 
 # Consumed messages that are not Celery tasks keep no history.
