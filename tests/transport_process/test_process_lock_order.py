@@ -16,9 +16,9 @@ from pathlib import Path
 
 import psycopg
 from helpers import wait_until
-from transport_process.procs import Database, Workers, task_specs, write_app
 
 from celery_pgqueue import api
+from transport_process.procs import Database, Workers, task_specs, write_app
 
 TASKS = 3000
 
