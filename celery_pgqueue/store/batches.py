@@ -36,9 +36,6 @@ WITH v AS (
         %(inline)s::boolean[])
         AS v(job_id, attempt, status, log_status, log_message, result, max_attempts,
              error_message, notify, inline)
-), locked AS (
-    -- in id order, as queries.MARK_ACKED and HEARTBEAT lock theirs (see there)
-    SELECT id FROM {jobs} WHERE id IN (SELECT job_id FROM v) ORDER BY id FOR NO KEY UPDATE
 ), closed AS (
     UPDATE {job_logs}
     SET status = v.log_status,
@@ -68,8 +65,12 @@ WITH v AS (
         lease_owner = CASE WHEN v.status = 'running' THEN jobs.lease_owner END,
         lease_expires_at = CASE WHEN v.status = 'running' THEN jobs.lease_expires_at END,
         updated_at = now()
-    FROM v JOIN locked ON locked.id = v.job_id
+    FROM v
     WHERE jobs.id = v.job_id
+      -- locked first, in id order, as queries.MARK_ACKED and HEARTBEAT lock theirs
+      AND jobs.id = ANY(ARRAY(
+          SELECT id FROM {jobs} WHERE id IN (SELECT job_id FROM v)
+          ORDER BY id FOR NO KEY UPDATE))
       AND jobs.status <> 'completed'
       AND (v.attempt IS NULL OR jobs.attempt_count = v.attempt)
       AND (v.attempt IS NULL OR v.status <> 'queued' OR jobs.status = 'queued')

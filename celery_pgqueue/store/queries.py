@@ -117,7 +117,9 @@ NEW_JOBS = """unnest(
 # order first: two such statements on different connections of one node, each locking
 # its rows in its own join order, deadlocked on the rows they share, and each deadlock
 # stalled both for deadlock_timeout (1 s) before the server rolled one back.
-# ORDER BY below FOR NO KEY UPDATE: the rows are locked as the sort returns them.
+# ORDER BY below FOR NO KEY UPDATE: the rows are locked as the sort returns them, in
+# an ARRAY() sub-select, which runs once before the update (as `id IN (...)` it ran
+# again for every candidate row: measured 3-6 % off a prefork drain).
 
 # Early acks: from now a lost worker means failed, not requeued. Held deliveries are
 # (id, attempt) pairs from two arrays, one SQL text for any count.
@@ -126,14 +128,14 @@ UPDATE {jobs}
 SET acked_at = now()
 WHERE status = 'running'
   AND acked_at IS NULL
-  AND id IN (
+  AND id = ANY(ARRAY(
       SELECT held.id FROM {jobs} AS held
       WHERE held.status = 'running'
         AND held.acked_at IS NULL
         AND (held.id, held.attempt_count) IN (
             SELECT * FROM unnest(%(held_ids)s::uuid[], %(held_attempts)s::integer[]))
       ORDER BY held.id
-      FOR NO KEY UPDATE)
+      FOR NO KEY UPDATE))
 """
 
 # Put held deliveries back in line (reject with requeue, warm shutdown, restore). Only
@@ -257,13 +259,13 @@ UPDATE {jobs}
 SET lease_expires_at = now() + %(lease)s::float8 * interval '1 second'
 WHERE status = 'running'
   AND lease_owner = %(owner)s::varchar
-  AND id IN (
+  AND id = ANY(ARRAY(
       SELECT mine.id FROM {jobs} AS mine
       WHERE mine.status = 'running'
         AND mine.lease_owner = %(owner)s::varchar
         AND mine.id = ANY(%(ids)s::uuid[])
       ORDER BY mine.id
-      FOR NO KEY UPDATE)
+      FOR NO KEY UPDATE))
 """
 
 # Consumed messages that are not Celery tasks keep no history.
