@@ -13,13 +13,14 @@ start workers themselves and must not use that fixture.
 from __future__ import annotations
 
 import secrets
+import threading
 from collections.abc import Iterator
 
 import kombu
 import psycopg
 import pytest
 from celery import signals
-from helpers import with_database
+from helpers import settle_worker_threads, with_database
 from kombu.asynchronous import set_event_loop
 from psycopg import sql
 from transport_process.procs import Database, Workers, pgqueue_url
@@ -42,6 +43,17 @@ def _own_event_loop_per_worker(**_: object) -> None:
     """
     if tuple(kombu.VERSION[:2]) < (5, 7):
         set_event_loop(None)
+
+
+@pytest.fixture(autouse=True)
+def _one_stuck_worker_fails_one_test() -> Iterator[None]:
+    """One in-process worker that outlives its test fails that test, not every later one
+    (see ``settle_worker_threads``; once, it timed out a whole CI run)."""
+    before = set(threading.enumerate())
+    yield
+    stuck = settle_worker_threads(before)
+    if stuck:
+        pytest.fail("worker thread(s) still running after the test:\n" + "\n".join(stuck))
 
 
 def _generated_name(kind: str) -> str:

@@ -6,8 +6,11 @@ poll for a condition with a deadline instead of sleeping and hoping.
 
 from __future__ import annotations
 
+import sys
+import threading
 import time
-from collections.abc import Callable
+import traceback
+from collections.abc import Callable, Collection
 from typing import TypeVar
 from urllib.parse import quote, urlencode, urlsplit, urlunsplit
 
@@ -77,3 +80,32 @@ def with_database(url: str, database: str) -> str:
     params.pop("dbname", None)
     query = urlencode({k: str(v) for k, v in params.items()})
     return f"postgresql:///{quote(database, safe='')}" + (f"?{query}" if query else "")
+
+
+def settle_worker_threads(before: Collection[threading.Thread], grace: float = 60.0) -> list[str]:
+    """Wait for in-process worker threads started since ``before`` to end; reset Celery's
+    stop flag; return the stacks of any still running after ``grace`` seconds.
+
+    ``celery.contrib.testing.worker.start_worker`` stops its thread by setting the
+    process-global ``celery.worker.state.should_terminate`` to 0 and resets it only if
+    the thread ends within ``shutdown_timeout``. Otherwise the flag stays 0: every later
+    in-process worker of the run exits at once, and its ``start_worker`` waits forever
+    for a consumer that never starts.
+    """
+    from celery.worker import state
+
+    leftovers = [
+        thread
+        for thread in threading.enumerate()
+        if thread not in before and thread.daemon and thread.name.endswith("(start)")
+    ]
+    deadline = time.monotonic() + grace
+    for thread in leftovers:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    state.should_terminate = None
+    frames = sys._current_frames()
+    return [
+        f"{thread.name}:\n" + "".join(traceback.format_stack(frames[thread.ident]))
+        for thread in leftovers
+        if thread.is_alive() and thread.ident in frames
+    ]

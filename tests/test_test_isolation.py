@@ -4,12 +4,22 @@
 later in the process, and an app that defines its own task of the same name gets the
 first one instead (``t.flaky`` of tests/transport ran in place of tests/backend's when
 both ran in one session). Every task a test module defines is therefore ``shared=False``.
+
+Nor may one stuck in-process worker stop the workers of every later test.
 """
 
 from __future__ import annotations
 
 import ast
+import threading
+import time
 from pathlib import Path
+
+import pytest
+from celery import Celery
+from celery.contrib.testing.worker import start_worker
+from helpers import settle_worker_threads, wait_until
+from transport_process.procs import pgqueue_url
 
 TESTS = Path(__file__).resolve().parent
 
@@ -37,3 +47,38 @@ def test_every_task_defined_by_the_tests_is_not_shared() -> None:
         hit for path in sorted(TESTS.rglob("*.py")) for hit in _shared_task_decorators(path)
     ]
     assert offenders == [], f"add shared=False to: {offenders}"
+
+
+@pytest.mark.worker
+def test_a_worker_outliving_its_test_leaves_later_workers_able_to_start(
+    database_url: str,
+) -> None:
+    """``start_worker`` leaves Celery's global stop flag set when its thread outlives
+    ``shutdown_timeout``; ``settle_worker_threads`` (run after every test) clears it."""
+    app = Celery("isolation", set_as_current=False)
+    app.conf.update(broker_url=pgqueue_url(database_url), worker_hijack_root_logger=False)
+    started = threading.Event()
+    ran: list[str] = []
+
+    @app.task(name="isolation.slow", shared=False)
+    def slow() -> None:
+        started.set()
+        time.sleep(3)
+
+    @app.task(name="isolation.quick", shared=False)
+    def quick() -> None:
+        ran.append("quick")
+
+    before = set(threading.enumerate())
+    with (
+        pytest.raises(RuntimeError, match="failed to exit"),
+        start_worker(app, perform_ping_check=False, shutdown_timeout=0.5, loglevel="WARNING"),
+    ):
+        slow.delay()
+        assert started.wait(15)
+    assert settle_worker_threads(before, grace=30) == []
+
+    with start_worker(app, perform_ping_check=False, loglevel="WARNING"):
+        quick.delay()
+        wait_until(lambda: ran == ["quick"], timeout=15)
+    app.close()
