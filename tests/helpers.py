@@ -6,15 +6,17 @@ poll for a condition with a deadline instead of sleeping and hoping.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable, Collection
-from typing import TypeVar
+from collections.abc import Callable, Collection, Iterator
+from typing import Any, TypeVar
 from urllib.parse import quote, urlencode, urlsplit, urlunsplit
 
 import celery
+from celery.contrib.testing.worker import start_worker
 from psycopg.conninfo import conninfo_to_dict
 
 T = TypeVar("T")
@@ -109,3 +111,19 @@ def settle_worker_threads(before: Collection[threading.Thread], grace: float = 6
         for thread in leftovers
         if thread.is_alive() and thread.ident in frames
     ]
+
+
+@contextlib.contextmanager
+def running_worker(app: celery.Celery, **kwargs: Any) -> Iterator[Any]:
+    """A real Celery worker in a thread: solo pool, no ping task, WARNING logs.
+
+    It gets 20 s to stop, not ``start_worker``'s 10: an idle worker's event loop looks
+    at the stop flag only between polls, and Kombu's hub polls for up to 10 s when
+    no timer is due sooner, so 10 s was sometimes just too short.
+    """
+    kwargs.setdefault("pool", "solo")
+    kwargs.setdefault("perform_ping_check", False)
+    kwargs.setdefault("shutdown_timeout", 20.0)
+    kwargs.setdefault("loglevel", "WARNING")
+    with start_worker(app, **kwargs) as worker:
+        yield worker

@@ -16,10 +16,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import helpers
 import psycopg
 import pytest
 from celery import Celery
-from celery.contrib.testing.worker import start_worker
 
 from celery_pgqueue.ids import job_id_for
 from celery_pgqueue.leases import LeaseKeeper
@@ -212,10 +212,7 @@ def running_worker(app: Celery, **kwargs: Any) -> Iterator[Any]:
     """A real Celery worker in a thread (threads pool unless told otherwise)."""
     kwargs.setdefault("pool", "threads")
     kwargs.setdefault("concurrency", 4)
-    kwargs.setdefault("perform_ping_check", False)
-    kwargs.setdefault("shutdown_timeout", 20.0)
-    kwargs.setdefault("loglevel", "WARNING")
-    with start_worker(app, **kwargs) as worker:
+    with helpers.running_worker(app, **kwargs) as worker:
         yield worker
 
 

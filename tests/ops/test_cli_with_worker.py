@@ -8,8 +8,7 @@ from typing import Any
 
 import pytest
 from celery import Celery
-from celery.contrib.testing.worker import start_worker
-from helpers import wait_until
+from helpers import running_worker, wait_until
 
 from celery_pgqueue.ids import job_id_for
 from celery_pgqueue.store import Store
@@ -42,7 +41,7 @@ def test_pause_stops_a_running_worker_and_resume_wakes_it(
     def tick(n: int) -> None:
         ran.append(n)
 
-    with start_worker(worker_app, pool="solo", perform_ping_check=False, loglevel="WARNING"):
+    with running_worker(worker_app):
         tick.delay(1)
         wait_until(lambda: ran == [1], timeout=15)
         paused = celery_cli("pause", "celery")
@@ -71,7 +70,7 @@ def test_retry_re_runs_a_failed_task_and_keeps_its_history(
             raise RuntimeError("provider down")
         return "ok"
 
-    with start_worker(worker_app, pool="solo", perform_ping_check=False, loglevel="WARNING"):
+    with running_worker(worker_app):
         result = flaky.delay()
         job = str(job_id_for(result.id))
         wait_until(
@@ -102,7 +101,7 @@ def test_retry_of_a_revoked_task_is_refused_because_the_worker_remembers_the_rev
     def later() -> None:
         ran.append(1)
 
-    with start_worker(worker_app, pool="solo", perform_ping_check=False, loglevel="WARNING"):
+    with running_worker(worker_app):
         result = later.apply_async(countdown=3600)
         job = str(job_id_for(result.id))
         worker_app.control.revoke(result.id)

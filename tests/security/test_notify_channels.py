@@ -18,7 +18,7 @@ from typing import Any
 import psycopg
 import pytest
 from celery import Celery
-from celery.contrib.testing.worker import start_worker
+from helpers import running_worker
 from psycopg import sql
 from transport_process.procs import Workers, pgqueue_url, write_app
 
@@ -70,7 +70,7 @@ def test_a_role_with_connect_only_can_neither_hear_nor_read_a_result(
 ) -> None:
     secret = app.tasks["channels.secret"]
     with login_role(database_url, "snoop") as (role, password):
-        with start_worker(app, pool="solo", perform_ping_check=False, loglevel="WARNING"):
+        with running_worker(app):
             assert secret.delay().get(timeout=20) == SECRET  # every LISTEN session is up
             with psycopg.connect(as_role(database_url, role, password), autocommit=True) as snoop:
                 seen = snoop.execute(

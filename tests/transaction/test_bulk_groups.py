@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 from celery import group
-from helpers import wait_until
+from helpers import running_worker, wait_until
 from kombu import Producer
 from tx_support import statuses
 
@@ -19,7 +19,6 @@ pytestmark = pytest.mark.worker
 def test_a_group_outside_any_transaction_is_one_insert_and_a_worker_runs_it_all(
     app: Any, database_url: str, job_inserts: Any
 ) -> None:
-    from celery.contrib.testing.worker import start_worker
 
     done: list[int] = []
 
@@ -33,7 +32,7 @@ def test_a_group_outside_any_transaction_is_one_insert_and_a_worker_runs_it_all(
     assert job_inserts.count == 3
     assert len(statuses(database_url)) == 2500
 
-    with start_worker(app, pool="solo", perform_ping_check=False, loglevel="WARNING"):
+    with running_worker(app):
         wait_until(lambda: len(done) == 2500, timeout=60, message="all run")
 
     assert sorted(done) == list(range(2500))

@@ -16,7 +16,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from helpers import wait_until
+from helpers import running_worker, wait_until
 from tx_support import statuses
 
 pytest.importorskip("django")
@@ -50,7 +50,6 @@ def orders(database_url: str) -> list[int]:
 def test_killed_after_commit_enqueue_in_keeps_the_task_and_delay_on_commit_loses_it(
     app: Any, shop: str
 ) -> None:
-    from celery.contrib.testing.worker import start_worker
 
     killed = run_shop(shop, "enqueue-in-kill")
     assert killed.returncode == -signal.SIGKILL, killed.stderr
@@ -67,7 +66,7 @@ def test_killed_after_commit_enqueue_in_keeps_the_task_and_delay_on_commit_loses
     def confirm(order_id: int) -> None:
         confirmed.append(order_id)
 
-    with start_worker(app, pool="solo", perform_ping_check=False, loglevel="WARNING"):
+    with running_worker(app):
         wait_until(lambda: confirmed, timeout=15, message="order 1 is confirmed")
     assert confirmed == [1]  # order 2's confirmation was never sent
     assert [s for _, s in statuses(shop)] == ["completed"]

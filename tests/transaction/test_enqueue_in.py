@@ -7,7 +7,7 @@ from typing import Any
 import psycopg
 import pytest
 import sqlalchemy as sa
-from helpers import wait_until
+from helpers import running_worker, wait_until
 from tx_support import statuses
 
 from celery_pgqueue.errors import TransactionError
@@ -55,8 +55,6 @@ def test_a_thousand_task_group_inside_one_transaction_is_all_or_nothing(app, eng
 
 
 def test_the_task_runs_after_commit_and_sees_the_callers_data(app, engine, database_url):
-    from celery.contrib.testing.worker import start_worker
-
     seen: list[Any] = []
 
     @app.task(name="tx.check", shared=False)
@@ -64,7 +62,7 @@ def test_the_task_runs_after_commit_and_sees_the_callers_data(app, engine, datab
         with psycopg.connect(database_url, autocommit=True) as c:
             seen.append(c.execute("SELECT id FROM orders WHERE id = %s", (order_id,)).fetchone())
 
-    with start_worker(app, pool="solo", perform_ping_check=False, loglevel="WARNING"):
+    with running_worker(app):
         with engine.begin() as conn:
             conn.exec_driver_sql("INSERT INTO orders VALUES (7)")
             with enqueue_in(conn):

@@ -7,7 +7,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from helpers import wait_until
+from helpers import running_worker, wait_until
 from tx_support import statuses
 
 from celery_pgqueue.errors import TransactionError
@@ -49,8 +49,6 @@ def test_rollback_leaves_nothing_and_the_callers_later_statements_share_the_comm
 
 
 def test_inside_conn_transaction_a_worker_runs_the_task_after_commit(app: Any, orders: str) -> None:
-    from celery.contrib.testing.worker import start_worker
-
     seen: list[Any] = []
 
     @app.task(name="txp.check", shared=False)
@@ -58,7 +56,7 @@ def test_inside_conn_transaction_a_worker_runs_the_task_after_commit(app: Any, o
         with psycopg.connect(orders, autocommit=True) as c:
             seen.append(c.execute("SELECT id FROM orders WHERE id = %s", (order_id,)).fetchone())
 
-    with start_worker(app, pool="solo", perform_ping_check=False, loglevel="WARNING"):
+    with running_worker(app):
         with psycopg.connect(orders, autocommit=True) as conn:
             with conn.transaction(), enqueue_in(conn):
                 check.delay(5)
@@ -114,8 +112,6 @@ def test_a_thousand_task_group_is_one_statement_on_the_callers_connection(
 
 @pytest.mark.slow
 def test_workers_are_woken_by_the_commit_not_by_polling(app: Any, orders: str) -> None:
-    from celery.contrib.testing.worker import start_worker
-
     app.conf.broker_transport_options = {"polling_interval": 60.0, "maintenance_interval": 5.0}
     started: list[float] = []
 
@@ -123,9 +119,7 @@ def test_workers_are_woken_by_the_commit_not_by_polling(app: Any, orders: str) -
     def woken() -> None:
         started.append(time.monotonic())
 
-    with start_worker(
-        app, pool="solo", perform_ping_check=False, loglevel="WARNING", shutdown_timeout=20.0
-    ):
+    with running_worker(app):
         time.sleep(0.5)  # the worker is idle, asleep on LISTEN, next poll in a minute
         with psycopg.connect(orders) as conn:
             with enqueue_in(conn):

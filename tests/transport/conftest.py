@@ -9,7 +9,6 @@ from typing import Any
 
 import pytest
 from celery import Celery
-from celery.contrib.testing.worker import start_worker
 
 from celery_pgqueue.leases import LeaseKeeper
 from celery_pgqueue.store import Store
@@ -81,14 +80,3 @@ class Recorder:
 @pytest.fixture
 def recorder() -> Recorder:
     return Recorder()
-
-
-@contextlib.contextmanager
-def running_worker(app: Celery, **kwargs: Any) -> Iterator[Any]:
-    """A real Celery worker in a thread (solo pool unless told otherwise)."""
-    kwargs.setdefault("pool", "solo")
-    kwargs.setdefault("perform_ping_check", False)
-    kwargs.setdefault("shutdown_timeout", 20.0)
-    kwargs.setdefault("loglevel", "WARNING")
-    with start_worker(app, **kwargs) as worker:
-        yield worker

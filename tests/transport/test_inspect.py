@@ -25,9 +25,7 @@ from typing import Any
 
 import pytest
 from celery import Celery
-from helpers import wait_until
-
-from .conftest import running_worker
+from helpers import running_worker, wait_until
 
 pytestmark = pytest.mark.worker
 

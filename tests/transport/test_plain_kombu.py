@@ -17,13 +17,11 @@ from typing import Any
 import psycopg
 import pytest
 from celery import Celery
-from helpers import wait_until
+from helpers import running_worker, wait_until
 from kombu import Connection, Exchange, Queue
 
 from celery_pgqueue.ids import job_id_for
 from celery_pgqueue.store import Store
-
-from .conftest import running_worker
 
 SHORT = 0.3  # seconds: message_ttl / x-message-ttl / expiration under test
 

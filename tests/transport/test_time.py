@@ -14,12 +14,12 @@ from typing import Any
 
 import psycopg
 import pytest
-from helpers import wait_until
+from helpers import running_worker, wait_until
 from kombu import Connection
 
 from celery_pgqueue.ids import job_id_for
 
-from .conftest import Recorder, running_worker
+from .conftest import Recorder
 
 pytestmark = pytest.mark.worker
 

@@ -15,14 +15,14 @@ import psycopg
 import pytest
 import sqlalchemy as sa
 from celery import chord, group
-from helpers import wait_until
+from helpers import running_worker, wait_until
 from kombu import Connection
 
 from celery_pgqueue.errors import ConfigurationError
 from celery_pgqueue.ids import job_id_for
 from celery_pgqueue.transaction import enqueue_in
 
-from .conftest import Recorder, running_worker
+from .conftest import Recorder
 
 PRODUCER = Path(__file__).with_name("unique_producer.py")
 

@@ -9,14 +9,14 @@ from typing import Any
 import psycopg
 import pytest
 from celery.exceptions import Reject
-from helpers import wait_until
+from helpers import running_worker, wait_until
 from kombu import Connection, Exchange, Queue
 
 from celery_pgqueue.errors import InvalidQueueName, PayloadTooLarge
 from celery_pgqueue.ids import job_id_for
 from celery_pgqueue.store import Store
 
-from .conftest import Recorder, running_worker
+from .conftest import Recorder
 
 pytestmark = pytest.mark.worker
 
