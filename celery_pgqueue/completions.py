@@ -135,6 +135,9 @@ class CompletionWriter:
                 break
             except OSError:
                 break  # closed at stop
+            if relay.is_stop(data, self.token):
+                self.stopping.set()
+                continue
             decoded = relay.decode(data, self.token)
             if decoded is None:
                 continue
@@ -187,11 +190,18 @@ class CompletionWriter:
             code = 0
             try:
                 # Not the worker's handlers it inherited (SIGHUP would re-exec a worker
-                # here): the main process decides, and stops it with SIGTERM.
-                for signum in (signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
+                # here), and not SIGTERM either: a stop sent to the whole process group
+                # (systemd's default) would end it while the pool's last tasks finish.
+                # The main process decides, and stops it with a message (stop()).
+                for signum in (
+                    signal.SIGINT,
+                    signal.SIGHUP,
+                    signal.SIGTERM,
+                    signal.SIGUSR1,
+                    signal.SIGUSR2,
+                ):
                     signal.signal(signum, signal.SIG_IGN)
                 signal.signal(signal.SIGQUIT, signal.SIG_DFL)
-                signal.signal(signal.SIGTERM, lambda *_: self.stopping.set())
                 self.serve()
             except BaseException:
                 code = 1
@@ -248,8 +258,13 @@ class CompletionWriter:
         if self.pid is None:
             self.stopping.set()
             return
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(self.pid, signal.SIGTERM)
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+                sock.settimeout(5)  # a full socket buffer drains in milliseconds
+                sock.sendto(relay.encode_stop(self.token), self.address)
+        except OSError:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)  # not reachable: it writes nothing more
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             with contextlib.suppress(ChildProcessError):

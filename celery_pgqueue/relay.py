@@ -83,6 +83,20 @@ def encode(token: str, request: int, finish: Finish) -> bytes:
     ).encode()
 
 
+def encode_stop(token: str) -> bytes:
+    """The main process's "write what has arrived, then exit" to its writer."""
+    return json.dumps({"t": token, "stop": True}, separators=(",", ":")).encode()
+
+
+def is_stop(data: bytes, token: str) -> bool:
+    """Whether ``data`` is the main process's stop message (it carries the token)."""
+    try:
+        m = json.loads(data)
+    except ValueError:
+        return False
+    return isinstance(m, dict) and m.get("t") == token and m.get("stop") is True
+
+
 def decode(data: bytes, token: str) -> tuple[int, Finish] | None:
     """(request number, finish) from a datagram; None for anything not ours."""
     try:

@@ -174,3 +174,35 @@ def test_a_killed_completion_writer_is_replaced_and_no_finish_is_lost(
     assert "was killed by signal 9; starting another" in worker.log()
     measure(f"completion writer killed twice, prefork -c 4: peak {most[0]} sessions after")
     assert most[0] <= 6, f"pool processes write their own finishes: {most[1]}"
+
+
+def test_a_sigterm_to_the_whole_node_leaves_its_writer_to_the_main_process(
+    tmp_path: Path, broker_url: str, db: Database, workers: Workers
+) -> None:
+    """``systemctl stop`` (KillMode=control-group) and ``pkill celery`` send SIGTERM to
+    every process of the node at once. Celery's pool processes die of it (their tasks
+    fail with WorkerLostError, as on any broker); the writer must not take it as its
+    own stop: it records those ends until the main process stops it, with no
+    "writer exited, starting another" for what is a clean stop."""
+    app = write_app(
+        tmp_path,
+        broker_url,
+        result_backend=broker_url,
+        result_backend_transport_options={"batch_finishes": True},
+    )
+    worker = workers.start(app, "node", concurrency=2)
+    wait_until(lambda: _writer_pids(worker), timeout=10, message="the completion writer")
+    app.publish(task_specs(2, sleep=1.5, label="long"))
+    wait_until(
+        lambda: db.value("SELECT count(*) FROM jobs WHERE status = 'running'") == 2,
+        timeout=30,
+        message="both tasks running",
+    )
+    os.killpg(worker.pid, signal.SIGTERM)
+    assert worker.wait(60) == 0, worker.log()[-3000:]
+    log = worker.log()
+    assert "starting another" not in log, log[-3000:]
+    assert len(_writer_pids(worker)) == 1
+    ends = db.rows("SELECT status, last_error_message FROM jobs")
+    assert [status for status, _ in ends] == ["failed", "failed"], ends
+    assert all("WorkerLostError" in (error or "") for _, error in ends), ends
