@@ -113,10 +113,11 @@ NEW_JOBS = """unnest(
 ) AS v(id, queue_name, payload, priority, run_at, max_attempts, ttl, delay)"""
 
 # Every statement that updates many jobs rows of a worker at once (these early acks,
-# riding on a claim; batches.FINISH_MANY; the lease renewal HEARTBEAT) locks them in id
-# order first: two such statements on different connections of one node, each locking
-# its rows in its own join order, deadlocked on the rows they share, and each deadlock
-# stalled both for deadlock_timeout (1 s) before the server rolled one back.
+# riding on a claim; batches.FINISH_MANY; the lease renewal HEARTBEAT; REQUEUE and
+# DELETE_HELD of held deliveries) locks them in id order first: two such statements on
+# different connections of one node, each locking its rows in its own join order,
+# deadlocked on the rows they share, and each deadlock stalled both for
+# deadlock_timeout (1 s) before the server rolled one back.
 # ORDER BY below FOR NO KEY UPDATE: the rows are locked as the sort returns them, in
 # an ARRAY() sub-select, which runs once before the update (as `id IN (...)` it ran
 # again for every candidate row: measured 3-6 % off a prefork drain).
@@ -150,8 +151,13 @@ WITH moved AS (
         acked_at = NULL,
         updated_at = now()
     WHERE status = 'running'
-      AND (id, attempt_count) IN (
-          SELECT * FROM unnest(%(held_ids)s::uuid[], %(held_attempts)s::integer[]))
+      AND id = ANY(ARRAY(
+          SELECT held.id FROM {jobs} AS held
+          WHERE held.status = 'running'
+            AND (held.id, held.attempt_count) IN (
+                SELECT * FROM unnest(%(held_ids)s::uuid[], %(held_attempts)s::integer[]))
+          ORDER BY held.id
+          FOR NO KEY UPDATE))
     RETURNING id, attempt_count, queue_name
 ), closed AS (
     UPDATE {job_logs}
@@ -271,8 +277,12 @@ WHERE status = 'running'
 # Consumed messages that are not Celery tasks keep no history.
 DELETE_HELD = """
 DELETE FROM {jobs}
-WHERE (id, attempt_count) IN (
-    SELECT * FROM unnest(%(held_ids)s::uuid[], %(held_attempts)s::integer[]))
+WHERE id = ANY(ARRAY(
+    SELECT held.id FROM {jobs} AS held
+    WHERE (held.id, held.attempt_count) IN (
+        SELECT * FROM unnest(%(held_ids)s::uuid[], %(held_attempts)s::integer[]))
+    ORDER BY held.id
+    FOR UPDATE))
 """
 
 
