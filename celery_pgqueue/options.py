@@ -116,11 +116,13 @@ class PgQueueOptions:
     synchronous_commit: bool = True
     """Wait for the WAL flush on every commit. Off: ~10x cheaper writes, but a crash of
     the PostgreSQL server (not a clean restart) can lose the last ~0.6 s of commits."""
-    batch_finishes: bool = False
+    batch_finishes: bool | None = None
     """Prefork pool processes hand their tasks' finishes to one writer process per worker
     node, which writes those ending close together as one statement on one connection:
     no pool process keeps a connection for them (fewer connections and statements, but
-    an extra hop per task: off by default, measured slower on a 2-core machine)."""
+    an extra hop per task). None: on for a pool of 8 processes or more, where finishes
+    arrive together (``completions.AUTO_POOL``); in a smaller pool the hop costs more
+    than it saves."""
 
     @classmethod
     def parse(cls, raw: Mapping[str, Any] | None) -> PgQueueOptions:
