@@ -26,7 +26,15 @@ from pathlib import Path
 import psycopg
 import pytest
 from helpers import wait_until
-from transport_process.procs import Database, Worker, Workers, peak_sessions, task_specs, write_app
+from transport_process.procs import (
+    App,
+    Database,
+    Worker,
+    Workers,
+    peak_sessions,
+    task_specs,
+    write_app,
+)
 
 from celery_pgqueue import api
 from celery_pgqueue.store import Store
@@ -133,6 +141,21 @@ def _writer_pids(worker: Worker) -> list[int]:
     ]
 
 
+def _node_with_writer(
+    directory: Path, broker_url: str, workers: Workers, concurrency: int
+) -> tuple[App, Worker]:
+    """A prefork node with ``batch_finishes`` on, once its completion writer runs."""
+    app = write_app(
+        directory,
+        broker_url,
+        result_backend=broker_url,
+        result_backend_transport_options={"batch_finishes": True},
+    )
+    worker = workers.start(app, "node", concurrency=concurrency)
+    wait_until(lambda: _writer_pids(worker), timeout=10, message="the completion writer")
+    return app, worker
+
+
 def _completed(db: Database) -> int:
     return int(db.value("SELECT count(*) FROM jobs WHERE status = 'completed'"))
 
@@ -144,14 +167,7 @@ def test_a_killed_completion_writer_is_replaced_and_no_finish_is_lost(
     another on the same address, the pool processes go on handing their finishes to it
     (the node keeps one connection for them, not one per process), and every task ends
     completed, none left ``running``."""
-    app = write_app(
-        tmp_path,
-        broker_url,
-        result_backend=broker_url,
-        result_backend_transport_options={"batch_finishes": True},
-    )
-    worker = workers.start(app, "node", concurrency=4)
-    wait_until(lambda: _writer_pids(worker), timeout=10, message="the completion writer")
+    app, worker = _node_with_writer(tmp_path, broker_url, workers, concurrency=4)
     # Mid-drain: finishes in its hands are sent again to its successor.
     app.publish(task_specs(200, sleep=0.005, label="mid"))
     wait_until(lambda: _completed(db) >= 50, timeout=60, interval=0.005, message="a drain")
@@ -184,14 +200,7 @@ def test_a_sigterm_to_the_whole_node_leaves_its_writer_to_the_main_process(
     fail with WorkerLostError, as on any broker); the writer must not take it as its
     own stop: it records those ends until the main process stops it, with no
     "writer exited, starting another" for what is a clean stop."""
-    app = write_app(
-        tmp_path,
-        broker_url,
-        result_backend=broker_url,
-        result_backend_transport_options={"batch_finishes": True},
-    )
-    worker = workers.start(app, "node", concurrency=2)
-    wait_until(lambda: _writer_pids(worker), timeout=10, message="the completion writer")
+    app, worker = _node_with_writer(tmp_path, broker_url, workers, concurrency=2)
     app.publish(task_specs(2, sleep=1.5, label="long"))
     wait_until(
         lambda: db.value("SELECT count(*) FROM jobs WHERE status = 'running'") == 2,
