@@ -136,11 +136,11 @@ class CompletionWriter:
                 break
             except OSError:
                 break  # closed at stop
-            if relay.is_stop(data, self.token):
+            decoded = relay.decode(data, self.token)
+            if decoded == relay.STOP:
                 self.stopping.set()
                 continue
-            decoded = relay.decode(data, self.token)
-            if decoded is None:
+            if not isinstance(decoded, tuple):
                 continue
             key = (address, decoded[0], decoded[1].job_id, decoded[1].attempt)
             with self._counting:
@@ -318,15 +318,13 @@ def _before_fork(sender: Any = None, **_: Any) -> None:
         app = _app or _current_app()
         conf = getattr(app, "conf", None)
         raw = getattr(conf, "result_backend_transport_options", None) or {}
-        setting = raw.get("batch_finishes")
-        if (setting is None and _processes < AUTO_POOL) or (setting is not None and not setting):
+        if not _batches(raw.get("batch_finishes")):
             return  # off: not even the backend is touched before a fork
         backend: Any = getattr(app, "backend", None)
         options = getattr(backend, "options", None)
         if not getattr(backend, "settles_jobs", False) or options is None:
             return
-        wanted = options.batch_finishes
-        if not (_processes >= AUTO_POOL if wanted is None else wanted):
+        if not _batches(options.batch_finishes):  # parsed: "false" is False here
             return
         try:
             writer = CompletionWriter(backend.store, notify=options.use_notify).start_process()
@@ -336,6 +334,11 @@ def _before_fork(sender: Any = None, **_: Any) -> None:
             return
         _writer = writer
         relay.serve_at(writer.endpoint)
+
+
+def _batches(setting: object) -> bool:
+    """Whether ``batch_finishes`` set to ``setting`` means a writer for this node."""
+    return _processes >= AUTO_POOL if setting is None else bool(setting)
 
 
 def _at_worker_init(sender: Any = None, **_: Any) -> None:

@@ -79,6 +79,8 @@ def test_a_datagram_without_the_nodes_token_is_never_written() -> None:
 
     assert relay.decode(data, "the-token") is None
     assert relay.decode(b"\x80\x04 not json", "the-token") is None
+    assert relay.decode(relay.encode_stop("not-the-token"), "the-token") is None
+    assert relay.decode(relay.encode_stop("the-token"), "the-token") == relay.STOP
 
 
 def test_without_a_writer_the_pool_process_writes_its_finish_itself() -> None:
