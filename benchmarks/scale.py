@@ -3,6 +3,7 @@
     python benchmarks/scale.py                                  # 24 solo nodes, 10 tasks/s
     python benchmarks/scale.py --nodes 6 --pool prefork --concurrency 4 --rate 50
     python benchmarks/scale.py --src /path/to/other/checkout    # the workers run that code
+    python benchmarks/scale.py --nodes 16 --countdown 2         # tasks come due 2 s later
 
 Starts ``--nodes`` real ``celery -A harness.app worker`` processes (``harness/workers.py``:
 own process group each, ``--without-heartbeat --without-gossip --without-mingle``,
@@ -22,7 +23,8 @@ Also printed: server sessions per node (``pg_stat_activity`` of the scratch data
 idle and the most seen under load, this script's own sessions left out), claims per
 task when ``pg_stat_statements`` is loaded (else scans of the claim's index
 ``ix_jobs_ready`` per task, which also counts the schedule look-ups), throughput and
-publish→start p50/p99 from the workers' records. A measurement, not a test.
+publish→start p50/p99 from the workers' records (with ``--countdown``: due→start, how
+late after its countdown each task started). A measurement, not a test.
 """
 
 from __future__ import annotations
@@ -96,8 +98,10 @@ class SessionSampler(threading.Thread):
                 self.most = max(self.most, sessions(conn, self.database))
 
 
-def publish_paced(url: str, rate: float, seconds: float) -> int:
-    """Publish ``bench.noop(published_at)`` at ``rate`` per second; returns how many."""
+def publish_paced(url: str, rate: float, seconds: float, countdown: float = 0.0) -> int:
+    """Publish ``bench.noop(published_at)`` at ``rate`` per second; returns how many.
+    With a ``countdown``, each task is due that many seconds later, and the time it
+    carries is when it comes due."""
     from celery import Celery
 
     app = Celery("scale-producer", broker=url, set_as_current=False)
@@ -108,7 +112,13 @@ def publish_paced(url: str, rate: float, seconds: float) -> int:
             delay = started + i / rate - time.monotonic()
             if delay > 0:
                 time.sleep(delay)
-            app.send_task("bench.noop", args=(time.time(),), queue=QUEUE, producer=producer)
+            app.send_task(
+                "bench.noop",
+                args=(time.time() + countdown,),
+                queue=QUEUE,
+                producer=producer,
+                countdown=countdown or None,
+            )
     app.close()
     return total
 
@@ -152,10 +162,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 sampler = SessionSampler(db_url, database)
                 sampler.start()
                 load_began = time.monotonic()
-                published = publish_paced(producer_url, args.rate, args.seconds)
+                published = publish_paced(producer_url, args.rate, args.seconds, args.countdown)
                 load_ended = time.monotonic()
                 records = []
-                deadline = time.monotonic() + 60
+                deadline = time.monotonic() + 60 + args.countdown
                 while time.monotonic() < deadline:
                     records = [line for w in workers for line in w.records()]
                     if len(records) >= published:
@@ -181,6 +191,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "nodes": args.nodes,
         "pool": f"{args.pool} -c {args.concurrency}",
         "rate": args.rate,
+        "countdown": args.countdown,
         "tasks": published,
         "done": len(records),
         "sessions_per_node_idle": round(idle_sessions / args.nodes, 2),
@@ -213,6 +224,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--idle-seconds", type=float, default=30.0)
     parser.add_argument(
         "--settle", type=float, default=STATS_TAIL, help="seconds after start-up, before idle"
+    )
+    parser.add_argument(
+        "--countdown",
+        type=float,
+        default=0.0,
+        help="publish each task with this countdown (seconds): the herd at due times",
     )
     parser.add_argument("--no-backend", dest="backend", action="store_false")
     parser.add_argument("--src", help="run the workers on the celery_pgqueue in this checkout")

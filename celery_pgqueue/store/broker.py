@@ -317,3 +317,18 @@ class Broker(Routing):
             return lookup_sql.next_due(
                 conn, queue_names=queue_names, came_due_within=came_due_within
             )
+
+    def next_due_by_queue(
+        self, queue_names: Sequence[str], came_due_within: float = 0.0, tell: Sequence[str] = ()
+    ) -> dict[str, tuple[float, float]]:
+        """:meth:`next_due` per queue, ``{queue: (seconds, run_at)}``; the answers for the
+        queues in ``tell`` NOTIFYed to their other workers too (see transport/herd)."""
+        channel = self.channel if tell and self.options.use_notify else None
+        with self.single() as conn:
+            return lookup_sql.next_due_by_queue(
+                conn,
+                queue_names=queue_names,
+                came_due_within=came_due_within,
+                tell=tell,
+                channel=channel,
+            )

@@ -49,10 +49,12 @@ CLAIMED = """claimed AS (
     INSERT INTO {job_logs} (job_id, attempt_number, status, started_at)
     SELECT id, attempt_count, 'attempting', now() FROM claimed
 ), told AS (
-    -- The "drained" note (listener.drained_payload): a claim woken by a NOTIFY that
-    -- took fewer than it asked for tells the other woken workers, at its commit, that
-    -- they need not claim (no transaction of its own: it rides on this one).
-    SELECT pg_notify(%(channel)s::text, %(drained)s::text)
+    -- The "drained" note (listener.claim_note_prefix): a claim woken by a NOTIFY or
+    -- by a job coming due that took fewer than it asked for tells the other workers,
+    -- at its commit, that they need not claim (no transaction of its own: it rides on
+    -- this one); when it began says which scheduled jobs it covered.
+    SELECT pg_notify(%(channel)s::text,
+                     %(drained)s::text || extract(epoch FROM now())::float8::text)
     WHERE %(drained)s::text IS NOT NULL AND (SELECT count(*) FROM claimed) < {limit}
 )
 -- One row per claimed job, or one of NULLs when none was: each carries the queue's

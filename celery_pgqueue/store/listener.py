@@ -27,34 +27,69 @@ DRAINED_MARK = "\x1e"
 """Separates a queue name from the lease owner whose claim drained it."""
 
 
+EPOCH_MARK = "\x1d"
+"""Separates a note's queue or owner from a time on the database's clock (Unix
+seconds): when a claim began, or when a queue's soonest scheduled job comes due."""
+
+
 def drained_payload(queue: str, owner: str) -> str:
     """The note a claim sends when it drained ``queue``: other woken workers need not
     claim it. An empty ``owner`` hands the turn on: "wake up, I cannot claim it"."""
     return f"{queue}{DRAINED_MARK}{owner}"
 
 
-def drained_note(payload: str) -> tuple[str, str] | None:
-    """``(queue, owner)`` of a drained note, or None for any other payload."""
+def claim_note_prefix(queue: str, owner: str) -> str:
+    """A claim's drained note less the claim's start, which its statement appends: the
+    note then also says which scheduled jobs the claim covers (``run_at`` up to then)."""
+    return f"{drained_payload(queue, owner)}{EPOCH_MARK}"
+
+
+def drained_note(payload: str) -> tuple[str, str, float | None] | None:
+    """``(queue, owner, began)`` of a drained note (``began``: when the claim began on
+    the database's clock, None if the note does not say), or None for any other."""
     queue, mark, owner = payload.rpartition(DRAINED_MARK)
     if not mark or SCHEDULED_MARK in owner:
         return None
-    return queue, owner
+    owner, stamp, began = owner.partition(EPOCH_MARK)
+    return queue, owner, _number(began) if stamp else None
 
 
-def wake_note(payload: str) -> tuple[str, float | None]:
-    """A queue channel payload: ``(queue, None)`` for "jobs are due now", or ``(queue,
-    seconds)`` for "a job of this queue comes due in that many seconds".
+def due_payload(queue: str, run_at: float | None, seconds: float | None) -> str:
+    """A worker's word to its peers on ``queue`` after its look-up: the soonest job
+    comes due at ``run_at`` (database clock), ``seconds`` from the look-up; both None:
+    none is scheduled. :data:`SCHEDULED_MARK` last, so workers of an earlier version
+    read it as a hint for a queue they do not consume, and ignore it."""
+    at = "" if run_at is None else repr(run_at)
+    after = "Infinity" if seconds is None else repr(seconds)
+    return f"{queue}{EPOCH_MARK}{at}{SCHEDULED_MARK}{after}"
 
-    A queue name may in principle contain the mark too, so a caller treats the whole
+
+def wake_note(payload: str) -> tuple[str, float | None, float | None]:
+    """A queue channel payload: ``(queue, None, None)`` for "jobs are due now", or
+    ``(queue, seconds, run_at)`` for "a job of this queue comes due in that many
+    seconds" (``run_at``: when, on the database's clock, if the note says; a publish's
+    note does not). ``seconds`` infinite: no job of the queue is scheduled.
+
+    A queue name may in principle contain the marks too, so a caller treats the whole
     payload as a queue name as well (a name it does not consume changes nothing).
     """
     queue, mark, seconds = payload.rpartition(SCHEDULED_MARK)
     if not mark:
-        return payload, None
+        return payload, None, None
+    after = _number(seconds)
+    if after is None:
+        return payload, None, None
+    named, stamp, at = queue.rpartition(EPOCH_MARK)
+    if stamp and (at == "" or _number(at) is not None):
+        return named, max(0.0, after), _number(at)
+    return queue, max(0.0, after), None
+
+
+def _number(text: str) -> float | None:
     try:
-        return queue, max(0.0, float(seconds))
+        return float(text)
     except ValueError:
-        return payload, None
+        return None
 
 
 class Listener:

@@ -17,6 +17,7 @@ from celery_pgqueue.store.expressions import (
     fixed,
     status_literal,
 )
+from celery_pgqueue.store.listener import EPOCH_MARK, SCHEDULED_MARK
 from celery_pgqueue.store.tables import jobs
 
 
@@ -107,12 +108,13 @@ MAX_PRIORITY_LEVELS = 100
 
 @functools.cache
 def _next_due_statement() -> sa.Executable:
-    """Seconds until the soonest scheduled job of the given queues (NULL: none).
+    """Per queue asked: seconds until its soonest scheduled job and that job's run_at
+    (NULLs: none), NOTIFYing the answer for the queues in p_tell.
 
-    ``ix_jobs_ready`` orders a queue's rows by priority first, so the soonest
-    ``run_at`` is not its first entry: walk the distinct priorities (one probe each,
-    a loose index scan in a recursive CTE) and take each level's first future
-    ``run_at`` (one more probe), instead of reading every scheduled row.
+        ``ix_jobs_ready`` orders a queue's rows by priority first, so the soonest
+        ``run_at`` is not its first entry: walk the distinct priorities (one probe each,
+        a loose index scan in a recursive CTE) and take each level's first future
+        ``run_at`` (one more probe), instead of reading every scheduled row.
     """
 
     def queued(alias: Any) -> sa.ColumnElement[bool]:
@@ -164,9 +166,40 @@ def _next_due_statement() -> sa.Executable:
         .limit(fixed(1))
         .lateral("soonest")
     )
-    return sa.select(
-        sa.cast(sa.extract("epoch", sa.func.min(soonest.c.run_at) - sa.func.now()), sa.Float)
-    ).select_from(levels.join(soonest, sa.true()))
+    per_queue = (
+        sa.select(
+            levels.c.queue_name.label("queue_name"),
+            sa.func.min(soonest.c.run_at).label("run_at"),
+        )
+        .select_from(levels.join(soonest, sa.true()))
+        .group_by(levels.c.queue_name)
+        .cte("per_queue")
+    )
+    asked = (
+        sa.func.unnest(sa.bindparam("p_queues", type_=ARRAY(sa.String)))
+        .table_valued("name")
+        .render_derived(name="asked")
+    )
+    seconds = sa.cast(sa.extract("epoch", per_queue.c.run_at - sa.func.now()), sa.Float)
+    run_at = sa.cast(sa.extract("epoch", per_queue.c.run_at), sa.Float)
+    # listener.due_payload, for the queues in p_tell: NOTIFYed at the commit.
+    note = (
+        asked.c.name
+        + sa.literal(EPOCH_MARK)
+        + sa.func.coalesce(sa.cast(run_at, sa.Text), "")
+        + sa.literal(SCHEDULED_MARK)
+        + sa.func.coalesce(sa.cast(seconds, sa.Text), "Infinity")
+    )
+    told = sa.case(
+        (
+            asked.c.name == sa.any_(sa.bindparam("p_tell", type_=ARRAY(sa.String))),
+            sa.func.pg_notify(sa.bindparam("p_channel", type_=sa.Text), note),
+        ),
+        else_=None,
+    )
+    return sa.select(asked.c.name, seconds, run_at, told).select_from(
+        asked.outerjoin(per_queue, per_queue.c.queue_name == asked.c.name)
+    )
 
 
 def next_due(
@@ -180,8 +213,31 @@ def next_due(
     Asked of the database, so the answer is on its clock: a worker waits that long on
     its own monotonic clock, whatever its wall clock says.
     """
+    soonest = next_due_by_queue(conn, queue_names=queue_names, came_due_within=came_due_within)
+    return min((seconds for seconds, _ in soonest.values()), default=None)
+
+
+def next_due_by_queue(
+    conn: sa.Connection,
+    *,
+    queue_names: Sequence[str],
+    came_due_within: float = 0.0,
+    tell: Sequence[str] = (),
+    channel: str | None = None,
+) -> dict[str, tuple[float, float]]:
+    """:func:`next_due` per queue: ``{queue: (seconds, run_at)}`` for each queue with a
+    scheduled job (``run_at`` in Unix seconds on the database's clock). The queues in
+    ``tell`` also get the answer NOTIFYed on ``channel`` (``listener.due_payload``, no
+    job scheduled included), so their other workers need not ask (see transport/herd)."""
     if not queue_names:
-        return None
-    params = {"p_queues": list(queue_names), "p_within": max(0.0, came_due_within)}
-    value = conn.execute(_next_due_statement(), params).scalar()
-    return None if value is None else float(value)
+        return {}
+    params = {
+        "p_queues": list(queue_names),
+        "p_within": max(0.0, came_due_within),
+        "p_tell": list(tell) if channel else [],
+        "p_channel": channel,
+    }
+    rows = conn.execute(_next_due_statement(), params).all()
+    return {
+        name: (float(seconds), float(at)) for name, seconds, at, _ in rows if seconds is not None
+    }

@@ -23,6 +23,15 @@ empty. Instead:
   cancels its claims). Each drop hands the job to a later claim, never to nobody.
 * A leader woken while it has no room (its prefetch is full) hands its turn on: one
   NOTIFY with an empty owner, which every worker takes as a wake-up with no leader.
+* The same for scheduled jobs, which come due with no NOTIFY: every worker has a
+  timer for the soonest. When it fires, the leader claims at once; every other worker
+  that knows its peers holds that claim and drops it when a peer's drained note says
+  its claim began at or after the ``run_at`` the timer was for (by the database's
+  clock, which the note and the look-ups carry): that claim saw every job due then.
+  It then waits (``AWAIT_TELL`` at most) for the next due time, which the leader's
+  look-up after its claim NOTIFYs to its peers (``listener.due_payload``) instead of
+  every worker asking the database. A timer set from a publish's NOTIFY, whose
+  ``run_at`` the worker does not know, claims at once as before.
 * The poll timer stays the safety net, every ``polling_interval`` times
   ``LISTEN_POLL_FACTOR`` while LISTEN works (NOTIFY is the wake-up); a queue with a
   concurrency limit, whose freed slots a finish may not announce, every
@@ -53,6 +62,7 @@ PEER_MEMORY = 120.0
 REPORT_ALONE = 5.0
 """Seconds between drained notes of a worker that knows no peer on the queue: enough
 for peers to find each other, and a lone worker's claims mostly carry no NOTIFY."""
+INFINITY = float("inf")
 LISTEN_POLL_FACTOR = 10
 """A worker LISTENing polls every ``polling_interval`` times this (a safety net only)."""
 
@@ -69,6 +79,9 @@ class Herd:
         """Queues whose claim is held, and the event-loop timer that ends the hold."""
         self.woken: set[str] = set()
         """Queues whose next claim answers a NOTIFY (and so reports a drain)."""
+        self.due_holds: dict[str, tuple[float, Any]] = {}
+        """Queues whose claim of jobs that came due is held: the latest ``run_at`` it is
+        for (database clock), and the event-loop timer that ends the hold."""
 
     @property
     def me(self) -> str:
@@ -87,12 +100,17 @@ class Herd:
             return True
         return False
 
-    def drained(self, queue: str, owner: str, fresh: set[str]) -> bool:
+    def tells(self, queue: str) -> bool:
+        """Whether our look-up of due times NOTIFYs its answer for ``queue``."""
+        return self.poller._loop is not None and self.has_peers(queue)
+
+    def drained(self, queue: str, owner: str, fresh: set[str], began: float | None = None) -> bool:
         """Take a drained note; True when it is no wake-up (an empty owner is one).
 
         A note from another worker cancels our claim of ``queue`` woken by an earlier
         NOTIFY (held, or ``fresh``: due from this batch of notes): that worker's claim
-        came later and covers it (see the module).
+        came later and covers it (see the module). It also cancels a held claim of jobs
+        that came due if that claim ``began`` (database clock) when they were due.
         """
         self.leaders[queue] = owner
         if not owner:
@@ -104,7 +122,44 @@ class Herd:
                 fresh.discard(queue)
                 self.woken.discard(queue)
                 poller._drained.add(queue)
+            held = self.due_holds.get(queue)
+            if held is not None and began is not None and began >= held[0]:
+                del self.due_holds[queue]
+                held[1].cancel()
+                poller.await_tell(queue)
         return True
+
+    def hold_due(self, queue: str, run_at: float | None) -> bool:
+        """Whether the claim of ``queue``'s jobs that came due (the soonest at ``run_at``,
+        database clock; None: unknown) waits for a peer's claim instead (see the module)."""
+        poller = self.poller
+        held = self.due_holds.get(queue)
+        if held is not None:  # already held: now for the later run_at too
+            later = INFINITY if run_at is None else max(held[0], run_at)
+            self.due_holds[queue] = (later, held[1])
+            return True
+        if (
+            run_at is None
+            or poller._loop is None
+            or not poller.transport.options.use_notify
+            or not self.has_peers(queue)
+            or self.leaders.get(queue) == self.me
+        ):
+            return False
+        timer = poller._loop.call_later(
+            random.uniform(HOLD_MIN, HOLD_MAX), self._on_due_hold_over, queue
+        )
+        self.due_holds[queue] = (run_at, timer)
+        return True
+
+    def _on_due_hold_over(self, queue: str) -> None:
+        """No peer's claim covered them: claim what came due ourselves."""
+        if self.due_holds.pop(queue, None) is None:
+            return
+        poller = self.poller
+        poller._came_due([queue])
+        if poller.deliver_ready():
+            poller._wake_loop()
 
     def hold(self, queue: str) -> bool:
         """Whether a NOTIFY of the drained ``queue`` waits instead of claiming at once."""
@@ -160,3 +215,6 @@ class Herd:
     def cancel_all(self) -> None:
         for queue in list(self.holds):
             self.cancel_hold(queue)
+        for _, timer in self.due_holds.values():
+            timer.cancel()
+        self.due_holds.clear()

@@ -21,7 +21,12 @@ from time import monotonic
 from typing import TYPE_CHECKING, Any
 
 from celery_pgqueue.errors import DatabaseUnavailable
-from celery_pgqueue.store.listener import Listener, drained_note, drained_payload, wake_note
+from celery_pgqueue.store.listener import (
+    Listener,
+    claim_note_prefix,
+    drained_note,
+    wake_note,
+)
 from celery_pgqueue.transport import draining
 from celery_pgqueue.transport.acks import ACK_DELAY
 from celery_pgqueue.transport.herd import LISTEN_POLL_FACTOR, Herd
@@ -44,6 +49,10 @@ LOOKUP_SLACK = 0.005
 # goes unseen, and that finish's slot would wait for the poll timer. Such a finish
 # commits within milliseconds of the claim; this second look takes its slot.
 LIMIT_RECHECK = 0.05
+# Seconds a worker whose due jobs a peer's claim covered waits for that peer's look-up
+# to tell it the next due time, before it asks the database itself.
+AWAIT_TELL = 1.0
+INFINITY = float("inf")
 
 
 class Poller:
@@ -67,6 +76,12 @@ class Poller:
         # event-loop timer, and whether to ask the database again.
         self._next_due: float | None = None
         self._due_timer: Any = None
+        # Per queue: when its soonest scheduled job comes due (monotonic) and that
+        # job's run_at on the database's clock when a look-up said so (else None).
+        self._due: dict[str, tuple[float, float | None]] = {}
+        # Queues whose next due time a peer's look-up is to tell us (see await_tell),
+        # with the soonest a publish announced meanwhile.
+        self._awaiting: dict[str, float | None] = {}
         self._schedule_stale = True
         self.herd = Herd(self)
         self.batch_wait, self.limit_recheck = BATCH_WAIT, LIMIT_RECHECK  # for draining.py
@@ -135,7 +150,7 @@ class Poller:
                 self._batch_wait_since = None
                 woken = queue in self.herd.woken and self.herd.report(queue)
                 self.herd.woken.discard(queue)
-                drained = drained_payload(queue, self.transport.owner) if woken else None
+                drained = claim_note_prefix(queue, self.transport.owner) if woken else None
                 got = channel.claim_into(queue, limit, drained)
                 delivered += got
                 if got >= limit:
@@ -188,10 +203,12 @@ class Poller:
 
     # -- waking for scheduled jobs ---------------------------------------------------
     # A job with a countdown becomes due without any NOTIFY. The worker asks the
-    # database how long until the soonest scheduled job of its queues (an interval on
-    # the database's clock, waited out on our monotonic one) and sets a timer for it;
-    # a publish of a sooner one says so in its NOTIFY and moves the timer earlier. The
-    # poll every polling_interval stays the fallback.
+    # database how long until the soonest scheduled job of each of its queues (an
+    # interval on the database's clock, waited out on our monotonic one) and sets a
+    # timer for the soonest; a publish of a sooner one says so in its NOTIFY and moves
+    # that queue's time earlier. A worker with peers on a queue lets one of them claim
+    # what came due, and takes the next time from that peer's look-up (see herd.py).
+    # The poll every polling_interval stays the fallback.
 
     def _consumed_queues(self) -> set[str]:
         return {
@@ -202,33 +219,76 @@ class Poller:
         }
 
     def _plan_wake(self, claims_began: float) -> None:
-        """Ask the database when the soonest scheduled job of our queues comes due,
-        counting jobs that came due since ``claims_began`` (monotonic)."""
+        """Ask the database when the soonest scheduled job of each of our queues comes
+        due, counting jobs that came due since ``claims_began`` (monotonic); tell our
+        peers the answer for the queues we share with them."""
         self._schedule_stale = False
-        queues = self._consumed_queues()
+        queues = sorted(self._consumed_queues())
         within = monotonic() - claims_began + LOOKUP_SLACK
-        seconds = self.transport.store.next_due(sorted(queues), within) if queues else None
-        self._set_due(seconds, replace=True)
+        tell = [queue for queue in queues if self.herd.tells(queue)]
+        answer = self.transport.store.next_due_by_queue(queues, within, tell) if queues else {}
+        now = monotonic()
+        self._due = {queue: (now + max(0.0, s), at) for queue, (s, at) in answer.items()}
+        self._awaiting.clear()
+        self._arm()
 
-    def _set_due(self, seconds: float | None, *, replace: bool) -> None:
-        """Wake ``seconds`` from now; ``replace``: the database's answer, else a hint
-        that only ever moves the wake-up earlier."""
-        if seconds is None:
-            if replace:
-                self._cancel_due()
+    def _hint(self, queue: str, seconds: float, run_at: float | None) -> None:
+        """A NOTIFY says when a job of ``queue`` comes due: a publish (``run_at`` None)
+        or a peer's look-up (``seconds`` infinite: none is scheduled)."""
+        now = monotonic()
+        if queue in self._awaiting:
+            if run_at is None and seconds != INFINITY:  # a publish: keep it for later
+                hinted = self._awaiting[queue]
+                due = now + seconds
+                self._awaiting[queue] = due if hinted is None else min(hinted, due)
+                return
+            # The peer's look-up, or the sooner of it and a publish meanwhile.
+            hinted = self._awaiting.pop(queue)
+            choices = [] if seconds == INFINITY else [(now + seconds, run_at)]
+            if hinted is not None:
+                choices.append((hinted, None))
+            if choices:
+                self._due[queue] = min(choices, key=lambda choice: choice[0])
+            else:
+                self._due.pop(queue, None)
+            self._arm()
             return
-        # No margin needed: both sources are late, never early (a NOTIFY arrives after
-        # its commit; the look-up's answer after the database's now()).
-        seconds = max(0.0, seconds)
-        deadline = monotonic() + seconds
-        if not replace and self._next_due is not None and self._next_due <= deadline:
+        if seconds == INFINITY:
+            return  # a peer's look-up found nothing: our own knowledge stands
+        deadline = now + seconds
+        current = self._due.get(queue)
+        if current is None or deadline < current[0]:
+            self._due[queue] = (deadline, run_at)
+            self._arm()
+
+    def await_tell(self, queue: str) -> None:
+        """A peer's claim covered what came due in ``queue``: wait for that peer's
+        look-up to say when the next job comes due, at most ``AWAIT_TELL`` seconds."""
+        now = monotonic()
+        current = self._due.get(queue)
+        hinted = None if current is None else current[0]
+        self._awaiting[queue] = hinted
+        deadline = now + AWAIT_TELL if hinted is None else min(now + AWAIT_TELL, hinted)
+        self._due[queue] = (deadline, None)
+        self._arm()
+
+    def _arm(self) -> None:
+        """Wake when the soonest of ``_due`` comes due (in an event loop: a timer)."""
+        deadline = min((due for due, _ in self._due.values()), default=None)
+        if deadline == self._next_due and (self._loop is None or self._due_timer is not None):
             return
-        self._cancel_due()
+        if self._due_timer is not None:
+            self._due_timer.cancel()
+            self._due_timer = None
         self._next_due = deadline
-        if self._loop is not None:
-            self._due_timer = self._loop.call_later(seconds, self._on_due)
+        if deadline is not None and self._loop is not None:
+            # No margin needed: both sources are late, never early (a NOTIFY arrives
+            # after its commit; the look-up's answer after the database's now()).
+            self._due_timer = self._loop.call_later(max(0.0, deadline - monotonic()), self._on_due)
 
     def _cancel_due(self) -> None:
+        self._due.clear()
+        self._awaiting.clear()
         self._next_due = None
         if self._due_timer is not None:
             self._due_timer.cancel()
@@ -236,14 +296,25 @@ class Poller:
 
     def _on_due(self) -> None:
         self._due_timer = None
-        self._came_due()
-        if self.deliver_ready():
-            self._wake_loop()  # start it now, not after the hub's next poll timeout
+        self._next_due = None
+        now = monotonic()
+        came = {queue: at for queue, (due, at) in self._due.items() if due <= now}
+        for queue in came:
+            del self._due[queue]
+            self._awaiting.pop(queue, None)
+        claim = [queue for queue, at in came.items() if not self.herd.hold_due(queue, at)]
+        if claim:
+            self._came_due(claim)
+            if self.deliver_ready():
+                self._wake_loop()  # start it now, not after the hub's next poll timeout
+        self._arm()
 
-    def _came_due(self) -> None:
-        """The soonest scheduled job is due: claim again, then ask for the next one."""
+    def _came_due(self, queues: Iterable[str] = ()) -> None:
+        """Scheduled jobs are due: claim again, then ask for the next ones. ``queues``:
+        those whose claim answers their coming due (and so reports a drain)."""
         self._next_due = None
         self._drained.clear()
+        self.herd.woken.update(queues)
         self._wanted = True
         self._schedule_stale = True
 
@@ -255,11 +326,11 @@ class Poller:
         for _, payload in notes:
             note = drained_note(payload)
             if note is not None:
-                queue, owner = note
-                if self.herd.drained(queue, owner, fresh):
+                queue, owner, began = note
+                if self.herd.drained(queue, owner, fresh, began):
                     continue
                 payload = queue  # an empty owner hands the turn on: a wake-up
-            queue, seconds = wake_note(payload)
+            queue, seconds, run_at = wake_note(payload)
             # Always read as a queue name too: a name may contain the marks.
             if payload in self._drained:
                 if self.herd.hold(payload):
@@ -272,7 +343,7 @@ class Poller:
                 continue
             consumed = self._consumed_queues() if consumed is None else consumed
             if queue in consumed:
-                self._set_due(seconds, replace=False)
+                self._hint(queue, seconds, run_at)
         return due
 
     # -- synchronous consumers -------------------------------------------------------

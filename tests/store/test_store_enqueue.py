@@ -162,8 +162,8 @@ def test_enqueue_notifies_due_queues_and_when_each_queues_soonest_new_job_comes_
 
     payloads = notifications_up_to_marker(listener, database_url, store.channel)
     notes = [wake_note(payload) for payload in payloads]
-    assert sorted(queue for queue, seconds in notes if seconds is None) == ["due"]
-    scheduled = {queue: seconds for queue, seconds in notes if seconds is not None}
+    assert sorted(queue for queue, seconds, _ in notes if seconds is None) == ["due"]
+    scheduled = {queue: seconds for queue, seconds, _ in notes if seconds is not None}
     assert sorted(scheduled) == ["due", "scheduled"], "one per queue"
     assert 3600 < scheduled["due"] <= 3660
     assert 1799 < scheduled["scheduled"] <= 1800, "the soonest of the queue's new jobs"

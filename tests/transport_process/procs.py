@@ -369,7 +369,8 @@ def write_app(
     env = dict(os.environ)
     env.pop("CELERY_BROKER_URL", None)
     env.pop("CELERY_RESULT_BACKEND", None)
-    env["PYTHONPATH"] = str(directory)
+    # The app's directory first; an inherited PYTHONPATH (a checkout under test) after.
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(directory), env.get("PYTHONPATH")]))
     env["PYTHONUNBUFFERED"] = "1"
     return App(directory, name, broker_url, Record(record), env, config)
 
