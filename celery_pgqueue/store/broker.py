@@ -307,25 +307,17 @@ class Broker(Routing):
         with self.single() as conn:
             return rescue_sql.seconds_to_expiry(conn, job_ids=job_ids)
 
-    def next_due(self, queue_names: Sequence[str], came_due_within: float = 0.0) -> float | None:
-        """Seconds until the soonest scheduled job of these queues comes due, or None.
-
-        ``came_due_within``: count jobs that came due that many seconds ago too (the
-        answer is then negative): those a claim just before may have missed.
-        """
-        with self.single() as conn:
-            return lookup_sql.next_due(
-                conn, queue_names=queue_names, came_due_within=came_due_within
-            )
-
-    def next_due_by_queue(
+    def next_due(
         self, queue_names: Sequence[str], came_due_within: float = 0.0, tell: Sequence[str] = ()
     ) -> dict[str, tuple[float, float]]:
-        """:meth:`next_due` per queue, ``{queue: (seconds, run_at)}``; the answers for the
-        queues in ``tell`` NOTIFYed to their other workers too (see transport/herd)."""
+        """When the soonest scheduled job of each of these queues comes due: ``{queue:
+        (seconds, run_at)}`` (``run_at`` on the database's clock), queues with none left
+        out. ``came_due_within``: count jobs that came due that many seconds ago too (the
+        answer is then negative): those a claim just before may have missed. The answers
+        for the queues in ``tell`` are NOTIFYed to their other workers (transport/herd)."""
         channel = self.channel if tell and self.options.use_notify else None
         with self.single() as conn:
-            return lookup_sql.next_due_by_queue(
+            return lookup_sql.next_due(
                 conn,
                 queue_names=queue_names,
                 came_due_within=came_due_within,

@@ -203,21 +203,6 @@ def _next_due_statement() -> sa.Executable:
 
 
 def next_due(
-    conn: sa.Connection, *, queue_names: Sequence[str], came_due_within: float = 0.0
-) -> float | None:
-    """Seconds until the soonest job of ``queue_names`` that is not due yet, or None.
-
-    ``came_due_within``: jobs that came due at most that many seconds ago count too (a
-    negative answer): a claim that ran just before may have missed them. Older due
-    jobs never count, so a paused queue's backlog cannot keep a worker spinning.
-    Asked of the database, so the answer is on its clock: a worker waits that long on
-    its own monotonic clock, whatever its wall clock says.
-    """
-    soonest = next_due_by_queue(conn, queue_names=queue_names, came_due_within=came_due_within)
-    return min((seconds for seconds, _ in soonest.values()), default=None)
-
-
-def next_due_by_queue(
     conn: sa.Connection,
     *,
     queue_names: Sequence[str],
@@ -225,10 +210,18 @@ def next_due_by_queue(
     tell: Sequence[str] = (),
     channel: str | None = None,
 ) -> dict[str, tuple[float, float]]:
-    """:func:`next_due` per queue: ``{queue: (seconds, run_at)}`` for each queue with a
-    scheduled job (``run_at`` in Unix seconds on the database's clock). The queues in
-    ``tell`` also get the answer NOTIFYed on ``channel`` (``listener.due_payload``, no
-    job scheduled included), so their other workers need not ask (see transport/herd)."""
+    """Per queue of ``queue_names`` with a job that is not due yet: ``{queue: (seconds,
+    run_at)}``, the seconds until the soonest comes due and its ``run_at`` (Unix seconds
+    on the database's clock).
+
+    ``came_due_within``: jobs that came due at most that many seconds ago count too (a
+    negative answer): a claim that ran just before may have missed them. Older due
+    jobs never count, so a paused queue's backlog cannot keep a worker spinning.
+    Asked of the database, so the answer is on its clock: a worker waits that long on
+    its own monotonic clock, whatever its wall clock says. The queues in ``tell`` get
+    the answer NOTIFYed on ``channel`` too (``listener.due_payload``, "none scheduled"
+    included), so their other workers need not ask (see transport/herd.py).
+    """
     if not queue_names:
         return {}
     params = {

@@ -226,7 +226,7 @@ class Poller:
         queues = sorted(self._consumed_queues())
         within = monotonic() - claims_began + LOOKUP_SLACK
         tell = [queue for queue in queues if self.herd.tells(queue)]
-        answer = self.transport.store.next_due_by_queue(queues, within, tell) if queues else {}
+        answer = self.transport.store.next_due(queues, within, tell) if queues else {}
         now = monotonic()
         self._due = {queue: (now + max(0.0, s), at) for queue, (s, at) in answer.items()}
         self._awaiting.clear()

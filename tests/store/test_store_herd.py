@@ -77,7 +77,7 @@ def test_a_look_up_of_due_times_tells_the_queues_it_is_asked_to(
     store.enqueue([new_job("a", delay_seconds=60), new_job("b", delay_seconds=30)])
     heard(listener, store)
 
-    answer = store.next_due_by_queue(["a", "b", "c"], tell=["a", "c"])
+    answer = store.next_due(["a", "b", "c"], tell=["a", "c"])
     assert sorted(answer) == ["a", "b"]
     assert 59 < answer["a"][0] <= 60 and 29 < answer["b"][0] <= 30
     assert abs(answer["a"][1] - (db.now().timestamp() + answer["a"][0])) < 1.0
@@ -85,7 +85,7 @@ def test_a_look_up_of_due_times_tells_the_queues_it_is_asked_to(
     assert sorted(told) == ["a", "c"], "only the queues asked, with or without a job"
     assert told["a"][2] == answer["a"][1] and 59 < told["a"][1] <= 60
     assert told["c"][1:] == (float("inf"), None), "no job scheduled"
-    assert store.next_due_by_queue(["a", "b"]) and heard(listener, store) == []
+    assert store.next_due(["a", "b"]) and heard(listener, store) == []
 
 
 def test_one_turn_per_period_whoever_asks(store: Store, make_store) -> None:  # type: ignore[no-untyped-def]
