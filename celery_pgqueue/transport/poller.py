@@ -16,7 +16,7 @@ import contextlib
 import itertools
 import os
 import socket
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from time import monotonic
 from typing import TYPE_CHECKING, Any
 
@@ -309,11 +309,15 @@ class Poller:
                 self._wake_loop()  # start it now, not after the hub's next poll timeout
         self._arm()
 
-    def _came_due(self, queues: Iterable[str] = ()) -> None:
+    def _came_due(self, queues: Collection[str] = ()) -> None:
         """Scheduled jobs are due: claim again, then ask for the next ones. ``queues``:
-        those whose claim answers their coming due (and so reports a drain)."""
+        the queues they came due in (their claims report a drain); none given, every
+        queue is claimed from (a synchronous consumer, which keeps no time per queue)."""
         self._next_due = None
-        self._drained.clear()
+        if queues:
+            self._drained.difference_update(queues)
+        else:
+            self._drained.clear()
         self.herd.woken.update(queues)
         self._wanted = True
         self._schedule_stale = True
