@@ -41,6 +41,7 @@ empty. Instead:
 from __future__ import annotations
 
 import logging
+import math
 import random
 from time import monotonic
 from typing import TYPE_CHECKING, Any
@@ -62,7 +63,6 @@ PEER_MEMORY = 120.0
 REPORT_ALONE = 5.0
 """Seconds between drained notes of a worker that knows no peer on the queue: enough
 for peers to find each other, and a lone worker's claims mostly carry no NOTIFY."""
-INFINITY = float("inf")
 LISTEN_POLL_FACTOR = 10
 """A worker LISTENing polls every ``polling_interval`` times this (a safety net only)."""
 
@@ -135,7 +135,7 @@ class Herd:
         poller = self.poller
         held = self.due_holds.get(queue)
         if held is not None:  # already held: now for the later run_at too
-            later = INFINITY if run_at is None else max(held[0], run_at)
+            later = math.inf if run_at is None else max(held[0], run_at)
             self.due_holds[queue] = (later, held[1])
             return True
         if (

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import math
 import os
 import socket
 from collections.abc import Collection, Iterable
@@ -52,7 +53,6 @@ LIMIT_RECHECK = 0.05
 # Seconds a worker whose due jobs a peer's claim covered waits for that peer's look-up
 # to tell it the next due time, before it asks the database itself.
 AWAIT_TELL = 1.0
-INFINITY = float("inf")
 
 
 class Poller:
@@ -237,14 +237,14 @@ class Poller:
         or a peer's look-up (``seconds`` infinite: none is scheduled)."""
         now = monotonic()
         if queue in self._awaiting:
-            if run_at is None and seconds != INFINITY:  # a publish: keep it for later
+            if run_at is None and seconds != math.inf:  # a publish: keep it for later
                 hinted = self._awaiting[queue]
                 due = now + seconds
                 self._awaiting[queue] = due if hinted is None else min(hinted, due)
                 return
             # The peer's look-up, or the sooner of it and a publish meanwhile.
             hinted = self._awaiting.pop(queue)
-            choices = [] if seconds == INFINITY else [(now + seconds, run_at)]
+            choices = [] if seconds == math.inf else [(now + seconds, run_at)]
             if hinted is not None:
                 choices.append((hinted, None))
             if choices:
@@ -253,7 +253,7 @@ class Poller:
                 self._due.pop(queue, None)
             self._arm()
             return
-        if seconds == INFINITY:
+        if seconds == math.inf:
             return  # a peer's look-up found nothing: our own knowledge stands
         deadline = now + seconds
         current = self._due.get(queue)
