@@ -44,6 +44,8 @@ from deviations import DEVIATIONS, REDIS_ALSO_FAILS  # noqa: E402
 from sdists import SdistUnavailable, fetch_sdist, installed_version  # noqa: E402
 
 SDIST_UNAVAILABLE = 3
+PYTEST_RAN = (0, 1)
+"""pytest's exit codes for "the tests ran" (all passed, some failed)."""
 FILES = ("tasks", "inspect", "worker", "serialization", "canvas")
 REDIS_URL = "redis://127.0.0.1:6379"
 
@@ -193,16 +195,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             # worker (one in test_worker.py does so on Redis too) spoils only its file.
             for name in files:
                 report = Path(tmp) / f"junit-{name}.xml"
-                subprocess.run(
+                ran = subprocess.run(
                     pytest_command(suite, [name], [*rest, f"--junitxml={report}"]),
                     cwd=tmp,
                     env={**env, **urls},
                     check=False,
                 )
-                if report.exists():
-                    found.update(outcomes(report))
-                else:
-                    found[f"test_{name}"] = "failed: the session did not run"
+                cases = outcomes(report) if report.exists() else {}
+                found.update(cases)
+                if ran.returncode not in PYTEST_RAN or not cases:
+                    # Interrupted, a usage error (an unknown argument), nothing collected:
+                    # a run that tested nothing must not read as one that passed.
+                    found[f"test_{name}"] = (
+                        f"failed: pytest exited {ran.returncode} after {len(cases)} cases"
+                    )
         if known.outcomes:
             Path(known.outcomes).write_text(json.dumps(found, indent=1, sort_keys=True))
         return summarize(found, known.against)
