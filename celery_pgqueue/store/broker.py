@@ -158,9 +158,10 @@ class Broker(Routing):
     ) -> list[ClaimedJob]:
         """Take up to ``limit`` due jobs of an active queue under a lease for ``owner``.
 
-        ``drained``: a payload the claim NOTIFYs at its commit if it takes fewer than
-        ``limit`` (never for a limited queue, whose short claims say nothing of what
-        is left); ignored when ``use_notify`` is off.
+        ``drained``: a note (``listener.claim_note_prefix``) the claim NOTIFYs at its
+        commit, with when it began appended, if it takes fewer than ``limit`` (never
+        for a limited queue, whose short claims say nothing of what is left); ignored
+        when ``use_notify`` is off.
 
         ``acked`` deliveries are marked acked in the same statement. A queue with a
         concurrency limit gets no more than its free slots, under the queue's lock

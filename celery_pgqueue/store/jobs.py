@@ -100,8 +100,9 @@ def claim_call(
     ``acked`` records deferred early acks (see :func:`mark_acked_call`) in the same
     statement. ``limited``: the claim of a queue with a concurrency limit, to run after
     :func:`lock_queue_call` in the same transaction. Read the rows with
-    :func:`claimed_jobs`. ``drained``: a payload sent on ``channel`` if the claim takes
-    fewer than ``limit`` (see :func:`~celery_pgqueue.store.listener.drained_payload`).
+    :func:`claimed_jobs`. ``drained``: a note sent on ``channel``, with when the claim
+    began appended, if the claim takes fewer than ``limit`` (see
+    :func:`~celery_pgqueue.store.listener.claim_note_prefix`).
     """
     params = {
         "queue_name": queue_name,

@@ -108,13 +108,13 @@ MAX_PRIORITY_LEVELS = 100
 
 @functools.cache
 def _next_due_statement() -> sa.Executable:
-    """Per queue asked: seconds until its soonest scheduled job and that job's run_at
-    (NULLs: none), NOTIFYing the answer for the queues in p_tell.
+    """Per queue asked: seconds until its soonest scheduled job and that job's
+    ``run_at`` (NULLs: none), NOTIFYing the answer for the queues in ``p_tell``.
 
-        ``ix_jobs_ready`` orders a queue's rows by priority first, so the soonest
-        ``run_at`` is not its first entry: walk the distinct priorities (one probe each,
-        a loose index scan in a recursive CTE) and take each level's first future
-        ``run_at`` (one more probe), instead of reading every scheduled row.
+    ``ix_jobs_ready`` orders a queue's rows by priority first, so the soonest
+    ``run_at`` is not its first entry: walk the distinct priorities (one probe each,
+    a loose index scan in a recursive CTE) and take each level's first future
+    ``run_at`` (one more probe), instead of reading every scheduled row.
     """
 
     def queued(alias: Any) -> sa.ColumnElement[bool]:

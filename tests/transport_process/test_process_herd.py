@@ -1,4 +1,5 @@
-"""Ten idle solo workers on one queue: a task wakes one claimer, not all ten.
+"""Ten idle solo workers on one queue: a task wakes one claimer, not all ten, whether a
+NOTIFY announces it or (a countdown task) it comes due with none.
 
 Counted, not timed: the server's transactions (``xact_commit + xact_rollback`` of the
 test's private database in ``pg_stat_database``) while the workers sit idle, and
