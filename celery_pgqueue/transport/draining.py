@@ -31,15 +31,15 @@ def drain_events(poller: Poller, timeout: float | None = None) -> None:
             remaining = min(remaining, poller.limit_recheck)
             poller._drained.difference_update(poller._rechecks)
             poller._rechecks.clear()
-        if poller._next_due is not None:
-            remaining = min(remaining, max(0.0, poller._next_due - monotonic()))
+        if poller.due.next is not None:
+            remaining = min(remaining, max(0.0, poller.due.next - monotonic()))
         if deadline is not None:
             left = deadline - monotonic()
             if left <= 0:
                 raise TimeoutError()
             remaining = min(remaining, left)
         _sleep(poller, remaining)
-        if poller._next_due is not None and monotonic() >= poller._next_due:
+        if poller.due.next is not None and monotonic() >= poller.due.next:
             poller._came_due()
 
 

@@ -28,7 +28,7 @@ empty. Instead:
   that knows its peers holds that claim and drops it when a peer's drained note says
   its claim began at or after the ``run_at`` the timer was for (by the database's
   clock, which the note and the look-ups carry): that claim saw every job due then.
-  It then waits (``AWAIT_TELL`` at most) for the next due time, which the leader's
+  It then waits (``due.AWAIT_TELL`` at most) for the next due time, which the leader's
   look-up after its claim NOTIFYs to its peers (``listener.due_payload``) instead of
   every worker asking the database. A timer set from a publish's NOTIFY, whose
   ``run_at`` the worker does not know, claims at once as before.
@@ -126,7 +126,7 @@ class Herd:
             if held is not None and began is not None and began >= held[0]:
                 del self.due_holds[queue]
                 held[1].cancel()
-                poller.await_tell(queue)
+                poller.due.await_tell(queue)
         return True
 
     def hold_due(self, queue: str, run_at: float | None) -> bool:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import math
 import os
 import socket
 from collections.abc import Collection, Iterable
@@ -30,6 +29,7 @@ from celery_pgqueue.store.listener import (
 )
 from celery_pgqueue.transport import draining
 from celery_pgqueue.transport.acks import ACK_DELAY
+from celery_pgqueue.transport.due import DueTimes
 from celery_pgqueue.transport.herd import LISTEN_POLL_FACTOR, Herd
 
 if TYPE_CHECKING:
@@ -40,19 +40,12 @@ MAX_BATCH = 100
 # Seconds a consumer with work in hand waits for half its prefetch to come free before
 # it claims what room it has: batches for short tasks, no idle process next to long ones.
 BATCH_WAIT = 0.05
-# Seconds added to the time the claims took when the look-up that follows them asks
-# for jobs that came due meanwhile (a look-up sent later than measured). Small: a job
-# in that window that we cannot claim (paused queue, no room) wakes us again at once.
-LOOKUP_SLACK = 0.005
 # Seconds after a short claim of a queue with a concurrency limit before one more
 # claim of it. A finish wakes the workers only when it frees a slot of a full queue,
 # and judges fullness as its statement began: a claim that filled the queue meanwhile
 # goes unseen, and that finish's slot would wait for the poll timer. Such a finish
 # commits within milliseconds of the claim; this second look takes its slot.
 LIMIT_RECHECK = 0.05
-# Seconds a worker whose due jobs a peer's claim covered waits for that peer's look-up
-# to tell it the next due time, before it asks the database itself.
-AWAIT_TELL = 1.0
 
 
 class Poller:
@@ -72,16 +65,8 @@ class Poller:
         self._batch_wait_since: float | None = None
         # Limited queues a synchronous consumer claims from again after LIMIT_RECHECK.
         self._rechecks: set[str] = set()
-        # When the soonest scheduled job of our queues comes due (monotonic), its
-        # event-loop timer, and whether to ask the database again.
-        self._next_due: float | None = None
-        self._due_timer: Any = None
-        # Per queue: when its soonest scheduled job comes due (monotonic) and that
-        # job's run_at on the database's clock when a look-up said so (else None).
-        self._due: dict[str, tuple[float, float | None]] = {}
-        # Queues whose next due time a peer's look-up is to tell us (see await_tell),
-        # with the soonest a publish announced meanwhile.
-        self._awaiting: dict[str, float | None] = {}
+        # When each queue's next scheduled job comes due, and whether to ask again.
+        self.due = DueTimes(self)
         self._schedule_stale = True
         self.herd = Herd(self)
         self.batch_wait, self.limit_recheck = BATCH_WAIT, LIMIT_RECHECK  # for draining.py
@@ -168,9 +153,9 @@ class Poller:
             # either claimed or in the answer, never missed by both.
             if delivered and self._loop is not None:
                 self._schedule_stale = False
-                self._loop.call_soon(self._plan_wake, claims_began)
+                self._loop.call_soon(self.due.look_up, claims_began)
             else:
-                self._plan_wake(claims_began)
+                self.due.look_up(claims_began)
         return delivered
 
     def _recheck(self, queue: str) -> None:
@@ -201,14 +186,7 @@ class Poller:
             self._wanted = True
             self._wake_loop()
 
-    # -- waking for scheduled jobs ---------------------------------------------------
-    # A job with a countdown becomes due without any NOTIFY. The worker asks the
-    # database how long until the soonest scheduled job of each of its queues (an
-    # interval on the database's clock, waited out on our monotonic one) and sets a
-    # timer for the soonest; a publish of a sooner one says so in its NOTIFY and moves
-    # that queue's time earlier. A worker with peers on a queue lets one of them claim
-    # what came due, and takes the next time from that peer's look-up (see herd.py).
-    # The poll every polling_interval stays the fallback.
+    # -- waking for scheduled jobs (see due.py) --------------------------------------
 
     def _consumed_queues(self) -> set[str]:
         return {
@@ -218,102 +196,11 @@ class Poller:
             for queue in channel._active_queues
         }
 
-    def _plan_wake(self, claims_began: float) -> None:
-        """Ask the database when the soonest scheduled job of each of our queues comes
-        due, counting jobs that came due since ``claims_began`` (monotonic); tell our
-        peers the answer for the queues we share with them."""
-        self._schedule_stale = False
-        queues = sorted(self._consumed_queues())
-        within = monotonic() - claims_began + LOOKUP_SLACK
-        tell = [queue for queue in queues if self.herd.tells(queue)]
-        answer = self.transport.store.next_due(queues, within, tell) if queues else {}
-        now = monotonic()
-        self._due = {queue: (now + max(0.0, s), at) for queue, (s, at) in answer.items()}
-        self._awaiting.clear()
-        self._arm()
-
-    def _hint(self, queue: str, seconds: float, run_at: float | None) -> None:
-        """A NOTIFY says when a job of ``queue`` comes due: a publish (``run_at`` None)
-        or a peer's look-up (``seconds`` infinite: none is scheduled)."""
-        now = monotonic()
-        if queue in self._awaiting:
-            if run_at is None and seconds != math.inf:  # a publish: keep it for later
-                hinted = self._awaiting[queue]
-                due = now + seconds
-                self._awaiting[queue] = due if hinted is None else min(hinted, due)
-                return
-            # The peer's look-up, or the sooner of it and a publish meanwhile.
-            hinted = self._awaiting.pop(queue)
-            choices = [] if seconds == math.inf else [(now + seconds, run_at)]
-            if hinted is not None:
-                choices.append((hinted, None))
-            if choices:
-                self._due[queue] = min(choices, key=lambda choice: choice[0])
-            else:
-                self._due.pop(queue, None)
-            self._arm()
-            return
-        if seconds == math.inf:
-            return  # a peer's look-up found nothing: our own knowledge stands
-        deadline = now + seconds
-        current = self._due.get(queue)
-        if current is None or deadline < current[0]:
-            self._due[queue] = (deadline, run_at)
-            self._arm()
-
-    def await_tell(self, queue: str) -> None:
-        """A peer's claim covered what came due in ``queue``: wait for that peer's
-        look-up to say when the next job comes due, at most ``AWAIT_TELL`` seconds."""
-        now = monotonic()
-        current = self._due.get(queue)
-        hinted = None if current is None else current[0]
-        self._awaiting[queue] = hinted
-        deadline = now + AWAIT_TELL if hinted is None else min(now + AWAIT_TELL, hinted)
-        self._due[queue] = (deadline, None)
-        self._arm()
-
-    def _arm(self) -> None:
-        """Wake when the soonest of ``_due`` comes due (in an event loop: a timer)."""
-        deadline = min((due for due, _ in self._due.values()), default=None)
-        if deadline == self._next_due and (self._loop is None or self._due_timer is not None):
-            return
-        if self._due_timer is not None:
-            self._due_timer.cancel()
-            self._due_timer = None
-        self._next_due = deadline
-        if deadline is not None and self._loop is not None:
-            # No margin needed: both sources are late, never early (a NOTIFY arrives
-            # after its commit; the look-up's answer after the database's now()).
-            self._due_timer = self._loop.call_later(max(0.0, deadline - monotonic()), self._on_due)
-
-    def _cancel_due(self) -> None:
-        self._due.clear()
-        self._awaiting.clear()
-        self._next_due = None
-        if self._due_timer is not None:
-            self._due_timer.cancel()
-            self._due_timer = None
-
-    def _on_due(self) -> None:
-        self._due_timer = None
-        self._next_due = None
-        now = monotonic()
-        came = {queue: at for queue, (due, at) in self._due.items() if due <= now}
-        for queue in came:
-            del self._due[queue]
-            self._awaiting.pop(queue, None)
-        claim = [queue for queue, at in came.items() if not self.herd.hold_due(queue, at)]
-        if claim:
-            self._came_due(claim)
-            if self.deliver_ready():
-                self._wake_loop()  # start it now, not after the hub's next poll timeout
-        self._arm()
-
     def _came_due(self, queues: Collection[str] = ()) -> None:
         """Scheduled jobs are due: claim again, then ask for the next ones. ``queues``:
         the queues they came due in (their claims report a drain); none given, every
         queue is claimed from (a synchronous consumer, which keeps no time per queue)."""
-        self._next_due = None
+        self.due.next = None
         if queues:
             self._drained.difference_update(queues)
         else:
@@ -347,7 +234,7 @@ class Poller:
                 continue
             consumed = self._consumed_queues() if consumed is None else consumed
             if queue in consumed:
-                self._hint(queue, seconds, run_at)
+                self.due.hint(queue, seconds, run_at)
         return due
 
     # -- synchronous consumers -------------------------------------------------------
@@ -374,7 +261,7 @@ class Poller:
             self.transport.polling_interval, self._on_poll_timer
         )
         self._wanted = True
-        self._cancel_due()
+        self.due.cancel()
         self._schedule_stale = True  # learn the soonest scheduled job on the first tick
         self.transport.start_background()
 
@@ -389,7 +276,7 @@ class Poller:
         if self._poll_timer is not None:
             self._poll_timer.cancel()
             self._poll_timer = None
-        self._cancel_due()
+        self.due.cancel()
         self.herd.cancel_all()
         if self._ack_timer is not None:
             self._ack_timer.cancel()

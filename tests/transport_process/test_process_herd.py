@@ -13,7 +13,9 @@ does not make them flaky. Every task still runs exactly once.
 
 from __future__ import annotations
 
+import functools
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import psycopg
@@ -92,15 +94,19 @@ def _run_herd(
     return idle_rate / WORKERS, per_task
 
 
+@pytest.fixture
+def run_herd(
+    tmp_path: Path, broker_url: str, database_url: str, db: Database, workers: Workers
+) -> Callable[..., tuple[float, float]]:
+    """:func:`_run_herd` on this test's database and workers."""
+    return functools.partial(_run_herd, tmp_path, broker_url, database_url, db, workers)
+
+
 def test_idle_workers_do_not_all_claim_each_task(
-    tmp_path: Path,
-    broker_url: str,
-    database_url: str,
-    db: Database,
-    workers: Workers,
+    run_herd: Callable[..., tuple[float, float]],
     measure,  # type: ignore[no-untyped-def]
 ) -> None:
-    idle, per_task = _run_herd(tmp_path, broker_url, database_url, db, workers, "herd")
+    idle, per_task = run_herd("herd")
     summary = (
         f"{WORKERS} idle solo workers: {idle:.2f} transactions per worker per "
         f"second idle, {per_task:.2f} per task at {RATE:g}/s"
@@ -111,19 +117,13 @@ def test_idle_workers_do_not_all_claim_each_task(
 
 
 def test_idle_workers_do_not_all_claim_each_countdown_task_when_it_comes_due(
-    tmp_path: Path,
-    broker_url: str,
-    database_url: str,
-    db: Database,
-    workers: Workers,
+    run_herd: Callable[..., tuple[float, float]],
     measure,  # type: ignore[no-untyped-def]
 ) -> None:
     """No NOTIFY marks a countdown task coming due: every worker has a timer for it.
     Before, each claimed and then looked up the next due time (about 2 transactions
     per idle worker per task, over 20 here); now one claims and tells the others."""
-    idle, per_task = _run_herd(
-        tmp_path, broker_url, database_url, db, workers, "due", countdown=COUNTDOWN
-    )
+    idle, per_task = run_herd("due", countdown=COUNTDOWN)
     summary = (
         f"{WORKERS} idle solo workers, countdown {COUNTDOWN:g} s: {per_task:.2f}"
         f" transactions per task at {RATE:g}/s ({idle:.2f} per worker per second idle)"
